@@ -1,0 +1,195 @@
+// Package embedetcd starts real etcd members in this process (go.etcd.io/etcd/server/v3/embed) on loopback ports
+// it picks: the single member behind `etcdproxy start --embedded-etcd`, and the clusters the tests run against.
+package embedetcd
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"go.etcd.io/etcd/server/v3/embed"
+)
+
+// Options describe a cluster to start.
+type Options struct {
+	// Dir holds one data directory per member (Dir/NAME.etcd).
+	Dir string
+	// Members is the cluster size; 0 means 1.
+	Members int
+	// LogLevel is etcd's log level; "" means "error".
+	LogLevel string
+	// Configure, if set, adjusts each member's configuration before it starts.
+	Configure func(*embed.Config)
+	// ReadyTimeout bounds the wait for the cluster to serve; 0 means 30s.
+	ReadyTimeout time.Duration
+}
+
+// Member is one etcd member.
+type Member struct {
+	Name      string
+	ClientURL string // http://127.0.0.1:PORT
+	PeerURL   string
+
+	mu   sync.Mutex // mu protects etcd
+	cfg  *embed.Config
+	etcd *embed.Etcd
+}
+
+// Cluster is a set of members started together.
+type Cluster struct {
+	Members []*Member
+}
+
+// Start starts a cluster and waits until every member serves.
+func Start(o Options) (*Cluster, error) {
+	n := o.Members
+	if n <= 0 {
+		n = 1
+	}
+	ports, err := freePorts(2 * n)
+	if err != nil {
+		return nil, err
+	}
+	c := &Cluster{}
+	var initial []string
+	for i := 0; i < n; i++ {
+		m := &Member{
+			Name:      fmt.Sprintf("m%d", i),
+			ClientURL: fmt.Sprintf("http://127.0.0.1:%d", ports[2*i]),
+			PeerURL:   fmt.Sprintf("http://127.0.0.1:%d", ports[2*i+1]),
+		}
+		c.Members = append(c.Members, m)
+		initial = append(initial, m.Name+"="+m.PeerURL)
+	}
+	for _, m := range c.Members {
+		cfg := embed.NewConfig()
+		cfg.Name = m.Name
+		cfg.Dir = filepath.Join(o.Dir, m.Name+".etcd")
+		cu, pu := mustURL(m.ClientURL), mustURL(m.PeerURL)
+		cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{cu}, []url.URL{cu}
+		cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{pu}, []url.URL{pu}
+		cfg.InitialCluster = strings.Join(initial, ",")
+		cfg.InitialClusterToken = "etcdproxy"
+		cfg.LogLevel = o.LogLevel
+		if cfg.LogLevel == "" {
+			cfg.LogLevel = "error"
+		}
+		if o.Configure != nil {
+			o.Configure(cfg)
+		}
+		m.cfg = cfg
+	}
+	timeout := o.ReadyTimeout
+	if timeout == 0 {
+		timeout = 30 * time.Second
+	}
+	// Members of a new cluster wait for each other: start them all, then wait.
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i, m := range c.Members {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = m.start(timeout)
+		}()
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		c.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+// Endpoints returns the client URLs of every member.
+func (c *Cluster) Endpoints() []string {
+	var eps []string
+	for _, m := range c.Members {
+		eps = append(eps, m.ClientURL)
+	}
+	return eps
+}
+
+// Close stops every member.
+func (c *Cluster) Close() {
+	for _, m := range c.Members {
+		m.Stop()
+	}
+}
+
+// Etcd returns the running member, or nil when it is stopped.
+func (m *Member) Etcd() *embed.Etcd {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.etcd
+}
+
+// Stop stops the member; its data stays for Restart.
+func (m *Member) Stop() {
+	m.mu.Lock()
+	e := m.etcd
+	m.etcd = nil
+	m.mu.Unlock()
+	if e != nil {
+		e.Close()
+	}
+}
+
+// Restart starts a stopped member again on the same ports and data.
+func (m *Member) Restart(timeout time.Duration) error {
+	m.cfg.ClusterState = embed.ClusterStateFlagExisting
+	return m.start(timeout)
+}
+
+func (m *Member) start(timeout time.Duration) error {
+	e, err := embed.StartEtcd(m.cfg)
+	if err != nil {
+		return fmt.Errorf("etcd member %s: %w", m.Name, err)
+	}
+	select {
+	case <-e.Server.ReadyNotify():
+	case err := <-e.Err():
+		e.Close()
+		return fmt.Errorf("etcd member %s: %w", m.Name, err)
+	case <-time.After(timeout):
+		e.Close()
+		return fmt.Errorf("etcd member %s: not ready within %v", m.Name, timeout)
+	}
+	m.mu.Lock()
+	m.etcd = e
+	m.mu.Unlock()
+	return nil
+}
+
+// freePorts returns n distinct loopback ports that were free a moment ago.
+func freePorts(n int) ([]int, error) {
+	var ls []net.Listener
+	defer func() {
+		for _, l := range ls {
+			l.Close()
+		}
+	}()
+	var ports []int
+	for i := 0; i < n; i++ {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, err
+		}
+		ls = append(ls, l)
+		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+	}
+	return ports, nil
+}
+
+func mustURL(s string) url.URL {
+	u, err := url.Parse(s)
+	if err != nil {
+		panic(err) // built above from a format string: an internal invariant
+	}
+	return *u
+}

@@ -1,0 +1,117 @@
+// Package proxytest starts what a test of etcdproxy needs: real etcd members in-process, an etcdproxy in front of
+// them on a loopback TCP port, and gRPC connections to both, all stopped by t.Cleanup.
+package proxytest
+
+import (
+	"context"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/etcdproxy/etcdproxy/internal/embedetcd"
+	"github.com/etcdproxy/etcdproxy/proxy"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/server/v3/embed"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+)
+
+// Options describe the environment to start.
+type Options struct {
+	// Members is the etcd cluster size; 0 means 1.
+	Members int
+	// Configure adjusts each etcd member's configuration.
+	Configure func(*embed.Config)
+	// Proxy adjusts the proxy's configuration (Upstream is set already).
+	Proxy func(*proxy.Config)
+}
+
+// Env is a running etcd cluster with an etcdproxy in front of it.
+type Env struct {
+	Cluster  *embedetcd.Cluster
+	Upstream *clientv3.Client
+	Proxy    *proxy.Proxy
+	// ProxyAddr is the proxy's loopback address (host:port).
+	ProxyAddr string
+	// Direct is a gRPC connection to the first etcd member; Via is one to the proxy.
+	Direct, Via *grpc.ClientConn
+}
+
+// Start starts an Env and registers its teardown with t.Cleanup.
+func Start(t testing.TB, o Options) *Env {
+	t.Helper()
+	c, err := embedetcd.Start(embedetcd.Options{Dir: t.TempDir(), Members: o.Members, Configure: o.Configure, LogLevel: "fatal"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	e := &Env{Cluster: c}
+	e.Upstream, err = proxy.Dial(clientv3.Config{Endpoints: c.Endpoints(), DialTimeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e.Upstream.Close() })
+	cfg := proxy.Config{Upstream: e.Upstream}
+	if o.Proxy != nil {
+		o.Proxy(&cfg)
+	}
+	e.Proxy = proxy.New(cfg)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.ProxyAddr = l.Addr().String()
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		_ = e.Proxy.Serve(l)
+	}()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		e.Proxy.Shutdown(ctx)
+		<-served
+	})
+	e.Direct = Conn(t, c.Members[0].ClientURL)
+	e.Via = Conn(t, e.ProxyAddr)
+	return e
+}
+
+// Conn dials target ("host:port" or "http://host:port") with plain gRPC and closes it at cleanup.
+func Conn(t testing.TB, target string) *grpc.ClientConn {
+	t.Helper()
+	if u, ok := trimScheme(target); ok {
+		target = u
+	}
+	cc, err := grpc.NewClient(target, grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(1<<30), grpc.MaxCallSendMsgSize(1<<30)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cc.Close() })
+	return cc
+}
+
+// Client returns a clientv3 client of endpoint, closed at cleanup.
+func Client(t testing.TB, endpoint string, opts ...func(*clientv3.Config)) *clientv3.Client {
+	t.Helper()
+	cfg := clientv3.Config{Endpoints: []string{endpoint}, DialTimeout: 5 * time.Second}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	c, err := clientv3.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func trimScheme(s string) (string, bool) {
+	for _, p := range []string{"http://", "https://"} {
+		if len(s) > len(p) && s[:len(p)] == p {
+			return s[len(p):], true
+		}
+	}
+	return s, false
+}
