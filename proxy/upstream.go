@@ -1,10 +1,14 @@
 package proxy
 
 import (
+	"context"
 	"math"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/metadata"
 )
 
 // Dial opens the upstream connection with the settings a transparent proxy needs, on top of cfg:
@@ -15,6 +19,7 @@ import (
 //     auth token reaches the client at once instead of after up to 100 hidden retries.
 //   - Message size limits default to math.MaxInt32 on both directions, so etcd's own limits decide and an
 //     oversized request gets etcd's own error.
+//   - The client's own client-api-version reaches etcd (see clientAPIVersion).
 //   - Without a Logger, the client logs nothing: an etcd error on a client's request is the client's to see, not
 //     a line in the proxy's log for every failed call.
 func Dial(cfg clientv3.Config) (*clientv3.Client, error) {
@@ -22,6 +27,9 @@ func Dial(cfg clientv3.Config) (*clientv3.Client, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
 	}
+	cfg.DialOptions = append(cfg.DialOptions,
+		grpc.WithChainUnaryInterceptor(keepClientAPIVersionUnary),
+		grpc.WithChainStreamInterceptor(keepClientAPIVersionStream))
 	if cfg.MaxCallSendMsgSize <= 0 {
 		cfg.MaxCallSendMsgSize = math.MaxInt32
 	}
@@ -29,4 +37,33 @@ func Dial(cfg clientv3.Config) (*clientv3.Client, error) {
 		cfg.MaxCallRecvMsgSize = math.MaxInt32
 	}
 	return clientv3.New(cfg)
+}
+
+// clientv3's interceptors stamp every call with the proxy's own client-api-version. etcd validates that value and
+// counts requests by it, so for a call made on behalf of a client (one whose context carries the client's incoming
+// metadata) these interceptors, which run after clientv3's, put back what the client sent, or nothing if it sent
+// none. Calls the proxy makes for itself keep clientv3's value.
+
+func keepClientAPIVersionUnary(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn,
+	invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+	return invoker(clientAPIVersion(ctx), method, req, reply, cc, opts...)
+}
+
+func keepClientAPIVersionStream(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string,
+	streamer grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+	return streamer(clientAPIVersion(ctx), desc, cc, method, opts...)
+}
+
+func clientAPIVersion(ctx context.Context) context.Context {
+	in, ok := metadata.FromIncomingContext(ctx)
+	if !ok {
+		return ctx
+	}
+	out, _ := metadata.FromOutgoingContext(ctx) // a copy
+	if v := in.Get(rpctypes.MetadataClientAPIVersionKey); len(v) > 0 {
+		out.Set(rpctypes.MetadataClientAPIVersionKey, v...)
+	} else {
+		out.Delete(rpctypes.MetadataClientAPIVersionKey)
+	}
+	return metadata.NewOutgoingContext(ctx, out)
 }

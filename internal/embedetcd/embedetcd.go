@@ -27,6 +27,9 @@ type Options struct {
 	Configure func(*embed.Config)
 	// ReadyTimeout bounds the wait for the cluster to serve; 0 means 30s.
 	ReadyTimeout time.Duration
+	// ClientURL and PeerURL, if set, fix the URLs of a single-member cluster (a restart on the same data then finds
+	// its member where it was); otherwise each member gets free loopback ports.
+	ClientURL, PeerURL string
 }
 
 // Member is one etcd member.
@@ -55,6 +58,9 @@ func Start(o Options) (*Cluster, error) {
 	if err != nil {
 		return nil, err
 	}
+	if (o.ClientURL != "" || o.PeerURL != "") && (n != 1 || o.ClientURL == "" || o.PeerURL == "") {
+		return nil, errors.New("embedetcd: fixed URLs need both ClientURL and PeerURL, and one member")
+	}
 	c := &Cluster{}
 	var initial []string
 	for i := 0; i < n; i++ {
@@ -63,6 +69,9 @@ func Start(o Options) (*Cluster, error) {
 			ClientURL: fmt.Sprintf("http://127.0.0.1:%d", ports[2*i]),
 			PeerURL:   fmt.Sprintf("http://127.0.0.1:%d", ports[2*i+1]),
 		}
+		if o.ClientURL != "" {
+			m.ClientURL, m.PeerURL = o.ClientURL, o.PeerURL
+		}
 		c.Members = append(c.Members, m)
 		initial = append(initial, m.Name+"="+m.PeerURL)
 	}
@@ -70,9 +79,16 @@ func Start(o Options) (*Cluster, error) {
 		cfg := embed.NewConfig()
 		cfg.Name = m.Name
 		cfg.Dir = filepath.Join(o.Dir, m.Name+".etcd")
-		cu, pu := mustURL(m.ClientURL), mustURL(m.PeerURL)
-		cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{cu}, []url.URL{cu}
-		cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{pu}, []url.URL{pu}
+		cu, err := url.Parse(m.ClientURL)
+		if err != nil {
+			return nil, fmt.Errorf("embedetcd: client URL: %w", err)
+		}
+		pu, err := url.Parse(m.PeerURL)
+		if err != nil {
+			return nil, fmt.Errorf("embedetcd: peer URL: %w", err)
+		}
+		cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{*cu}, []url.URL{*cu}
+		cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{*pu}, []url.URL{*pu}
 		cfg.InitialCluster = strings.Join(initial, ",")
 		cfg.InitialClusterToken = "etcdproxy"
 		cfg.LogLevel = o.LogLevel
@@ -184,12 +200,4 @@ func freePorts(n int) ([]int, error) {
 		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
 	}
 	return ports, nil
-}
-
-func mustURL(s string) url.URL {
-	u, err := url.Parse(s)
-	if err != nil {
-		panic(err) // built above from a format string: an internal invariant
-	}
-	return *u
 }

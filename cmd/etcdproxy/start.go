@@ -1,0 +1,202 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"math"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/etcdproxy/etcdproxy/internal/embedetcd"
+	"github.com/etcdproxy/etcdproxy/proxy"
+	"github.com/spf13/cobra"
+	"go.etcd.io/etcd/client/pkg/v3/transport"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+)
+
+// startFlags are the flags of `etcdproxy start`. Names and defaults follow `etcd grpc-proxy start`, except where a
+// flag's help says otherwise.
+type startFlags struct {
+	endpoints             []string
+	endpointsAutoSync     time.Duration
+	listenAddr            string
+	advertiseClientURL    string
+	dataDir               string
+	debug                 bool
+	maxSendBytes          int
+	maxRecvBytes          int
+	maxConcurrentStreams  uint32
+	grpcKeepAliveMinTime  time.Duration
+	grpcKeepAliveInterval time.Duration
+	grpcKeepAliveTimeout  time.Duration
+	dialKeepAliveTime     time.Duration
+	dialKeepAliveTimeout  time.Duration
+	permitWithoutStream   bool
+	cert, key, cacert     string
+	insecureSkipTLSVerify bool
+
+	embeddedEtcd          bool
+	embeddedEtcdClientURL string
+	embeddedEtcdPeerURL   string
+	shutdownTimeout       time.Duration
+}
+
+func newStartCommand() *cobra.Command {
+	f := &startFlags{}
+	cmd := &cobra.Command{
+		Use:   "start",
+		Short: "Serve the etcd v3 gRPC API, forwarding to an etcd cluster",
+		Long: `Serve the etcd v3 gRPC API on --listen-addr, forwarding every RPC to the etcd cluster at --endpoints.
+Clients (etcdctl, clientv3, Kubernetes) use it exactly as they would use etcd.
+
+With --embedded-etcd, etcdproxy first starts a single-member etcd in --data-dir on loopback and proxies to it:
+one command gives a working endpoint, for trying it out and for development.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if cmd.Flags().Changed("endpoints") && f.embeddedEtcd {
+				return errors.New("--endpoints and --embedded-etcd exclude each other: the embedded etcd is the upstream")
+			}
+			return runStart(f)
+		},
+	}
+	fs := cmd.Flags()
+	fs.StringSliceVar(&f.endpoints, "endpoints", []string{"127.0.0.1:2379"}, "comma separated etcd cluster endpoints")
+	fs.DurationVar(&f.endpointsAutoSync, "endpoints-auto-sync-interval", 0, "etcd endpoints auto sync interval (disabled by default)")
+	fs.StringVar(&f.listenAddr, "listen-addr", "127.0.0.1:23790", "listen address")
+	fs.StringVar(&f.advertiseClientURL, "advertise-client-url", "127.0.0.1:23790", "advertise address to register (must be reachable by client); logged at start, used for registration with --resolver-prefix once that is supported")
+	fs.StringVar(&f.dataDir, "data-dir", "default.proxy", "data directory for persistent data (the embedded etcd's data with --embedded-etcd)")
+	fs.BoolVar(&f.debug, "debug", false, "enable debug-level logging")
+	fs.IntVar(&f.maxSendBytes, "max-send-bytes", 0, "upstream message send limit in bytes; 0 (the default) leaves the limit to etcd's --max-request-bytes, so an oversized request gets etcd's own error (etcd grpc-proxy defaults to 1.5 MiB and answers requests between its limit and etcd's with a different, client-side error)")
+	fs.IntVar(&f.maxRecvBytes, "max-recv-bytes", math.MaxInt32, "upstream message receive limit in bytes")
+	fs.Uint32Var(&f.maxConcurrentStreams, "max-concurrent-streams", math.MaxUint32, "maximum concurrent streams that each client can open at a time (applied to the proxy's gRPC server)")
+	fs.DurationVar(&f.grpcKeepAliveMinTime, "grpc-keepalive-min-time", 5*time.Second, "minimum interval duration that a client should wait before pinging proxy")
+	fs.DurationVar(&f.grpcKeepAliveInterval, "grpc-keepalive-interval", 2*time.Hour, "frequency duration of server-to-client ping to check if a connection is alive (0 to disable)")
+	fs.DurationVar(&f.grpcKeepAliveTimeout, "grpc-keepalive-timeout", 20*time.Second, "additional duration of wait before closing a non-responsive connection (0 to disable)")
+	fs.DurationVar(&f.dialKeepAliveTime, "dial-keepalive-time", 0, "keepalive time for the proxy's connections to etcd (0 disables)")
+	fs.DurationVar(&f.dialKeepAliveTimeout, "dial-keepalive-timeout", 20*time.Second, "keepalive timeout for the proxy's connections to etcd")
+	fs.BoolVar(&f.permitWithoutStream, "permit-without-stream", false, "let the proxy send keepalive pings to etcd even with no active RPCs")
+	fs.StringVar(&f.cert, "cert", "", "identify secure connections with etcd servers using this TLS certificate file")
+	fs.StringVar(&f.key, "key", "", "identify secure connections with etcd servers using this TLS key file")
+	fs.StringVar(&f.cacert, "cacert", "", "verify certificates of TLS-enabled secure etcd servers using this CA bundle")
+	fs.BoolVar(&f.insecureSkipTLSVerify, "insecure-skip-tls-verify", false, "skip authentication of etcd server TLS certificates (CAUTION: for testing only)")
+	fs.BoolVar(&f.embeddedEtcd, "embedded-etcd", false, "start a single-member etcd in --data-dir on loopback and proxy to it")
+	fs.StringVar(&f.embeddedEtcdClientURL, "embedded-etcd-client-url", "http://127.0.0.1:23791", "client URL of the embedded etcd (with --embedded-etcd)")
+	fs.StringVar(&f.embeddedEtcdPeerURL, "embedded-etcd-peer-url", "http://127.0.0.1:23792", "peer URL of the embedded etcd (with --embedded-etcd)")
+	fs.DurationVar(&f.shutdownTimeout, "shutdown-timeout", 5*time.Second, "on SIGINT or SIGTERM, how long running calls may finish before the proxy ends the rest (watches and keepalive streams included) and exits")
+	return cmd
+}
+
+func runStart(f *startFlags) error {
+	lg, err := newLogger(f.debug)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = lg.Sync() }()
+
+	endpoints := f.endpoints
+	if f.embeddedEtcd {
+		c, err := embedetcd.Start(embedetcd.Options{
+			Dir:       filepath.Join(f.dataDir, "embedded-etcd"),
+			ClientURL: f.embeddedEtcdClientURL,
+			PeerURL:   f.embeddedEtcdPeerURL,
+			LogLevel:  "warn",
+		})
+		if err != nil {
+			return fmt.Errorf("--embedded-etcd: %w", err)
+		}
+		defer c.Close()
+		endpoints = c.Endpoints()
+		lg.Info("started embedded etcd", zap.Strings("endpoints", endpoints), zap.String("data-dir", f.dataDir))
+	}
+
+	ccfg := clientv3.Config{
+		Endpoints:            endpoints,
+		AutoSyncInterval:     f.endpointsAutoSync,
+		DialTimeout:          5 * time.Second,
+		DialKeepAliveTime:    f.dialKeepAliveTime,
+		DialKeepAliveTimeout: f.dialKeepAliveTimeout,
+		PermitWithoutStream:  f.permitWithoutStream,
+		MaxCallSendMsgSize:   f.maxSendBytes,
+		MaxCallRecvMsgSize:   f.maxRecvBytes,
+		Logger:               lg.Named("upstream").WithOptions(zap.IncreaseLevel(zapcore.ErrorLevel)),
+	}
+	if ccfg.TLS, err = upstreamTLS(f, lg); err != nil {
+		return err
+	}
+	upstream, err := proxy.Dial(ccfg)
+	if err != nil {
+		return fmt.Errorf("connect to etcd at %v: %w", endpoints, err)
+	}
+	defer upstream.Close()
+
+	p := proxy.New(proxy.Config{
+		Upstream:             upstream,
+		Logger:               lg,
+		MaxConcurrentStreams: f.maxConcurrentStreams,
+		KeepaliveMinTime:     f.grpcKeepAliveMinTime,
+		KeepaliveInterval:    f.grpcKeepAliveInterval,
+		KeepaliveTimeout:     f.grpcKeepAliveTimeout,
+	})
+	l, err := net.Listen("tcp", f.listenAddr)
+	if err != nil {
+		return fmt.Errorf("--listen-addr: %w", err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- p.Serve(l) }()
+	lg.Info("serving the etcd v3 API", zap.String("listen-addr", l.Addr().String()),
+		zap.String("advertise-client-url", f.advertiseClientURL), zap.Strings("endpoints", endpoints))
+
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
+	defer signal.Stop(sig)
+	select {
+	case err := <-served:
+		return fmt.Errorf("serving gRPC: %w", err)
+	case s := <-sig:
+		lg.Info("shutting down", zap.String("signal", s.String()), zap.Duration("timeout", f.shutdownTimeout))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), f.shutdownTimeout)
+	defer cancel()
+	p.Shutdown(ctx)
+	<-served
+	lg.Info("stopped")
+	return nil
+}
+
+// upstreamTLS builds the TLS configuration of the connection to etcd from --cert, --key, --cacert and
+// --insecure-skip-tls-verify; nil means plaintext.
+func upstreamTLS(f *startFlags, lg *zap.Logger) (*tls.Config, error) {
+	if f.cert == "" && f.key == "" && f.cacert == "" && !f.insecureSkipTLSVerify {
+		return nil, nil
+	}
+	if (f.cert == "") != (f.key == "") {
+		return nil, errors.New("--cert and --key go together: give both or neither")
+	}
+	info := transport.TLSInfo{CertFile: f.cert, KeyFile: f.key, TrustedCAFile: f.cacert, EmptyCN: true}
+	cfg, err := info.ClientConfig()
+	if err != nil {
+		return nil, fmt.Errorf("upstream TLS (--cert, --key, --cacert): %w", err)
+	}
+	if f.insecureSkipTLSVerify {
+		lg.Warn("--insecure-skip-tls-verify: etcd's server certificates are not verified; use this for testing only")
+		cfg.InsecureSkipVerify = true
+	}
+	return cfg, nil
+}
+
+func newLogger(debug bool) (*zap.Logger, error) {
+	cfg := zap.NewProductionConfig()
+	cfg.EncoderConfig.EncodeTime = zapcore.ISO8601TimeEncoder
+	if debug {
+		cfg.Level = zap.NewAtomicLevelAt(zapcore.DebugLevel)
+	}
+	return cfg.Build()
+}
