@@ -45,7 +45,20 @@ type Config struct {
 type Proxy struct {
 	server *grpc.Server
 	logger *zap.Logger
+	// closing is cancelled when Shutdown starts: it ends the streams that never end by themselves.
+	closing    context.Context
+	endStreams context.CancelFunc
 }
+
+// endless names the server-streaming RPCs that, like every bidi stream, never end by themselves: Shutdown ends
+// them at once instead of waiting out its timeout for them. (Finite streams, RangeStream and Snapshot, drain.)
+var endless = map[string]bool{
+	"/v3electionpb.Election/Observe": true,
+}
+
+// errShuttingDown is what a client's long-lived stream ends with when the proxy shuts down: Unavailable, so that
+// clients reconnect elsewhere, as they do when an etcd member goes away.
+var errShuttingDown = status.Error(codes.Unavailable, "etcdproxy: shutting down")
 
 // New builds a Proxy for cfg.
 func New(cfg Config) *Proxy {
@@ -64,19 +77,25 @@ func New(cfg Config) *Proxy {
 	if cfg.MaxConcurrentStreams > 0 {
 		opts = append(opts, grpc.MaxConcurrentStreams(cfg.MaxConcurrentStreams))
 	}
+	p := &Proxy{logger: lg}
+	p.closing, p.endStreams = context.WithCancel(context.Background())
+	opts = append(opts, grpc.ChainStreamInterceptor(p.endOnShutdown))
 	srv := grpc.NewServer(opts...)
 	services := gen.NewServices(cfg.Upstream.ActiveConnection())
 	overrides.Apply(services, overrides.Deps{Upstream: cfg.Upstream, Logger: lg})
 	services.Register(srv)
-	return &Proxy{server: srv, logger: lg}
+	p.server = srv
+	return p
 }
 
 // Serve serves gRPC on l until Shutdown.
 func (p *Proxy) Serve(l net.Listener) error { return p.server.Serve(l) }
 
-// Shutdown stops accepting connections and lets running calls finish until ctx is done; then it ends every call
-// still open (watches and keepalive streams never finish by themselves) and returns.
+// Shutdown stops accepting connections, ends at once the streams that never end by themselves (watches, lease
+// keepalives, election observers) with Unavailable, and lets other running calls finish until ctx is done; then it
+// ends every call still open and returns.
 func (p *Proxy) Shutdown(ctx context.Context) {
+	p.endStreams()
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -89,6 +108,30 @@ func (p *Proxy) Shutdown(ctx context.Context) {
 		<-done
 	}
 }
+
+// endOnShutdown gives a long-lived stream a context that Shutdown cancels; the stream then ends with
+// errShuttingDown.
+func (p *Proxy) endOnShutdown(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	if !(info.IsClientStream && info.IsServerStream) && !endless[info.FullMethod] {
+		return handler(srv, ss)
+	}
+	ctx, cancel := context.WithCancel(ss.Context())
+	defer cancel()
+	stop := context.AfterFunc(p.closing, cancel)
+	defer stop()
+	err := handler(srv, &streamWithContext{ServerStream: ss, ctx: ctx})
+	if err != nil && p.closing.Err() != nil {
+		return errShuttingDown
+	}
+	return err
+}
+
+type streamWithContext struct {
+	grpc.ServerStream
+	ctx context.Context
+}
+
+func (s *streamWithContext) Context() context.Context { return s.ctx }
 
 func orMax(n int) int {
 	if n <= 0 {
