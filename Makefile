@@ -4,7 +4,7 @@ BUF     := $(GO) tool -modfile=tools/go.mod buf
 BUILD   := .build
 RUN_DIR ?= $(BUILD)/run
 
-.PHONY: all build run test test-short generate api-diff lint bench clean
+.PHONY: all build run test generate api-diff lint bench bench-quick etcd-bin clean
 
 all: build
 
@@ -27,6 +27,18 @@ generate:
 	$(GO) build -o $(BUILD)/protoc-gen-etcdproxy ./protoc-gen-etcdproxy
 	$(BUF) generate
 	$(GO) test -count=1 -run 'TestGenIsFresh|TestBufGenOptions' ./protoc-gen-etcdproxy
+
+## bench: direct etcd vs etcd grpc-proxy vs etcdproxy, each in its own process, interleaved rounds; writes
+## BENCHMARKS.md. bench-quick: the same in under 2 minutes, for development (prints, writes nothing).
+bench: build etcd-bin
+	$(GO) run ./cmd/etcdproxy-bench -etcd $(BUILD)/etcd -etcdproxy bin/etcdproxy -out BENCHMARKS.md
+
+bench-quick: build etcd-bin
+	$(GO) run ./cmd/etcdproxy-bench -etcd $(BUILD)/etcd -etcdproxy bin/etcdproxy -quick
+
+## etcd-bin: etcd itself (server and `etcd grpc-proxy`) at the version pinned in go.mod, for the benchmark.
+etcd-bin:
+	$(GO) build -o $(BUILD)/etcd go.etcd.io/etcd/server/v3
 
 ## lint: gofmt, go vet, and buf's own checks of the generator's configuration.
 lint:
