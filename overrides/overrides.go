@@ -5,8 +5,11 @@ package overrides
 
 import (
 	"github.com/etcdproxy/etcdproxy/gen"
+	"github.com/etcdproxy/etcdproxy/overrides/leader"
+	"github.com/etcdproxy/etcdproxy/overrides/lease"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
+	"google.golang.org/grpc"
 )
 
 // Deps are the dependencies an override may take.
@@ -14,9 +17,42 @@ type Deps struct {
 	// Upstream is the proxy's clientv3 connection to etcd.
 	Upstream *clientv3.Client
 	Logger   *zap.Logger
+	// Leader tunes the leader tracker (tests shorten or lengthen its retry).
+	Leader leader.Options
 }
 
-// Apply replaces services of s with their overrides, one line each, in the order they wrap.
-func Apply(s *gen.Services, d Deps) {
-	_, _ = s, d // No override yet: every RPC is the generated passthrough.
+// Set is what the overrides add to the proxy besides replaced services.
+type Set struct {
+	// Leader tracks whether the cluster has a leader.
+	Leader *leader.Tracker
+	// Unary and Stream are server interceptors, outermost first.
+	Unary  []grpc.UnaryServerInterceptor
+	Stream []grpc.StreamServerInterceptor
+
+	closers []func()
+}
+
+// Close stops what the overrides started, last started first.
+func (s *Set) Close() {
+	for i := len(s.closers) - 1; i >= 0; i-- {
+		s.closers[i]()
+	}
+}
+
+// Apply replaces services of s with their overrides, one line each, innermost first.
+func Apply(s *gen.Services, d Deps) *Set {
+	set := &Set{}
+	cc := d.Upstream.ActiveConnection()
+
+	set.Leader = leader.NewTracker(cc, d.Logger.Named("leader"), d.Leader)
+	set.closers = append(set.closers, set.Leader.Close)
+	set.Unary = append(set.Unary, set.Leader.UnaryInterceptor)
+	set.Stream = append(set.Stream, set.Leader.StreamInterceptor)
+	s.KV = leader.NewKV(s.KV, set.Leader)
+	s.Lease = leader.NewLease(s.Lease, set.Leader)
+	keepalive := lease.New(s.Lease, cc, d.Logger.Named("lease"))
+	set.closers = append(set.closers, keepalive.Close)
+	s.Lease = keepalive
+
+	return set
 }

@@ -12,6 +12,7 @@ import (
 
 	"github.com/etcdproxy/etcdproxy/gen"
 	"github.com/etcdproxy/etcdproxy/overrides"
+	"github.com/etcdproxy/etcdproxy/overrides/leader"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
@@ -39,12 +40,15 @@ type Config struct {
 	KeepaliveInterval time.Duration
 	// KeepaliveTimeout is how long the server waits for a ping's answer before closing the connection.
 	KeepaliveTimeout time.Duration
+	// Leader tunes the leader tracker; the zero value is the production setting.
+	Leader leader.Options
 }
 
 // Proxy is etcdproxy's gRPC server.
 type Proxy struct {
-	server *grpc.Server
-	logger *zap.Logger
+	server    *grpc.Server
+	logger    *zap.Logger
+	overrides *overrides.Set
 	// closing is cancelled when Shutdown starts: it ends the streams that never end by themselves.
 	closing    context.Context
 	endStreams context.CancelFunc
@@ -66,27 +70,31 @@ func New(cfg Config) *Proxy {
 	if lg == nil {
 		lg = zap.NewNop()
 	}
+	p := &Proxy{logger: lg}
+	p.closing, p.endStreams = context.WithCancel(context.Background())
+	services := gen.NewServices(cfg.Upstream.ActiveConnection())
+	p.overrides = overrides.Apply(services, overrides.Deps{Upstream: cfg.Upstream, Logger: lg, Leader: cfg.Leader})
 	opts := []grpc.ServerOption{
 		grpc.MaxRecvMsgSize(orMax(cfg.MaxRecvBytes)),
 		grpc.MaxSendMsgSize(orMax(cfg.MaxSendBytes)),
 		grpc.ChainUnaryInterceptor(recoverUnary(lg)),
-		grpc.ChainStreamInterceptor(recoverStream(lg)),
+		grpc.ChainStreamInterceptor(recoverStream(lg), p.endOnShutdown),
+		grpc.ChainUnaryInterceptor(p.overrides.Unary...),
+		grpc.ChainStreamInterceptor(p.overrides.Stream...),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: cfg.KeepaliveMinTime}),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: cfg.KeepaliveInterval, Timeout: cfg.KeepaliveTimeout}),
 	}
 	if cfg.MaxConcurrentStreams > 0 {
 		opts = append(opts, grpc.MaxConcurrentStreams(cfg.MaxConcurrentStreams))
 	}
-	p := &Proxy{logger: lg}
-	p.closing, p.endStreams = context.WithCancel(context.Background())
-	opts = append(opts, grpc.ChainStreamInterceptor(p.endOnShutdown))
 	srv := grpc.NewServer(opts...)
-	services := gen.NewServices(cfg.Upstream.ActiveConnection())
-	overrides.Apply(services, overrides.Deps{Upstream: cfg.Upstream, Logger: lg})
 	services.Register(srv)
 	p.server = srv
 	return p
 }
+
+// HasLeader reports whether the etcd cluster has a leader, as far as the proxy knows.
+func (p *Proxy) HasLeader() bool { return p.overrides.Leader.HasLeader() }
 
 // Serve serves gRPC on l until Shutdown.
 func (p *Proxy) Serve(l net.Listener) error { return p.server.Serve(l) }
@@ -107,6 +115,7 @@ func (p *Proxy) Shutdown(ctx context.Context) {
 		p.server.Stop()
 		<-done
 	}
+	p.overrides.Close()
 }
 
 // endOnShutdown gives a long-lived stream a context that Shutdown cancels; the stream then ends with

@@ -19,6 +19,12 @@ import (
 //     auth token reaches the client at once instead of after up to 100 hidden retries.
 //   - Message size limits default to math.MaxInt32 on both directions, so etcd's own limits decide and an
 //     oversized request gets etcd's own error.
+//   - Every upstream call waits for a ready connection until the client's deadline (gRPC wait-for-ready) instead of
+//     failing at once with Unavailable while no etcd member is reachable: fail slow. A client that retries on
+//     Unavailable (clientv3 re-sending LeaseGrant, say) would otherwise spin against the proxy and burn both; with
+//     it, each attempt ends at the client's own deadline, which is what a clientv3 client sees talking to etcd
+//     directly (clientv3 waits for ready by default too). Applied to every RPC, not only leases, because the
+//     storm is the same for any RPC a client retries; see overrides/leader and DESIGN notes in docs/.
 //   - The client's own client-api-version reaches etcd (see clientAPIVersion).
 //   - Without a Logger, the client logs nothing: an etcd error on a client's request is the client's to see, not
 //     a line in the proxy's log for every failed call.
@@ -28,6 +34,7 @@ func Dial(cfg clientv3.Config) (*clientv3.Client, error) {
 		cfg.Logger = zap.NewNop()
 	}
 	cfg.DialOptions = append(cfg.DialOptions,
+		grpc.WithDefaultCallOptions(grpc.WaitForReady(true)),
 		grpc.WithChainUnaryInterceptor(keepClientAPIVersionUnary),
 		grpc.WithChainStreamInterceptor(keepClientAPIVersionStream))
 	if cfg.MaxCallSendMsgSize <= 0 {

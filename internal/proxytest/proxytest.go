@@ -25,6 +25,8 @@ type Options struct {
 	Configure func(*embed.Config)
 	// Proxy adjusts the proxy's configuration (Upstream is set already).
 	Proxy func(*proxy.Config)
+	// Upstream picks the endpoints the proxy connects to; nil means every member.
+	Upstream func(*embedetcd.Cluster) []string
 }
 
 // Env is a running etcd cluster with an etcdproxy in front of it.
@@ -47,7 +49,11 @@ func Start(t testing.TB, o Options) *Env {
 	}
 	t.Cleanup(c.Close)
 	e := &Env{Cluster: c}
-	e.Upstream, err = proxy.Dial(clientv3.Config{Endpoints: c.Endpoints(), DialTimeout: 5 * time.Second})
+	endpoints := c.Endpoints()
+	if o.Upstream != nil {
+		endpoints = o.Upstream(c)
+	}
+	e.Upstream, err = proxy.Dial(clientv3.Config{Endpoints: endpoints, DialTimeout: 5 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -117,9 +123,10 @@ func trimScheme(s string) (string, bool) {
 	return s, false
 }
 
-// Gauge returns the value of an etcd gauge or counter without labels from this process's default Prometheus
-// registry (in-process etcd members register there; with several members, their values add up).
-func Gauge(t testing.TB, name string) float64 {
+// Gauge returns the value of a gauge or counter from this process's default Prometheus registry (in-process etcd
+// members register there; with several members, their values add up), summed over the series whose labels include
+// every name=value pair of labels.
+func Gauge(t testing.TB, name string, labels ...string) float64 {
 	t.Helper()
 	mfs, err := prometheus.DefaultGatherer.Gather()
 	if err != nil {
@@ -130,7 +137,17 @@ func Gauge(t testing.TB, name string) float64 {
 			continue
 		}
 		var sum float64
+	series:
 		for _, m := range mf.GetMetric() {
+			for i := 0; i+1 < len(labels); i += 2 {
+				found := false
+				for _, l := range m.GetLabel() {
+					found = found || (l.GetName() == labels[i] && l.GetValue() == labels[i+1])
+				}
+				if !found {
+					continue series
+				}
+			}
 			sum += m.GetGauge().GetValue() + m.GetCounter().GetValue()
 		}
 		return sum

@@ -1,0 +1,42 @@
+package overrides_test
+
+import (
+	"reflect"
+	"testing"
+
+	"github.com/etcdproxy/etcdproxy/overrides/leader"
+	"github.com/etcdproxy/etcdproxy/overrides/lease"
+	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
+)
+
+// TestOverridesShadowOnlyServiceMethods: an override's exported methods are its service's methods (plus the few
+// lifecycle methods listed). A misspelt method ("Rnage") would compile, never be called, and let the call fall
+// through to the passthrough silently.
+func TestOverridesShadowOnlyServiceMethods(t *testing.T) {
+	for _, tc := range []struct {
+		override any
+		service  any
+		extra    []string
+	}{
+		{(*leader.KV)(nil), (*pb.KVServer)(nil), nil},
+		{(*leader.Lease)(nil), (*pb.LeaseServer)(nil), nil},
+		{(*lease.Lease)(nil), (*pb.LeaseServer)(nil), []string{"Close"}},
+	} {
+		o, s := reflect.TypeOf(tc.override), reflect.TypeOf(tc.service).Elem()
+		allowed := map[string]bool{}
+		for i := 0; i < s.NumMethod(); i++ {
+			allowed[s.Method(i).Name] = true
+		}
+		for _, name := range tc.extra {
+			allowed[name] = true
+		}
+		for i := 0; i < o.NumMethod(); i++ {
+			if name := o.Method(i).Name; !allowed[name] {
+				t.Errorf("%v has method %s, which %v does not declare", o, name, s)
+			}
+		}
+		if !o.Implements(s) {
+			t.Errorf("%v does not implement %v", o, s)
+		}
+	}
+}

@@ -1,0 +1,170 @@
+// Package leader tracks whether the etcd cluster behind the proxy has a leader, and acts on it for clients that
+// ask for one (metadata hasleader=true, clientv3.WithRequireLeader).
+//
+// Loss is detected by a probe: a Watch stream opened upstream with require-leader metadata. etcd ends such a stream
+// with its no-leader error once the member it reaches has had no leader for a few election timeouts; the stream
+// also breaks when the member goes away. Either way the tracker marks the leader lost and reopens the probe with a
+// bounded backoff; a reopened probe that etcd accepts marks the leader present again. The probe creates no watcher
+// that needs permission: etcd monitors require-leader streams themselves, so the tracker works with auth enabled and
+// without credentials of its own.
+//
+// Presence is also learned off the probe's path (seed: "have a way to update the leadership status off the watch
+// path"): every RPC that goes through consensus and succeeds calls MarkPresent, so recovery is seen at once rather
+// than at the probe's next retry.
+package leader
+
+import (
+	"context"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/metadata"
+)
+
+// Options tune a Tracker; the zero value is the production setting.
+type Options struct {
+	// RetryMin and RetryMax bound the backoff between probe attempts; 0 means 50ms and 2s.
+	RetryMin, RetryMax time.Duration
+}
+
+// Tracker knows whether the cluster has a leader.
+type Tracker struct {
+	logger  *zap.Logger
+	watch   pb.WatchClient
+	opts    Options
+	present atomic.Bool // read on every consensus RPC; written under mu
+
+	// mu protects loss and signalLoss.
+	mu sync.Mutex
+	// loss is cancelled when the leader is lost; a fresh context replaces it when the leader returns.
+	loss       context.Context
+	signalLoss context.CancelFunc
+
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+// probeKey is the key the probe watches: in etcd's reserved-looking space, never written by the proxy.
+var probeKey = []byte("\x00etcdproxy/leader-probe")
+
+// NewTracker starts tracking the leader of the cluster behind cc. Until the first probe is accepted the leader
+// counts as lost. Close stops the tracker.
+func NewTracker(cc grpc.ClientConnInterface, lg *zap.Logger, opts Options) *Tracker {
+	if opts.RetryMin <= 0 {
+		opts.RetryMin = 50 * time.Millisecond
+	}
+	if opts.RetryMax <= 0 {
+		opts.RetryMax = 2 * time.Second
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	t := &Tracker{logger: lg, watch: pb.NewWatchClient(cc), opts: opts, cancel: cancel, done: make(chan struct{})}
+	t.loss, t.signalLoss = context.WithCancel(context.Background())
+	t.signalLoss()
+	leaderPresent.Set(0)
+	go t.probe(ctx)
+	return t
+}
+
+// Close stops the probe and waits for it.
+func (t *Tracker) Close() {
+	t.cancel()
+	<-t.done
+}
+
+// HasLeader reports whether the cluster has a leader, as far as the proxy knows.
+func (t *Tracker) HasLeader() bool { return t.present.Load() }
+
+// Loss returns a context that is cancelled when the leader is lost; if it is lost now, the context is done
+// already. Select on its Done channel, or tie a stream to it with context.AfterFunc.
+func (t *Tracker) Loss() context.Context {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.loss
+}
+
+// MarkPresent records that the cluster has a leader: an RPC that needs one has just succeeded. It costs one atomic
+// load when the leader is already known to be present.
+func (t *Tracker) MarkPresent() {
+	if t.present.Load() {
+		return
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.present.Load() {
+		return
+	}
+	t.loss, t.signalLoss = context.WithCancel(context.Background())
+	t.present.Store(true)
+	leaderPresent.Set(1)
+	leaderChanges.Inc()
+	t.logger.Info("etcd cluster has a leader")
+}
+
+func (t *Tracker) markLost(err error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if !t.present.Load() {
+		return
+	}
+	t.present.Store(false)
+	t.signalLoss()
+	leaderPresent.Set(0)
+	leaderLosses.Inc()
+	t.logger.Warn("etcd cluster has no leader, or the proxy cannot reach one", zap.Error(err))
+}
+
+// probe keeps a require-leader watch stream open upstream until ctx ends.
+func (t *Tracker) probe(ctx context.Context) {
+	defer close(t.done)
+	backoff := t.opts.RetryMin
+	for ctx.Err() == nil {
+		start := time.Now()
+		err := t.probeOnce(ctx)
+		if ctx.Err() != nil {
+			return
+		}
+		t.markLost(err)
+		if time.Since(start) > t.opts.RetryMax {
+			backoff = t.opts.RetryMin // the probe had been up for a while: this is a fresh failure
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, t.opts.RetryMax)
+	}
+}
+
+// probeOnce opens one probe stream; once etcd accepts it, the leader is present. It returns when the stream ends.
+func (t *Tracker) probeOnce(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	ctx = metadata.AppendToOutgoingContext(ctx, rpctypes.MetadataRequireLeaderKey, rpctypes.MetadataHasLeader)
+	ws, err := t.watch.Watch(ctx, grpc.WaitForReady(true))
+	if err != nil {
+		return err
+	}
+	// A watcher on a key nobody writes: its creation (or etcd's refusal of it, e.g. for lack of permission) is
+	// etcd's proof that it accepted the require-leader stream; what matters afterwards is how the stream ends.
+	err = ws.Send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{
+		CreateRequest: &pb.WatchCreateRequest{Key: probeKey}}})
+	if err != nil {
+		_, err = ws.Recv()
+		return err
+	}
+	if _, err := ws.Recv(); err != nil {
+		return err
+	}
+	t.MarkPresent()
+	for {
+		if _, err := ws.Recv(); err != nil {
+			return err
+		}
+	}
+}

@@ -1,0 +1,209 @@
+// Package lease overrides Lease.LeaseKeepAlive: client keepalive streams share upstream streams.
+//
+// Replaces: LeaseKeepAlive. Every other Lease RPC falls through to the service it wraps (LeaseGrant, LeaseRevoke,
+// LeaseTimeToLive and LeaseLeases fail slow through the upstream connection's wait-for-ready; see proxy.Dial).
+//
+// Guarantees kept from etcd:
+//   - Each client keepalive request is forwarded at once and gets its own reply, with the TTL etcd reports (-1 or 0
+//     for an expired or revoked lease, as etcd answers). The proxy never renews a lease on its own, so a lease lives
+//     no longer than its TTL after the last client heartbeat.
+//   - A client that half-closes still gets the replies to what it sent, then its stream ends cleanly.
+//   - An error etcd returns for a client's request ends that client's stream with etcd's status. A failure of the
+//     shared stream itself (member gone, no leader on that member, timeout) is not a client's: the proxy reopens
+//     the upstream stream, possibly on another member, and re-sends the unanswered requests.
+//   - Auth: etcd checks a renewal against the caller's token (put permission on the lease's keys), so streams are
+//     shared only between callers with the same credentials (token and authorization metadata); with auth off,
+//     all clients share one upstream stream.
+//   - Require-leader client streams end with etcd's no-leader error when the leader is lost (overrides/leader);
+//     upstream streams are require-leader, so a member that loses the cluster does not hold them.
+package lease
+
+import (
+	"context"
+	"errors"
+	"io"
+	"sync"
+	"time"
+
+	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+)
+
+// maxOutstanding bounds the keepalive requests of one client stream that are sent upstream and not yet answered to
+// the client. A client that sends more without reading replies is held back by gRPC flow control, as by etcd.
+const maxOutstanding = 64
+
+// Lease is the LeaseKeepAlive override.
+type Lease struct {
+	pb.LeaseServer
+	upstream pb.LeaseClient
+	logger   *zap.Logger
+
+	// mu protects groups and closed.
+	mu     sync.Mutex
+	groups map[identity]*group
+	closed bool
+	wg     sync.WaitGroup // running groups
+}
+
+// New wraps base; upstream streams are opened on cc.
+func New(base pb.LeaseServer, cc grpc.ClientConnInterface, lg *zap.Logger) *Lease {
+	return &Lease{LeaseServer: base, upstream: pb.NewLeaseClient(cc), logger: lg, groups: map[identity]*group{}}
+}
+
+// Close ends every upstream stream and waits for them. Client streams still open then end with Unavailable.
+func (l *Lease) Close() {
+	l.mu.Lock()
+	l.closed = true
+	for _, g := range l.groups {
+		g.cancel()
+	}
+	l.mu.Unlock()
+	l.wg.Wait()
+}
+
+// identity is the credentials a client's keepalives are checked against.
+type identity struct{ token, authorization string }
+
+func identityOf(ctx context.Context) identity {
+	md, _ := metadata.FromIncomingContext(ctx)
+	first := func(k string) string {
+		if v := md.Get(k); len(v) > 0 {
+			return v[0]
+		}
+		return ""
+	}
+	return identity{token: first(rpctypes.TokenFieldNameGRPC), authorization: first("authorization")}
+}
+
+var errClosed = status.Error(codes.Unavailable, "etcdproxy: shutting down")
+
+// LeaseKeepAlive serves one client keepalive stream over a shared upstream stream.
+func (l *Lease) LeaseKeepAlive(ss grpc.BidiStreamingServer[pb.LeaseKeepAliveRequest, pb.LeaseKeepAliveResponse]) error {
+	g, err := l.join(identityOf(ss.Context()))
+	if err != nil {
+		return err
+	}
+	defer l.leave(g)
+	keepaliveClientStreams.Inc()
+	defer keepaliveClientStreams.Dec()
+
+	c := &client{
+		out:   make(chan reply, maxOutstanding),
+		slots: make(chan struct{}, maxOutstanding),
+		fail:  make(chan error, 1),
+		done:  make(chan struct{}),
+	}
+	defer close(c.done)
+	received := make(chan error, 1)
+	go func() { received <- c.receive(ss, g) }()
+
+	halfClosed := false
+	for {
+		select {
+		case r := <-c.out:
+			if err := ss.Send(r.resp); err != nil {
+				return err
+			}
+			keepaliveLatency.Observe(time.Since(r.received).Seconds())
+			<-c.slots
+			if halfClosed && len(c.slots) == 0 {
+				return nil
+			}
+		case err := <-received:
+			if err != nil {
+				return err
+			}
+			halfClosed, received = true, nil
+			if len(c.slots) == 0 {
+				return nil
+			}
+		case err := <-c.fail:
+			return err
+		case <-g.ctx.Done():
+			return errClosed
+		case <-ss.Context().Done():
+			return ss.Context().Err()
+		}
+	}
+}
+
+// client is one client keepalive stream.
+type client struct {
+	out   chan reply    // replies for the client; never full, see slots
+	slots chan struct{} // one token per outstanding request
+	fail  chan error    // an error etcd returned for one of the client's requests
+	done  chan struct{} // closed when the client's stream has ended
+}
+
+type reply struct {
+	resp     *pb.LeaseKeepAliveResponse
+	received time.Time
+}
+
+// request is a client's keepalive request on its way through a group.
+type request struct {
+	c        *client
+	req      *pb.LeaseKeepAliveRequest
+	received time.Time
+}
+
+// receive reads the client's requests and hands them to g until the client half-closes (nil) or fails.
+func (c *client) receive(ss grpc.BidiStreamingServer[pb.LeaseKeepAliveRequest, pb.LeaseKeepAliveResponse], g *group) error {
+	for {
+		req, err := ss.Recv()
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		select {
+		case c.slots <- struct{}{}:
+		case <-c.done:
+			return nil
+		}
+		select {
+		case g.submit <- &request{c: c, req: req, received: time.Now()}:
+		case <-g.ctx.Done():
+			return errClosed
+		case <-c.done:
+			return nil
+		}
+	}
+}
+
+func (l *Lease) join(id identity) (*group, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return nil, errClosed
+	}
+	g, ok := l.groups[id]
+	if !ok {
+		g = newGroup(id, l.upstream, l.logger)
+		l.groups[id] = g
+		l.wg.Add(1)
+		go func() {
+			defer l.wg.Done()
+			g.run()
+		}()
+	}
+	g.refs++
+	return g, nil
+}
+
+func (l *Lease) leave(g *group) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	g.refs--
+	if g.refs == 0 {
+		delete(l.groups, g.id)
+		g.cancel()
+	}
+}

@@ -1,0 +1,281 @@
+package lease_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/etcdproxy/etcdproxy/internal/proxytest"
+	"go.etcd.io/etcd/api/v3/authpb"
+	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
+	"go.uber.org/goleak"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m,
+		goleak.IgnoreAnyFunction("go.etcd.io/etcd/pkg/v3/traceutil.init"),
+		goleak.IgnoreTopFunction("github.com/golang/glog.(*fileSink).flushDaemon"))
+}
+
+func timeout(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// etcdKeepAliveStreams is the number of LeaseKeepAlive streams open on etcd (gRPC's server metrics, which the
+// in-process members register).
+func etcdKeepAliveStreams(t *testing.T) float64 {
+	labels := []string{"grpc_service", "etcdserverpb.Lease", "grpc_method", "LeaseKeepAlive"}
+	return proxytest.Gauge(t, "grpc_server_started_total", labels...) - proxytest.Gauge(t, "grpc_server_handled_total", labels...)
+}
+
+// TestKeepAliveShared: 1000 leases kept alive over 10 client streams share one upstream stream, and every request
+// gets its own prompt reply with etcd's TTL (etcd's grpc-proxy answers only at its next refresh, up to TTL/3 later).
+func TestKeepAliveShared(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{})
+	ctx := timeout(t, 60*time.Second)
+	const streams, perStream, ttl = 10, 100, 60
+	var ids []int64
+	for i := 0; i < streams*perStream; i++ {
+		r, err := pb.NewLeaseClient(e.Direct).LeaseGrant(ctx, &pb.LeaseGrantRequest{TTL: ttl})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, r.ID)
+	}
+	base := etcdKeepAliveStreams(t)
+	errs := make(chan error, streams)
+	kas := make([]pb.Lease_LeaseKeepAliveClient, streams)
+	for s := 0; s < streams; s++ {
+		ka, err := pb.NewLeaseClient(e.Via).LeaseKeepAlive(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		kas[s] = ka
+		go func() {
+			// Send one request and wait for its reply, lease after lease: each reply must come without the
+			// client sending anything more. A 5s bound per reply is far under etcd's grpc-proxy's TTL/3 (20s).
+			for _, id := range ids[s*perStream : (s+1)*perStream] {
+				if err := ka.Send(&pb.LeaseKeepAliveRequest{ID: id}); err != nil {
+					errs <- err
+					return
+				}
+				got := make(chan error, 1)
+				go func() {
+					r, err := ka.Recv()
+					if err == nil && (r.ID != id || r.TTL != ttl) {
+						err = fmt.Errorf("reply %d TTL %d for lease %d, want TTL %d", r.ID, r.TTL, id, ttl)
+					}
+					got <- err
+				}()
+				select {
+				case err := <-got:
+					if err != nil {
+						errs <- err
+						return
+					}
+				case <-time.After(5 * time.Second):
+					errs <- fmt.Errorf("no reply for lease %d within 5s", id)
+					return
+				}
+			}
+			errs <- nil
+		}()
+	}
+	for s := 0; s < streams; s++ {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := etcdKeepAliveStreams(t) - base; got != 1 {
+		t.Errorf("etcd has %v keepalive streams for 10 client streams, want 1", got)
+	}
+	for _, ka := range kas {
+		if err := ka.CloseSend(); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := ka.Recv(); !errors.Is(err, io.EOF) {
+			t.Errorf("after half-close with nothing outstanding the stream ended with %v, want a clean end", err)
+		}
+	}
+	proxytest.Eventually(t, 5*time.Second, func() bool { return etcdKeepAliveStreams(t) == base },
+		"the upstream keepalive stream outlived its last client")
+}
+
+// TestExpiryAfterLastHeartbeat: the proxy never renews a lease on its own, so it expires no later than its TTL
+// after the last heartbeat a client sent (etcd's grpc-proxy: a 4s lease lived 7.5s after the last heartbeat).
+func TestExpiryAfterLastHeartbeat(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{})
+	ctx := timeout(t, 30*time.Second)
+	const ttl = 3
+	lease, err := pb.NewLeaseClient(e.Direct).LeaseGrant(ctx, &pb.LeaseGrantRequest{TTL: ttl})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ka, err := pb.NewLeaseClient(e.Via).LeaseKeepAlive(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var last time.Time
+	for i := 0; i < 3; i++ {
+		last = time.Now()
+		if err := ka.Send(&pb.LeaseKeepAliveRequest{ID: lease.ID}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := ka.Recv(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The client keeps its stream open but sends nothing more.
+	proxytest.Eventually(t, 10*time.Second, func() bool {
+		r, err := pb.NewLeaseClient(e.Direct).LeaseTimeToLive(ctx, &pb.LeaseTimeToLiveRequest{ID: lease.ID})
+		return err == nil && r.TTL == -1
+	}, "the lease never expired")
+	lived := time.Since(last)
+	// etcd revokes expired leases on a 500ms tick, through raft: allow 1.5s past the TTL.
+	if limit := ttl*time.Second + 1500*time.Millisecond; lived > limit {
+		t.Errorf("the lease lived %v after the last heartbeat, want at most %v", lived, limit)
+	}
+	t.Logf("a %ds lease expired %v after the last heartbeat", ttl, lived.Round(10*time.Millisecond))
+
+	// A keepalive for the expired lease answers as etcd does.
+	direct, err := pb.NewLeaseClient(e.Direct).LeaseKeepAlive(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range []pb.Lease_LeaseKeepAliveClient{direct, ka} {
+		if err := s.Send(&pb.LeaseKeepAliveRequest{ID: lease.ID}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	d, err1 := direct.Recv()
+	v, err2 := ka.Recv()
+	if err1 != nil || err2 != nil || d.TTL != v.TTL || d.ID != v.ID || d.TTL > 0 {
+		t.Errorf("keepalive of an expired lease: direct %v %v, proxy %v %v", d, err1, v, err2)
+	}
+}
+
+// TestKeepAliveErrorStatus: when etcd refuses a renewal (here: a user without write permission on the lease's
+// key), the client's stream ends with etcd's own status, not Canceled; other clients are not affected.
+func TestKeepAliveErrorStatus(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{})
+	ctx := timeout(t, 30*time.Second)
+	auth := pb.NewAuthClient(e.Direct)
+	must := func(_ any, err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	must(auth.UserAdd(ctx, &pb.AuthUserAddRequest{Name: "root", Password: "r"}))
+	must(auth.UserGrantRole(ctx, &pb.AuthUserGrantRoleRequest{User: "root", Role: "root"}))
+	must(auth.UserAdd(ctx, &pb.AuthUserAddRequest{Name: "bob", Password: "b"}))
+	must(auth.RoleAdd(ctx, &pb.AuthRoleAddRequest{Name: "ro"}))
+	must(auth.RoleGrantPermission(ctx, &pb.AuthRoleGrantPermissionRequest{Name: "ro",
+		Perm: &authpb.Permission{PermType: authpb.READ, Key: []byte("x")}}))
+	must(auth.UserGrantRole(ctx, &pb.AuthUserGrantRoleRequest{User: "bob", Role: "ro"}))
+	must(auth.AuthEnable(ctx, &pb.AuthEnableRequest{}))
+	token := func(cc *grpc.ClientConn, user, pw string) context.Context {
+		r, err := pb.NewAuthClient(cc).Authenticate(ctx, &pb.AuthenticateRequest{Name: user, Password: pw})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return metadata.AppendToOutgoingContext(ctx, "token", r.Token)
+	}
+	root := token(e.Direct, "root", "r")
+	lease, err := pb.NewLeaseClient(e.Direct).LeaseGrant(root, &pb.LeaseGrantRequest{TTL: 60})
+	if err != nil {
+		t.Fatal(err)
+	}
+	must(pb.NewKVClient(e.Direct).Put(root, &pb.PutRequest{Key: []byte("x"), Value: []byte("v"), Lease: lease.ID}))
+
+	renew := func(cctx context.Context, cc *grpc.ClientConn) error {
+		s, err := pb.NewLeaseClient(cc).LeaseKeepAlive(cctx)
+		if err != nil {
+			return err
+		}
+		if err := s.Send(&pb.LeaseKeepAliveRequest{ID: lease.ID}); err != nil {
+			return err
+		}
+		_, err = s.Recv()
+		return err
+	}
+	rootVia := token(e.Via, "root", "r")
+	if err := renew(rootVia, e.Via); err != nil {
+		t.Fatalf("root renews through the proxy: %v", err)
+	}
+	direct, via := renew(token(e.Direct, "bob", "b"), e.Direct), renew(token(e.Via, "bob", "b"), e.Via)
+	if direct == nil || status.Code(direct) != status.Code(via) || status.Convert(direct).Message() != status.Convert(via).Message() {
+		t.Errorf("bob renews:\n  direct: %v\n  proxy:  %v", direct, via)
+	}
+	if err := renew(rootVia, e.Via); err != nil {
+		t.Errorf("root renews after bob's refusal: %v", err)
+	}
+}
+
+// TestLeaseGrantStorm: with etcd down, clients that loop on LeaseGrant with a 2s deadline make one attempt per
+// deadline through the proxy, not thousands per second, and the proxy stays idle (fail slow).
+func TestLeaseGrantStorm(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{})
+	cli := proxytest.Client(t, e.ProxyAddr)
+	e.Cluster.Close()
+	const window, deadline = 10 * time.Second, 2 * time.Second
+	type result struct {
+		name     string
+		attempts int
+		lastErr  error
+	}
+	results := make(chan result, 2)
+	loop := func(name string, grant func(context.Context) error) {
+		r := result{name: name}
+		end := time.Now().Add(window)
+		for time.Now().Before(end) && r.attempts < 10000 {
+			ctx, cancel := context.WithTimeout(context.Background(), deadline)
+			r.lastErr = grant(ctx)
+			cancel()
+			r.attempts++
+		}
+		results <- r
+	}
+	before := cpuTime(t)
+	go loop("clientv3", func(ctx context.Context) error { _, err := cli.Grant(ctx, 10); return err })
+	go loop("raw gRPC", func(ctx context.Context) error {
+		_, err := pb.NewLeaseClient(e.Via).LeaseGrant(ctx, &pb.LeaseGrantRequest{TTL: 10})
+		return err
+	})
+	for i := 0; i < 2; i++ {
+		r := <-results
+		// One attempt per deadline, plus the one that straddles the window's end.
+		if max := int(window/deadline) + 1; r.attempts > max {
+			t.Errorf("%s: %d LeaseGrant attempts in %v with a %v deadline, want at most %d (last error %v)",
+				r.name, r.attempts, window, deadline, max, r.lastErr)
+		}
+		if status.Code(r.lastErr) != codes.DeadlineExceeded && !errors.Is(r.lastErr, context.DeadlineExceeded) {
+			t.Errorf("%s: LeaseGrant with etcd down ended with %v, want the deadline", r.name, r.lastErr)
+		}
+		t.Logf("%s: %d attempts in %v", r.name, r.attempts, window)
+	}
+	used := cpuTime(t) - before
+	t.Logf("process CPU during the %v window: %v", window, used)
+	// Clients, proxy and the race detector share this process; spinning would use the whole window or more.
+	if used > window/5 {
+		t.Errorf("the process used %v of CPU in a %v window with etcd down: something spins", used, window)
+	}
+}
+
+func cpuTime(t *testing.T) time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		t.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
