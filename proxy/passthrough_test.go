@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/http"
+	"strings"
 	"testing"
 	"time"
 
@@ -15,6 +17,7 @@ import (
 	"go.uber.org/goleak"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 )
 
@@ -367,5 +370,39 @@ func TestRangeStreamAndMemberPromote(t *testing.T) {
 	sameError(t, "MemberPromote of a learner that has not caught up", direct, via)
 	if status.Code(via) == codes.Unimplemented {
 		t.Error("MemberPromote is unimplemented")
+	}
+}
+
+// TestHealth: /health and grpc.health.v1 on the proxy's own port follow the leader; /metrics is served there too.
+func TestHealth(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{})
+	ctx := timeout(t, 20*time.Second)
+	get := func(path string) (int, string) {
+		resp, err := http.Get("http://" + e.ProxyAddr + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	if code, body := get("/health"); code != 200 || body != "{\"health\":\"true\",\"reason\":\"\"}\n" {
+		t.Errorf("/health = %d %q", code, body)
+	}
+	if code, body := get("/metrics"); code != 200 || !strings.Contains(body, "etcdproxy_leader_present 1") {
+		t.Errorf("/metrics = %d, leader gauge missing", code)
+	}
+	hc := healthpb.NewHealthClient(e.Via)
+	proxytest.Eventually(t, 5*time.Second, func() bool {
+		r, err := hc.Check(ctx, &healthpb.HealthCheckRequest{})
+		return err == nil && r.Status == healthpb.HealthCheckResponse_SERVING
+	}, "grpc.health.v1 never reported SERVING")
+
+	e.Cluster.Close()
+	proxytest.Eventually(t, 20*time.Second, func() bool { code, _ := get("/health"); return code == 503 },
+		"/health still 200 with etcd down")
+	r, err := hc.Check(ctx, &healthpb.HealthCheckRequest{})
+	if err != nil || r.Status != healthpb.HealthCheckResponse_NOT_SERVING {
+		t.Errorf("grpc.health.v1 with etcd down: %v, %v", r, err)
 	}
 }

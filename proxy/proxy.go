@@ -7,16 +7,21 @@ import (
 	"fmt"
 	"math"
 	"net"
+	"net/http"
 	"runtime/debug"
+	"sync"
 	"time"
 
 	"github.com/etcdproxy/etcdproxy/gen"
 	"github.com/etcdproxy/etcdproxy/overrides"
 	"github.com/etcdproxy/etcdproxy/overrides/leader"
+	"github.com/soheilhy/cmux"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/status"
 )
@@ -42,13 +47,22 @@ type Config struct {
 	KeepaliveTimeout time.Duration
 	// Leader tunes the leader tracker; the zero value is the production setting.
 	Leader leader.Options
+	// EnablePprof serves /debug/pprof/ on the HTTP endpoints.
+	EnablePprof bool
 }
 
 // Proxy is etcdproxy's gRPC server.
 type Proxy struct {
 	server    *grpc.Server
+	http      *http.Server
 	logger    *zap.Logger
 	overrides *overrides.Set
+	health    *health.Server
+	healthed  chan struct{} // closed when serveHealth returns
+
+	// mu protects muxes.
+	mu    sync.Mutex
+	muxes []cmux.CMux
 	// closing is cancelled when Shutdown starts: it ends the streams that never end by themselves.
 	closing    context.Context
 	endStreams context.CancelFunc
@@ -89,21 +103,54 @@ func New(cfg Config) *Proxy {
 	}
 	srv := grpc.NewServer(opts...)
 	services.Register(srv)
+	p.health = health.NewServer()
+	healthpb.RegisterHealthServer(srv, p.health)
+	p.healthed = make(chan struct{})
+	go func() {
+		defer close(p.healthed)
+		p.serveHealth(p.closing, p.health)
+	}()
 	p.server = srv
+	p.http = &http.Server{Handler: p.HTTPHandler(cfg.EnablePprof), ReadHeaderTimeout: 10 * time.Second}
 	return p
 }
 
 // HasLeader reports whether the etcd cluster has a leader, as far as the proxy knows.
 func (p *Proxy) HasLeader() bool { return p.overrides.Leader.HasLeader() }
 
-// Serve serves gRPC on l until Shutdown.
-func (p *Proxy) Serve(l net.Listener) error { return p.server.Serve(l) }
+// Serve serves on l until Shutdown: gRPC (HTTP/2 with content-type application/grpc) and, on the same port, the
+// HTTP endpoints of HTTPHandler.
+func (p *Proxy) Serve(l net.Listener) error {
+	m := cmux.New(l)
+	p.mu.Lock()
+	p.muxes = append(p.muxes, m)
+	p.mu.Unlock()
+	grpcL := m.MatchWithWriters(cmux.HTTP2MatchHeaderFieldSendSettings("content-type", "application/grpc"))
+	httpL := m.Match(cmux.Any())
+	errc := make(chan error, 3)
+	go func() { errc <- p.server.Serve(grpcL) }()
+	go func() { errc <- p.http.Serve(httpL) }()
+	go func() { errc <- m.Serve() }()
+	err := <-errc
+	if p.closing.Err() != nil {
+		return nil // Shutdown
+	}
+	return err
+}
 
 // Shutdown stops accepting connections, ends at once the streams that never end by themselves (watches, lease
 // keepalives, election observers) with Unavailable, and lets other running calls finish until ctx is done; then it
 // ends every call still open and returns.
 func (p *Proxy) Shutdown(ctx context.Context) {
+	p.mu.Lock()
+	for _, m := range p.muxes {
+		m.Close()
+	}
+	p.mu.Unlock()
 	p.endStreams()
+	<-p.healthed
+	p.health.Shutdown()
+	_ = p.http.Close()
 	done := make(chan struct{})
 	go func() {
 		defer close(done)

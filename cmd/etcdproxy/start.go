@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math"
 	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -42,6 +43,9 @@ type startFlags struct {
 	permitWithoutStream   bool
 	cert, key, cacert     string
 	insecureSkipTLSVerify bool
+
+	metricsAddr string
+	enablePprof bool
 
 	embeddedEtcd          bool
 	embeddedEtcdClientURL string
@@ -87,6 +91,8 @@ one command gives a working endpoint, for trying it out and for development.`,
 	fs.StringVar(&f.key, "key", "", "identify secure connections with etcd servers using this TLS key file")
 	fs.StringVar(&f.cacert, "cacert", "", "verify certificates of TLS-enabled secure etcd servers using this CA bundle")
 	fs.BoolVar(&f.insecureSkipTLSVerify, "insecure-skip-tls-verify", false, "skip authentication of etcd server TLS certificates (CAUTION: for testing only)")
+	fs.StringVar(&f.metricsAddr, "metrics-addr", "", "also serve /metrics and /health (and /debug/pprof with --enable-pprof) on this address; they are always served on --listen-addr too")
+	fs.BoolVar(&f.enablePprof, "enable-pprof", false, "serve runtime profiling data at /debug/pprof/")
 	fs.BoolVar(&f.embeddedEtcd, "embedded-etcd", false, "start a single-member etcd in --data-dir on loopback and proxy to it")
 	fs.StringVar(&f.embeddedEtcdClientURL, "embedded-etcd-client-url", "http://127.0.0.1:23791", "client URL of the embedded etcd (with --embedded-etcd)")
 	fs.StringVar(&f.embeddedEtcdPeerURL, "embedded-etcd-peer-url", "http://127.0.0.1:23792", "peer URL of the embedded etcd (with --embedded-etcd)")
@@ -144,13 +150,27 @@ func runStart(f *startFlags) error {
 		KeepaliveMinTime:     f.grpcKeepAliveMinTime,
 		KeepaliveInterval:    f.grpcKeepAliveInterval,
 		KeepaliveTimeout:     f.grpcKeepAliveTimeout,
+		EnablePprof:          f.enablePprof,
 	})
 	l, err := net.Listen("tcp", f.listenAddr)
 	if err != nil {
 		return fmt.Errorf("--listen-addr: %w", err)
 	}
-	served := make(chan error, 1)
+	served := make(chan error, 2)
 	go func() { served <- p.Serve(l) }()
+	if f.metricsAddr != "" {
+		ml, err := net.Listen("tcp", f.metricsAddr)
+		if err != nil {
+			return fmt.Errorf("--metrics-addr: %w", err)
+		}
+		ms := &http.Server{Handler: p.HTTPHandler(f.enablePprof), ReadHeaderTimeout: 10 * time.Second}
+		go func() {
+			if err := ms.Serve(ml); !errors.Is(err, http.ErrServerClosed) {
+				served <- fmt.Errorf("--metrics-addr: %w", err)
+			}
+		}()
+		defer ms.Close()
+	}
 	lg.Info("serving the etcd v3 API", zap.String("listen-addr", l.Addr().String()),
 		zap.String("advertise-client-url", f.advertiseClientURL), zap.Strings("endpoints", endpoints))
 
@@ -166,7 +186,6 @@ func runStart(f *startFlags) error {
 	ctx, cancel := context.WithTimeout(context.Background(), f.shutdownTimeout)
 	defer cancel()
 	p.Shutdown(ctx)
-	<-served
 	lg.Info("stopped")
 	return nil
 }

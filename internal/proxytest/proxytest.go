@@ -81,6 +81,8 @@ func Start(t testing.TB, o Options) *Env {
 	})
 	e.Direct = Conn(t, c.Members[0].ClientURL)
 	e.Via = Conn(t, e.ProxyAddr)
+	// Start in steady state: the proxy has seen the leader (its probe watch is open).
+	Eventually(t, 10*time.Second, e.Proxy.HasLeader, "the proxy saw no leader within 10s of starting")
 	return e
 }
 

@@ -58,7 +58,6 @@ func TestLeaderLoss(t *testing.T) {
 	})
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	proxytest.Eventually(t, 10*time.Second, e.Proxy.HasLeader, "the proxy never saw a leader")
 	requireLeader := metadata.AppendToOutgoingContext(ctx, rpctypes.MetadataRequireLeaderKey, rpctypes.MetadataHasLeader)
 
 	watch := func(cctx context.Context) <-chan error {

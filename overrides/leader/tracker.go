@@ -39,11 +39,13 @@ type Tracker struct {
 	opts    Options
 	present atomic.Bool // read on every consensus RPC; written under mu
 
-	// mu protects loss and signalLoss.
+	// mu protects loss, signalLoss and found.
 	mu sync.Mutex
 	// loss is cancelled when the leader is lost; a fresh context replaces it when the leader returns.
 	loss       context.Context
 	signalLoss context.CancelFunc
+	// found is closed when the leader is found; a fresh channel replaces it when the leader is lost.
+	found chan struct{}
 
 	cancel context.CancelFunc
 	done   chan struct{}
@@ -65,6 +67,7 @@ func NewTracker(cc grpc.ClientConnInterface, lg *zap.Logger, opts Options) *Trac
 	t := &Tracker{logger: lg, watch: pb.NewWatchClient(cc), opts: opts, cancel: cancel, done: make(chan struct{})}
 	t.loss, t.signalLoss = context.WithCancel(context.Background())
 	t.signalLoss()
+	t.found = make(chan struct{})
 	leaderPresent.Set(0)
 	go t.probe(ctx)
 	return t
@@ -87,6 +90,14 @@ func (t *Tracker) Loss() context.Context {
 	return t.loss
 }
 
+// Found returns a channel that is closed when the leader is found; if it is present now, the channel is closed
+// already.
+func (t *Tracker) Found() <-chan struct{} {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.found
+}
+
 // MarkPresent records that the cluster has a leader: an RPC that needs one has just succeeded. It costs one atomic
 // load when the leader is already known to be present.
 func (t *Tracker) MarkPresent() {
@@ -99,6 +110,7 @@ func (t *Tracker) MarkPresent() {
 		return
 	}
 	t.loss, t.signalLoss = context.WithCancel(context.Background())
+	close(t.found)
 	t.present.Store(true)
 	leaderPresent.Set(1)
 	leaderChanges.Inc()
@@ -113,6 +125,7 @@ func (t *Tracker) markLost(err error) {
 	}
 	t.present.Store(false)
 	t.signalLoss()
+	t.found = make(chan struct{})
 	leaderPresent.Set(0)
 	leaderLosses.Inc()
 	t.logger.Warn("etcd cluster has no leader, or the proxy cannot reach one", zap.Error(err))

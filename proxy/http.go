@@ -1,0 +1,65 @@
+package proxy
+
+import (
+	"context"
+	"encoding/json"
+	"net/http"
+	"net/http/pprof"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+)
+
+// health is etcd's /health body: {"health":"true","reason":""}.
+type healthBody struct {
+	Health string `json:"health"`
+	Reason string `json:"reason"`
+}
+
+// HTTPHandler serves the proxy's HTTP endpoints: /health (200 with {"health":"true"} while the etcd cluster has a
+// leader, 503 with a reason otherwise, as etcd's own /health), /metrics (Prometheus), and /debug/pprof/ when
+// pprof is true.
+func (p *Proxy) HTTPHandler(pprofOn bool) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/health", func(w http.ResponseWriter, r *http.Request) {
+		body := healthBody{Health: "true"}
+		code := http.StatusOK
+		if !p.HasLeader() {
+			body = healthBody{Health: "false", Reason: "etcdproxy: the etcd cluster has no leader, or none is reachable"}
+			code = http.StatusServiceUnavailable
+		}
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(code)
+		_ = json.NewEncoder(w).Encode(body)
+	})
+	mux.Handle("/metrics", promhttp.Handler())
+	if pprofOn {
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	}
+	return mux
+}
+
+// serveHealth keeps the grpc.health.v1 status of the whole server ("") in step with the leader: SERVING while the
+// cluster has a leader, NOT_SERVING otherwise, until ctx ends.
+func (p *Proxy) serveHealth(ctx context.Context, h *health.Server) {
+	t := p.overrides.Leader
+	for {
+		h.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.Found():
+		}
+		h.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.Loss().Done():
+		}
+	}
+}
