@@ -24,7 +24,7 @@ import (
 //     Unavailable (clientv3 re-sending LeaseGrant, say) would otherwise spin against the proxy and burn both; with
 //     it, each attempt ends at the client's own deadline, which is what a clientv3 client sees talking to etcd
 //     directly (clientv3 waits for ready by default too). Applied to every RPC, not only leases, because the
-//     storm is the same for any RPC a client retries; see overrides/leader and DESIGN notes in docs/.
+//     storm is the same for any RPC a client retries (proxy/README.md).
 //   - The client's own client-api-version reaches etcd (see clientAPIVersion).
 //   - Without a Logger, the client logs nothing: an etcd error on a client's request is the client's to see, not
 //     a line in the proxy's log for every failed call.
