@@ -7,6 +7,7 @@ import (
 	"github.com/etcdproxy/etcdproxy/gen"
 	"github.com/etcdproxy/etcdproxy/overrides/leader"
 	"github.com/etcdproxy/etcdproxy/overrides/lease"
+	"github.com/etcdproxy/etcdproxy/overrides/watch"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
@@ -19,6 +20,8 @@ type Deps struct {
 	Logger   *zap.Logger
 	// Leader tunes the leader tracker (tests shorten or lengthen its retry).
 	Leader leader.Options
+	// Watch tunes the watch coalescer.
+	Watch watch.Options
 }
 
 // Set is what the overrides add to the proxy besides replaced services.
@@ -53,6 +56,9 @@ func Apply(s *gen.Services, d Deps) *Set {
 	keepalive := lease.New(s.Lease, cc, d.Logger.Named("lease"))
 	set.closers = append(set.closers, keepalive.Close)
 	s.Lease = keepalive
+	coalescer := watch.New(s.Watch, cc, d.Logger.Named("watch"), d.Watch)
+	set.closers = append(set.closers, coalescer.Close)
+	s.Watch = coalescer
 
 	return set
 }

@@ -234,7 +234,7 @@ func TestCancelReachesEtcd(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := w.Send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{CreateRequest: &pb.WatchCreateRequest{Key: []byte("c")}}}); err != nil {
+		if err := w.Send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{CreateRequest: &pb.WatchCreateRequest{Key: []byte(fmt.Sprint("c", i))}}}); err != nil {
 			t.Fatal(err)
 		}
 		if r, err := w.Recv(); err != nil || !r.Created {

@@ -15,6 +15,7 @@ import (
 	"github.com/etcdproxy/etcdproxy/gen"
 	"github.com/etcdproxy/etcdproxy/overrides"
 	"github.com/etcdproxy/etcdproxy/overrides/leader"
+	"github.com/etcdproxy/etcdproxy/overrides/watch"
 	"github.com/soheilhy/cmux"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
@@ -47,6 +48,8 @@ type Config struct {
 	KeepaliveTimeout time.Duration
 	// Leader tunes the leader tracker; the zero value is the production setting.
 	Leader leader.Options
+	// Watch tunes the watch coalescer; the zero value is the production setting.
+	Watch watch.Options
 	// EnablePprof serves /debug/pprof/ on the HTTP endpoints.
 	EnablePprof bool
 }
@@ -87,7 +90,7 @@ func New(cfg Config) *Proxy {
 	p := &Proxy{logger: lg}
 	p.closing, p.endStreams = context.WithCancel(context.Background())
 	services := gen.NewServices(cfg.Upstream.ActiveConnection())
-	p.overrides = overrides.Apply(services, overrides.Deps{Upstream: cfg.Upstream, Logger: lg, Leader: cfg.Leader})
+	p.overrides = overrides.Apply(services, overrides.Deps{Upstream: cfg.Upstream, Logger: lg, Leader: cfg.Leader, Watch: cfg.Watch})
 	opts := []grpc.ServerOption{
 		grpc.MaxRecvMsgSize(orMax(cfg.MaxRecvBytes)),
 		grpc.MaxSendMsgSize(orMax(cfg.MaxSendBytes)),

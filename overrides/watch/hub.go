@@ -1,0 +1,351 @@
+package watch
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"sync"
+	"time"
+
+	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
+	"go.etcd.io/etcd/api/v3/mvccpb"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/metadata"
+)
+
+// A hub holds everything the proxy watches on behalf of clients with one identity (WatchRanges in the seed's
+// terms): the broadcasts of every range, and the one upstream Watch stream they share. Its run goroutine keeps that
+// stream open, re-creating every broadcast from where it stopped when the stream has to be reopened, so clients
+// notice nothing: no gap, no duplicate, no second "created".
+//
+// mu is the one lock of a hub: it protects the broadcasts, their watchers and the watcher maps of the hub's client
+// streams. Fan-out happens under it and never blocks (see clientStream.enqueue).
+type hub struct {
+	w      *Watch
+	id     identity
+	md     metadata.MD // the identity's credentials, for upstream calls
+	revs   *revisions
+	ctx    context.Context
+	cancel context.CancelFunc
+	refs   int // client streams; protected by Watch.mu
+
+	mu         sync.Mutex
+	ranges     map[rangeKey]*broadcasts
+	byID       map[int64]*broadcast // upstream watch id -> broadcast
+	nextID     int64                // next upstream watch id
+	creating   []*broadcast         // upstream creates sent on the current stream, not yet answered, oldest first
+	progress   []*clientStream      // client streams waiting for a progress answer
+	askedProg  bool                 // a progress request is outstanding on the current stream
+	outbox     []*pb.WatchRequest   // requests for the current stream's sender
+	kick       chan struct{}        // wakes the sender; capacity 1
+	connected  bool
+	lastHeader *pb.ResponseHeader
+}
+
+// rangeKey identifies the upstream watches a client watcher can share: same range, same prev_kv. Filters, progress
+// notification and fragmentation are applied per client watcher.
+type rangeKey struct {
+	key, end string
+	prevKV   bool
+}
+
+func newHub(w *Watch, id identity) *hub {
+	h := &hub{w: w, id: id, ranges: map[rangeKey]*broadcasts{}, byID: map[int64]*broadcast{}, kick: make(chan struct{}, 1)}
+	h.md = metadata.MD{}
+	if id.token != "" {
+		h.md.Set(rpctypes.TokenFieldNameGRPC, id.token)
+	}
+	if id.authorization != "" {
+		h.md.Set("authorization", id.authorization)
+	}
+	h.revs = newRevisions(w.cc, h.md)
+	h.ctx, h.cancel = context.WithCancel(context.Background())
+	return h
+}
+
+// send queues req for the upstream stream. Called with h.mu held.
+func (h *hub) send(req *pb.WatchRequest) {
+	h.outbox = append(h.outbox, req)
+	select {
+	case h.kick <- struct{}{}:
+	default:
+	}
+}
+
+// run keeps the upstream stream open until the hub is closed.
+func (h *hub) run() {
+	backoff := retryMin
+	for h.ctx.Err() == nil {
+		start := time.Now()
+		err := h.serve()
+		if h.ctx.Err() != nil {
+			return
+		}
+		h.w.logger.Debug("upstream watch stream ended; reopening", zap.Error(err))
+		upstreamReconnects.Inc()
+		if time.Since(start) > retryMax {
+			backoff = retryMin
+		}
+		select {
+		case <-h.ctx.Done():
+			return
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, retryMax)
+	}
+}
+
+const (
+	retryMin = 50 * time.Millisecond
+	retryMax = 2 * time.Second
+)
+
+// serve opens one upstream stream, (re)creates every broadcast on it and routes its responses until it fails.
+func (h *hub) serve() error {
+	ctx, cancel := context.WithCancel(h.ctx)
+	defer cancel()
+	md := h.md.Copy()
+	md.Set(rpctypes.MetadataRequireLeaderKey, rpctypes.MetadataHasLeader)
+	stream, err := h.w.upstream.Watch(metadata.NewOutgoingContext(ctx, md))
+	if err != nil {
+		return err
+	}
+	upstreamStreams.Inc()
+	defer upstreamStreams.Dec()
+
+	h.mu.Lock()
+	h.connected = true
+	h.outbox, h.creating, h.askedProg = nil, nil, false
+	for _, bs := range h.ranges {
+		for b := range bs.all {
+			b.created = false
+			h.createUpstream(b)
+		}
+	}
+	if len(h.progress) > 0 {
+		h.askProgress()
+	}
+	h.mu.Unlock()
+	defer func() {
+		h.mu.Lock()
+		h.connected = false
+		h.mu.Unlock()
+	}()
+
+	failed := make(chan error, 2)
+	go func() { failed <- h.sendLoop(ctx, stream) }()
+	for {
+		resp, err := stream.Recv()
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				err = errors.New("upstream watch stream closed")
+			}
+			return err
+		}
+		h.route(resp)
+		select {
+		case err := <-failed:
+			return err
+		default:
+		}
+	}
+}
+
+// sendLoop owns the upstream stream's send side.
+func (h *hub) sendLoop(ctx context.Context, stream grpc.BidiStreamingClient[pb.WatchRequest, pb.WatchResponse]) error {
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-h.kick:
+		}
+		h.mu.Lock()
+		out := h.outbox
+		h.outbox = nil
+		h.mu.Unlock()
+		for _, req := range out {
+			if err := stream.Send(req); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// createUpstream asks the upstream stream for b's watch, from b.rev+1. Called with h.mu held.
+func (h *hub) createUpstream(b *broadcast) {
+	h.creating = append(h.creating, b)
+	h.send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{CreateRequest: &pb.WatchCreateRequest{
+		Key: []byte(b.rk.key), RangeEnd: rangeEndBytes(b.rk.end), StartRevision: b.rev + 1,
+		PrevKv: b.rk.prevKV, ProgressNotify: true, WatchId: b.id,
+	}}})
+}
+
+// cancelUpstream drops b's upstream watch. Called with h.mu held.
+func (h *hub) cancelUpstream(b *broadcast) {
+	delete(h.byID, b.id)
+	b.bs.remove(b)
+	if len(b.bs.all) == 0 {
+		delete(h.ranges, b.rk)
+	}
+	upstreamWatchers.Dec()
+	if b.created {
+		h.send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CancelRequest{CancelRequest: &pb.WatchCancelRequest{WatchId: b.id}}})
+	}
+	// A create still unanswered is answered later; route ignores ids it no longer knows, and the stray upstream
+	// watcher is cancelled then.
+}
+
+// askProgress sends a progress request upstream unless one is outstanding. Called with h.mu held.
+func (h *hub) askProgress() {
+	if h.askedProg || !h.connected {
+		return
+	}
+	h.askedProg = true
+	h.send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_ProgressRequest{ProgressRequest: &pb.WatchProgressRequest{}}})
+}
+
+// route handles one upstream response.
+func (h *hub) route(resp *pb.WatchResponse) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.lastHeader = resp.Header
+	switch {
+	case resp.Created:
+		h.created(resp)
+	case resp.WatchId == -1 && !resp.Canceled && len(resp.Events) == 0:
+		h.progressAnswered(resp)
+	default:
+		b := h.byID[resp.WatchId]
+		if b == nil {
+			if !resp.Canceled {
+				// A watch we dropped while its create was in flight: cancel it now.
+				h.send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CancelRequest{CancelRequest: &pb.WatchCancelRequest{WatchId: resp.WatchId}}})
+			}
+			return
+		}
+		if resp.Canceled {
+			b.ended(resp)
+			return
+		}
+		b.deliver(resp)
+	}
+}
+
+// created handles the answer to the oldest upstream create.
+func (h *hub) created(resp *pb.WatchResponse) {
+	if len(h.creating) == 0 {
+		h.w.logger.Error("upstream watch created without a pending create", zap.Int64("watch-id", resp.WatchId))
+		return
+	}
+	b := h.creating[0]
+	h.creating = h.creating[1:]
+	if h.byID[b.id] != b {
+		// Dropped while the create was in flight.
+		if !resp.Canceled {
+			h.send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CancelRequest{CancelRequest: &pb.WatchCancelRequest{WatchId: resp.WatchId}}})
+		}
+		return
+	}
+	if resp.Canceled {
+		b.refused(resp)
+		return
+	}
+	b.created = true
+	b.confirm()
+}
+
+// progressAnswered handles an upstream progress response: every created broadcast has delivered all events up to
+// its revision. Client streams whose watchers all ride created broadcasts get their answer now; those with a
+// watcher catching up inside the proxy wait for the next round; those etcd itself would not answer (see
+// clientStream.progress) get nothing, as from etcd.
+func (h *hub) progressAnswered(resp *pb.WatchResponse) {
+	h.askedProg = false
+	rev := resp.Header.GetRevision()
+	for _, bs := range h.ranges {
+		for b := range bs.all {
+			if b.created && b.rev < rev {
+				b.rev = rev
+				b.bs.mergeInto(b)
+			}
+		}
+	}
+	waiting := h.progress
+	h.progress = nil
+	for _, cs := range waiting {
+		if cs.closed {
+			continue
+		}
+		switch cs.progress(rev) {
+		case progressAnswer:
+			cs.enqueueControl(&pb.WatchResponse{Header: resp.Header, WatchId: -1})
+		case progressWait:
+			h.progress = append(h.progress, cs)
+		}
+	}
+	if len(h.progress) > 0 {
+		h.askProgress()
+	}
+}
+
+// requestProgress records that cs asked for progress. Called with h.mu held.
+func (h *hub) requestProgress(cs *clientStream) {
+	for _, c := range h.progress {
+		if c == cs {
+			return
+		}
+	}
+	h.progress = append(h.progress, cs)
+	h.askProgress()
+}
+
+// header returns the last header seen from etcd, for answers that need one when etcd cannot be asked. Called
+// without h.mu held.
+func (h *hub) header() *pb.ResponseHeader {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.lastHeader != nil {
+		return h.lastHeader
+	}
+	return &pb.ResponseHeader{}
+}
+
+func rangeEndBytes(end string) []byte {
+	if end == "" {
+		return nil
+	}
+	return []byte(end)
+}
+
+// normalize applies etcd's rules to a create request's range: an empty key is "\x00", the smallest key; a range
+// end of "\x00" means every key from key on.
+func normalize(key, end []byte) (string, string) {
+	if len(key) == 0 {
+		key = []byte{0}
+	}
+	if bytes.Equal(end, []byte{0}) {
+		return string(key), "\x00"
+	}
+	return string(key), string(end)
+}
+
+// filtered returns the events of evs that w receives: revision at or after w.next, minus filtered types.
+func filtered(evs []*mvccpb.Event, w *watcher) []*mvccpb.Event {
+	keep := evs[:0:0]
+	all := true
+	for _, ev := range evs {
+		ok := ev.Kv.ModRevision >= w.next &&
+			!(w.noPut && ev.Type == mvccpb.PUT) && !(w.noDelete && ev.Type == mvccpb.DELETE)
+		if ok {
+			keep = append(keep, ev)
+		} else {
+			all = false
+		}
+	}
+	if all {
+		return evs
+	}
+	return keep
+}

@@ -1,0 +1,434 @@
+package watch_test
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"sort"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/etcdproxy/etcdproxy/internal/proxytest"
+	"github.com/etcdproxy/etcdproxy/overrides/watch"
+	"github.com/etcdproxy/etcdproxy/proxy"
+	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
+	"go.uber.org/goleak"
+	"google.golang.org/grpc"
+	"google.golang.org/protobuf/proto"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m,
+		goleak.IgnoreAnyFunction("go.etcd.io/etcd/pkg/v3/traceutil.init"),
+		goleak.IgnoreTopFunction("github.com/golang/glog.(*fileSink).flushDaemon"),
+		// Stopped etcd members leave their peers' HTTP connections open for a while; no net/http here.
+		goleak.IgnoreAnyFunction("net/http.(*persistConn).readLoop"),
+		goleak.IgnoreAnyFunction("net/http.(*persistConn).writeLoop"),
+		goleak.IgnoreAnyFunction("net/http.(*conn).serve"),
+		goleak.IgnoreAnyFunction("net/http.(*connReader).backgroundRead"))
+}
+
+func timeout(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// stream is a client Watch stream with a background reader.
+type stream struct {
+	t    *testing.T
+	ws   pb.Watch_WatchClient
+	resp chan *pb.WatchResponse
+	err  chan error
+}
+
+func open(t *testing.T, ctx context.Context, cc *grpc.ClientConn) *stream {
+	t.Helper()
+	ws, err := pb.NewWatchClient(cc).Watch(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &stream{t: t, ws: ws, resp: make(chan *pb.WatchResponse, 100000), err: make(chan error, 1)}
+	go func() {
+		for {
+			r, err := ws.Recv()
+			if err != nil {
+				s.err <- err
+				return
+			}
+			s.resp <- r
+		}
+	}()
+	return s
+}
+
+func (s *stream) send(req *pb.WatchRequest) {
+	s.t.Helper()
+	if err := s.ws.Send(req); err != nil {
+		s.t.Fatal(err)
+	}
+}
+
+func (s *stream) create(r *pb.WatchCreateRequest) {
+	s.send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{CreateRequest: r}})
+}
+
+func (s *stream) next() *pb.WatchResponse {
+	s.t.Helper()
+	select {
+	case r := <-s.resp:
+		return r
+	case err := <-s.err:
+		s.t.Fatalf("stream ended: %v", err)
+	case <-time.After(10 * time.Second):
+		s.t.Fatal("no watch response within 10s")
+	}
+	return nil
+}
+
+// quiet fails if a response arrives within d.
+func (s *stream) quiet(d time.Duration) {
+	s.t.Helper()
+	select {
+	case r := <-s.resp:
+		s.t.Fatalf("unexpected response %v", r)
+	case <-time.After(d):
+	}
+}
+
+func put(t *testing.T, ctx context.Context, cc *grpc.ClientConn, key, value string) int64 {
+	t.Helper()
+	r, err := pb.NewKVClient(cc).Put(ctx, &pb.PutRequest{Key: []byte(key), Value: []byte(value)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r.Header.Revision
+}
+
+func upstreamWatchers(t *testing.T) float64 {
+	return proxytest.Gauge(t, "etcd_debugging_mvcc_watcher_total")
+}
+
+// same compares two watch responses, ignoring nothing: direct etcd and the proxy serve the same member.
+func same(t *testing.T, what string, direct, via *pb.WatchResponse) {
+	t.Helper()
+	if !proto.Equal(direct, via) {
+		t.Errorf("%s:\n  direct: %s\n  proxy:  %s", what, brief(direct), brief(via))
+	}
+}
+
+// brief describes a watch response without its values.
+func brief(r *pb.WatchResponse) string {
+	r = proto.Clone(r).(*pb.WatchResponse)
+	for _, ev := range r.Events {
+		ev.Kv.Value = []byte(fmt.Sprintf("<%d bytes>", len(ev.Kv.Value)))
+		if ev.PrevKv != nil {
+			ev.PrevKv.Value = []byte(fmt.Sprintf("<%d bytes>", len(ev.PrevKv.Value)))
+		}
+	}
+	return fmt.Sprintf("%v (%d bytes)", r, proto.Size(r))
+}
+
+// TestCoalescing: 1000 watchers of one key share one upstream watcher, whether they arrive in a burst over 10
+// streams or one at a time, and each gets the event.
+func TestCoalescing(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{})
+	ctx := timeout(t, 120*time.Second)
+	base := upstreamWatchers(t)
+	const streams, per = 10, 100
+
+	// Burst: every create sent before any created response is read.
+	var burst []*stream
+	for i := 0; i < streams; i++ {
+		s := open(t, ctx, e.Via)
+		for j := 0; j < per; j++ {
+			s.create(&pb.WatchCreateRequest{Key: []byte("hot")})
+		}
+		burst = append(burst, s)
+	}
+	for _, s := range burst {
+		for j := 0; j < per; j++ {
+			if r := s.next(); !r.Created || r.WatchId != int64(j) {
+				t.Fatalf("created response %d: %v", j, r)
+			}
+		}
+	}
+	if got := upstreamWatchers(t) - base; got != 1 {
+		t.Errorf("etcd has %v watchers for %d burst client watchers, want 1", got, streams*per)
+	}
+
+	// One at a time, on one stream.
+	serial := open(t, ctx, e.Via)
+	for j := 0; j < streams*per; j++ {
+		serial.create(&pb.WatchCreateRequest{Key: []byte("hot")})
+		if r := serial.next(); !r.Created {
+			t.Fatalf("created: %v", r)
+		}
+	}
+	if got := upstreamWatchers(t) - base; got != 1 {
+		t.Errorf("etcd has %v watchers for %d client watchers, want 1", got, 2*streams*per)
+	}
+
+	rev := put(t, ctx, e.Direct, "hot", "v")
+	for _, s := range append(burst, serial) {
+		seen := map[int64]bool{}
+		n := per
+		if s == serial {
+			n = streams * per
+		}
+		for j := 0; j < n; j++ {
+			r := s.next()
+			if len(r.Events) != 1 || r.Events[0].Kv.ModRevision != rev || seen[r.WatchId] {
+				t.Fatalf("event response %v (seen before: %v)", r, seen[r.WatchId])
+			}
+			seen[r.WatchId] = true
+		}
+	}
+}
+
+// TestSemantics runs scripts against etcd directly and through the proxy, side by side on one member, and
+// compares every response.
+func TestSemantics(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{})
+	ctx := timeout(t, 60*time.Second)
+	for i := 1; i <= 5; i++ {
+		put(t, ctx, e.Direct, "s/a", fmt.Sprint(i))
+	}
+	type pair struct{ d, v *stream }
+	both := func() pair { return pair{open(t, ctx, e.Direct), open(t, ctx, e.Via)} }
+	step := func(p pair, what string, r *pb.WatchCreateRequest) {
+		t.Helper()
+		p.d.create(r)
+		p.v.create(r)
+		same(t, what, p.d.next(), p.v.next())
+	}
+	// recvBoth receives n responses from each side. etcd serves the watchers of a stream that fire on the same
+	// revision in no fixed order, so both sides are ordered by watch id (stably) before comparing.
+	recvBoth := func(p pair, what string, n int) {
+		t.Helper()
+		var ds, vs []*pb.WatchResponse
+		for i := 0; i < n; i++ {
+			ds, vs = append(ds, p.d.next()), append(vs, p.v.next())
+		}
+		byID := func(rs []*pb.WatchResponse) {
+			sort.SliceStable(rs, func(i, j int) bool { return rs[i].WatchId < rs[j].WatchId })
+		}
+		byID(ds)
+		byID(vs)
+		for i := range ds {
+			same(t, fmt.Sprintf("%s, response %d", what, i), ds[i], vs[i])
+		}
+	}
+
+	// Historical start, future start, client-chosen id and a duplicate, NODELETE, prev_kv, rev=0 after a put.
+	p := both()
+	step(p, "created from revision 3", &pb.WatchCreateRequest{Key: []byte("s/a"), StartRevision: 3, WatchId: 7})
+	recvBoth(p, "events from revision 3", 1)
+	step(p, "duplicate id", &pb.WatchCreateRequest{Key: []byte("s/a"), WatchId: 7})
+	step(p, "auto id after a chosen one", &pb.WatchCreateRequest{Key: []byte("s/"), RangeEnd: []byte("s0"),
+		Filters: []pb.WatchCreateRequest_FilterType{pb.WatchCreateRequest_NODELETE}, PrevKv: true})
+	cur := put(t, ctx, e.Direct, "s/a", "6")
+	recvBoth(p, "a put", 2)
+	step(p, "future start", &pb.WatchCreateRequest{Key: []byte("s/a"), StartRevision: cur + 2, WatchId: 9})
+	// etcd answers no progress request while a watcher of the stream starts in the future.
+	progressReq := &pb.WatchRequest{RequestUnion: &pb.WatchRequest_ProgressRequest{ProgressRequest: &pb.WatchProgressRequest{}}}
+	p.d.send(progressReq)
+	p.v.send(progressReq)
+	p.d.quiet(100 * time.Millisecond)
+	p.v.quiet(100 * time.Millisecond)
+	put(t, ctx, e.Direct, "s/a", "7")
+	recvBoth(p, "the put before the future start", 2)
+	put(t, ctx, e.Direct, "s/a", "8")
+	recvBoth(p, "the put at the future start", 3)
+	if _, err := pb.NewKVClient(e.Direct).DeleteRange(ctx, &pb.DeleteRangeRequest{Key: []byte("s/a")}); err != nil {
+		t.Fatal(err)
+	}
+	recvBoth(p, "a delete (NODELETE watcher skips it)", 2)
+	p.d.quiet(100 * time.Millisecond)
+	p.v.quiet(100 * time.Millisecond)
+
+	// A watcher created with rev=0 right after a put does not see that put.
+	q := both()
+	put(t, ctx, e.Direct, "s/b", "before")
+	step(q, "rev=0 after a put", &pb.WatchCreateRequest{Key: []byte("s/b")})
+	put(t, ctx, e.Direct, "s/b", "after")
+	recvBoth(q, "only the later put", 1)
+
+	// Fragments: deleting 120 keys of 20 KiB in one request gives one response of 2.4 MiB with the previous
+	// values, over etcd's 2 MiB limit (1.5 MiB max request bytes + 512 KiB), so etcd (and the proxy) split it.
+	for i := 0; i < 120; i++ {
+		put(t, ctx, e.Direct, fmt.Sprintf("f/%03d", i), string(bytes.Repeat([]byte{'o'}, 20<<10)))
+	}
+	f := both()
+	step(f, "fragmenting watcher", &pb.WatchCreateRequest{Key: []byte("f/"), RangeEnd: []byte("f0"), Fragment: true, PrevKv: true})
+	if _, err := pb.NewKVClient(e.Direct).DeleteRange(ctx, &pb.DeleteRangeRequest{Key: []byte("f/"), RangeEnd: []byte("f0")}); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; ; i++ {
+		d, v := f.d.next(), f.v.next()
+		same(t, fmt.Sprintf("fragment %d", i), d, v)
+		if !d.Fragment {
+			break
+		}
+	}
+
+	// Progress on the fragmenting stream, then cancel, then a progress request on a stream with no watcher left.
+	progress := &pb.WatchRequest{RequestUnion: &pb.WatchRequest_ProgressRequest{ProgressRequest: &pb.WatchProgressRequest{}}}
+	f.d.send(progress)
+	f.v.send(progress)
+	same(t, "progress", f.d.next(), f.v.next())
+	f.d.send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CancelRequest{CancelRequest: &pb.WatchCancelRequest{WatchId: 0}}})
+	f.v.send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CancelRequest{CancelRequest: &pb.WatchCancelRequest{WatchId: 0}}})
+	same(t, "cancel", f.d.next(), f.v.next())
+	progress = &pb.WatchRequest{RequestUnion: &pb.WatchRequest_ProgressRequest{ProgressRequest: &pb.WatchProgressRequest{}}}
+	f.d.send(progress)
+	f.v.send(progress)
+	// etcd answers a progress request only through a watcher of the stream: with none, nothing comes.
+	f.d.quiet(100 * time.Millisecond)
+	f.v.quiet(100 * time.Millisecond)
+	// Cancelling an unknown id gets no answer, from etcd or from the proxy.
+	f.d.send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CancelRequest{CancelRequest: &pb.WatchCancelRequest{WatchId: 42}}})
+	f.v.send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CancelRequest{CancelRequest: &pb.WatchCancelRequest{WatchId: 42}}})
+	f.d.quiet(100 * time.Millisecond)
+	f.v.quiet(100 * time.Millisecond)
+}
+
+// TestSlowConsumer: a client that stops reading never stalls the others and, once it reads again, gets every
+// event exactly once, in order.
+func TestSlowConsumer(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) { c.Watch = watch.Options{QueueLen: 8} }})
+	ctx := timeout(t, 120*time.Second)
+	slowCtx, stopSlow := context.WithCancel(ctx)
+	defer stopSlow()
+	// The slow client reads nothing until the writes are done: gRPC flow control fills, then the proxy's queue.
+	slowWS, err := pb.NewWatchClient(e.Via).Watch(slowCtx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := slowWS.Send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{CreateRequest: &pb.WatchCreateRequest{Key: []byte("slow")}}}); err != nil {
+		t.Fatal(err)
+	}
+	if r, err := slowWS.Recv(); err != nil || !r.Created {
+		t.Fatal(r, err)
+	}
+	fast := open(t, ctx, e.Via)
+	fast.create(&pb.WatchCreateRequest{Key: []byte("slow")})
+	if r := fast.next(); !r.Created {
+		t.Fatal(r)
+	}
+	const n = 300
+	value := string(bytes.Repeat([]byte{'v'}, 8<<10)) // 300 × 8 KiB: well past gRPC's flow-control window
+	var revs []int64
+	for i := 0; i < n; i++ {
+		revs = append(revs, put(t, ctx, e.Direct, "slow", value))
+		// The fast client keeps up, whatever the slow one does.
+		r := fast.next()
+		if len(r.Events) != 1 || r.Events[0].Kv.ModRevision != revs[i] {
+			t.Fatalf("fast client, event %d: %v", i, r)
+		}
+	}
+	got := 0
+	for got < n {
+		r, err := slowWS.Recv()
+		if err != nil {
+			t.Fatalf("slow client after %d events: %v", got, err)
+		}
+		for _, ev := range r.Events {
+			if ev.Kv.ModRevision != revs[got] {
+				t.Fatalf("slow client: event %d has revision %d, want %d (gap or duplicate)", got, ev.Kv.ModRevision, revs[got])
+			}
+			got++
+		}
+	}
+	if d := proxytest.Gauge(t, "etcdproxy_watch_slow_consumer_detaches_total"); d == 0 {
+		t.Error("the slow client was never detached: the test did not exercise catch-up")
+	}
+}
+
+// TestMemberRestarts: 100 watchers over 10 streams see every revision exactly once, in order, while the etcd
+// members restart one after another under a stream of writes.
+func TestMemberRestarts(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{Members: 3})
+	ctx := timeout(t, 120*time.Second)
+	const streams, per = 10, 10
+	var ss []*stream
+	for i := 0; i < streams; i++ {
+		s := open(t, ctx, e.Via)
+		for j := 0; j < per; j++ {
+			s.create(&pb.WatchCreateRequest{Key: []byte("r/"), RangeEnd: []byte("r0")})
+			if r := s.next(); !r.Created {
+				t.Fatal(r)
+			}
+		}
+		ss = append(ss, s)
+	}
+	writer := proxytest.Client(t, e.Cluster.Members[2].ClientURL)
+	var (
+		mu   sync.Mutex
+		revs []int64
+	)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; i < 200; i++ {
+			pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			r, err := writer.Put(pctx, fmt.Sprint("r/", i%7), fmt.Sprint(i))
+			cancel()
+			if err != nil {
+				continue // a write during a restart may fail; the ones that succeed must all be seen
+			}
+			mu.Lock()
+			revs = append(revs, r.Header.Revision)
+			mu.Unlock()
+		}
+	}()
+	for _, m := range e.Cluster.Members[:2] {
+		m.Stop()
+		if err := m.Restart(30 * time.Second); err != nil {
+			t.Fatal(err)
+		}
+	}
+	<-done
+	mu.Lock()
+	want := revs
+	mu.Unlock()
+	last := want[len(want)-1]
+	for i, s := range ss {
+		lastSeen := map[int64]int64{}      // watch id -> last revision seen
+		seen := map[int64]map[int64]bool{} // watch id -> revisions seen
+		for len(lastSeen) < per || !allAt(lastSeen, last) {
+			r := s.next()
+			if r.Created || r.Canceled {
+				t.Fatalf("stream %d got %v during member restarts: an upstream reconnect must not reach clients", i, r)
+			}
+			for _, ev := range r.Events {
+				if prev := lastSeen[r.WatchId]; ev.Kv.ModRevision <= prev {
+					t.Fatalf("stream %d watcher %d: revision %d after %d (duplicate or out of order)", i, r.WatchId, ev.Kv.ModRevision, prev)
+				}
+				lastSeen[r.WatchId] = ev.Kv.ModRevision
+				if seen[r.WatchId] == nil {
+					seen[r.WatchId] = map[int64]bool{}
+				}
+				seen[r.WatchId][ev.Kv.ModRevision] = true
+			}
+		}
+		for id, revs := range seen {
+			for _, rev := range want {
+				if !revs[rev] {
+					t.Fatalf("stream %d watcher %d never saw the acknowledged write at revision %d (a gap)", i, id, rev)
+				}
+			}
+		}
+	}
+	t.Logf("%d writes acknowledged during restarts; every watcher saw each of them once, in order", len(want))
+}
+
+func allAt(seen map[int64]int64, rev int64) bool {
+	for _, r := range seen {
+		if r < rev {
+			return false
+		}
+	}
+	return true
+}
