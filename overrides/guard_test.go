@@ -6,6 +6,7 @@ import (
 
 	"github.com/etcdproxy/etcdproxy/overrides/leader"
 	"github.com/etcdproxy/etcdproxy/overrides/lease"
+	"github.com/etcdproxy/etcdproxy/overrides/watch"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 )
 
@@ -21,6 +22,7 @@ func TestOverridesShadowOnlyServiceMethods(t *testing.T) {
 		{(*leader.KV)(nil), (*pb.KVServer)(nil), nil},
 		{(*leader.Lease)(nil), (*pb.LeaseServer)(nil), nil},
 		{(*lease.Lease)(nil), (*pb.LeaseServer)(nil), []string{"Close"}},
+		{(*watch.Watch)(nil), (*pb.WatchServer)(nil), []string{"Close"}},
 	} {
 		o, s := reflect.TypeOf(tc.override), reflect.TypeOf(tc.service).Elem()
 		allowed := map[string]bool{}

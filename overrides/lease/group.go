@@ -7,6 +7,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/etcdproxy/etcdproxy/overrides/internal/shared"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	"go.uber.org/zap"
@@ -20,23 +21,15 @@ import (
 // send side; a receiver goroutine per stream owns its receive side. etcd answers the requests of a stream one by
 // one, in order, so the reply at the head of the stream answers the oldest unanswered request.
 type group struct {
-	id       identity
+	ctx      context.Context // cancelled when the last client leaves
+	creds    shared.Creds
 	upstream pb.LeaseClient
 	logger   *zap.Logger
 	submit   chan *request
-	ctx      context.Context
-	cancel   context.CancelFunc
-	refs     int // clients; protected by Lease.mu
 
 	// mu protects pending.
 	mu      sync.Mutex
 	pending []*request // sent upstream, unanswered, oldest first
-}
-
-func newGroup(id identity, upstream pb.LeaseClient, lg *zap.Logger) *group {
-	g := &group{id: id, upstream: upstream, logger: lg, submit: make(chan *request)}
-	g.ctx, g.cancel = context.WithCancel(context.Background())
-	return g
 }
 
 // retry bounds the wait between attempts to (re)open the upstream stream.
@@ -45,8 +38,8 @@ const (
 	retryMax = 2 * time.Second
 )
 
-// run keeps an upstream stream open while the group has clients, and sends their requests on it.
-func (g *group) run() {
+// Run keeps an upstream stream open while the group has clients, and sends their requests on it.
+func (g *group) Run() {
 	var resend []*request
 	backoff := retryMin
 	for g.ctx.Err() == nil {
@@ -75,13 +68,8 @@ func (g *group) run() {
 func (g *group) serve(resend []*request) ([]*request, error) {
 	ctx, cancel := context.WithCancel(g.ctx)
 	defer cancel()
-	md := metadata.Pairs(rpctypes.MetadataRequireLeaderKey, rpctypes.MetadataHasLeader)
-	if g.id.token != "" {
-		md.Set(rpctypes.TokenFieldNameGRPC, g.id.token)
-	}
-	if g.id.authorization != "" {
-		md.Set("authorization", g.id.authorization)
-	}
+	md := g.creds.MD()
+	md.Set(rpctypes.MetadataRequireLeaderKey, rpctypes.MetadataHasLeader)
 	stream, err := g.upstream.LeaseKeepAlive(metadata.NewOutgoingContext(ctx, md))
 	if err != nil {
 		return resend, err

@@ -22,16 +22,12 @@ import (
 	"context"
 	"errors"
 	"io"
-	"sync"
 	"time"
 
+	"github.com/etcdproxy/etcdproxy/overrides/internal/shared"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
-	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/metadata"
-	"google.golang.org/grpc/status"
 )
 
 // maxOutstanding bounds the keepalive requests of one client stream that are sent upstream and not yet answered to
@@ -41,55 +37,28 @@ const maxOutstanding = 64
 // Lease is the LeaseKeepAlive override.
 type Lease struct {
 	pb.LeaseServer
-	upstream pb.LeaseClient
-	logger   *zap.Logger
-
-	// mu protects groups and closed.
-	mu     sync.Mutex
-	groups map[identity]*group
-	closed bool
-	wg     sync.WaitGroup // running groups
+	groups *shared.Pool[*group] // one upstream stream per client credentials
 }
 
 // New wraps base; upstream streams are opened on cc.
 func New(base pb.LeaseServer, cc grpc.ClientConnInterface, lg *zap.Logger) *Lease {
-	return &Lease{LeaseServer: base, upstream: pb.NewLeaseClient(cc), logger: lg, groups: map[identity]*group{}}
+	upstream := pb.NewLeaseClient(cc)
+	return &Lease{LeaseServer: base, groups: shared.NewPool(func(ctx context.Context, c shared.Creds) *group {
+		return &group{ctx: ctx, creds: c, upstream: upstream, logger: lg, submit: make(chan *request)}
+	})}
 }
 
 // Close ends every upstream stream and waits for them. Client streams still open then end with Unavailable.
-func (l *Lease) Close() {
-	l.mu.Lock()
-	l.closed = true
-	for _, g := range l.groups {
-		g.cancel()
-	}
-	l.mu.Unlock()
-	l.wg.Wait()
-}
-
-// identity is the credentials a client's keepalives are checked against.
-type identity struct{ token, authorization string }
-
-func identityOf(ctx context.Context) identity {
-	md, _ := metadata.FromIncomingContext(ctx)
-	first := func(k string) string {
-		if v := md.Get(k); len(v) > 0 {
-			return v[0]
-		}
-		return ""
-	}
-	return identity{token: first(rpctypes.TokenFieldNameGRPC), authorization: first("authorization")}
-}
-
-var errClosed = status.Error(codes.Unavailable, "etcdproxy: shutting down")
+func (l *Lease) Close() { l.groups.Close() }
 
 // LeaseKeepAlive serves one client keepalive stream over a shared upstream stream.
 func (l *Lease) LeaseKeepAlive(ss grpc.BidiStreamingServer[pb.LeaseKeepAliveRequest, pb.LeaseKeepAliveResponse]) error {
-	g, err := l.join(identityOf(ss.Context()))
+	creds := shared.CredsOf(ss.Context())
+	g, err := l.groups.Join(creds)
 	if err != nil {
 		return err
 	}
-	defer l.leave(g)
+	defer l.groups.Leave(creds)
 	keepaliveClientStreams.Inc()
 	defer keepaliveClientStreams.Dec()
 
@@ -126,7 +95,7 @@ func (l *Lease) LeaseKeepAlive(ss grpc.BidiStreamingServer[pb.LeaseKeepAliveRequ
 		case err := <-c.fail:
 			return err
 		case <-g.ctx.Done():
-			return errClosed
+			return shared.ErrClosed
 		case <-ss.Context().Done():
 			return ss.Context().Err()
 		}
@@ -171,39 +140,9 @@ func (c *client) receive(ss grpc.BidiStreamingServer[pb.LeaseKeepAliveRequest, p
 		select {
 		case g.submit <- &request{c: c, req: req, received: time.Now()}:
 		case <-g.ctx.Done():
-			return errClosed
+			return shared.ErrClosed
 		case <-c.done:
 			return nil
 		}
-	}
-}
-
-func (l *Lease) join(id identity) (*group, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.closed {
-		return nil, errClosed
-	}
-	g, ok := l.groups[id]
-	if !ok {
-		g = newGroup(id, l.upstream, l.logger)
-		l.groups[id] = g
-		l.wg.Add(1)
-		go func() {
-			defer l.wg.Done()
-			g.run()
-		}()
-	}
-	g.refs++
-	return g, nil
-}
-
-func (l *Lease) leave(g *group) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	g.refs--
-	if g.refs == 0 {
-		delete(l.groups, g.id)
-		g.cancel()
 	}
 }

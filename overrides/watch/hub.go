@@ -8,6 +8,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/etcdproxy/etcdproxy/overrides/internal/shared"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
@@ -24,13 +25,10 @@ import (
 // mu is the one lock of a hub: it protects the broadcasts, their watchers and the watcher maps of the hub's client
 // streams. Fan-out happens under it and never blocks (see clientStream.enqueue).
 type hub struct {
-	w      *Watch
-	id     identity
-	md     metadata.MD // the identity's credentials, for upstream calls
-	revs   *revisions
-	ctx    context.Context
-	cancel context.CancelFunc
-	refs   int // client streams; protected by Watch.mu
+	w    *Watch
+	ctx  context.Context // cancelled when the last client stream leaves
+	md   metadata.MD     // the clients' credentials, for upstream calls
+	revs *revisions
 
 	mu         sync.Mutex
 	ranges     map[rangeKey]*broadcasts
@@ -52,17 +50,10 @@ type rangeKey struct {
 	prevKV   bool
 }
 
-func newHub(w *Watch, id identity) *hub {
-	h := &hub{w: w, id: id, ranges: map[rangeKey]*broadcasts{}, byID: map[int64]*broadcast{}, kick: make(chan struct{}, 1)}
-	h.md = metadata.MD{}
-	if id.token != "" {
-		h.md.Set(rpctypes.TokenFieldNameGRPC, id.token)
-	}
-	if id.authorization != "" {
-		h.md.Set("authorization", id.authorization)
-	}
+func newHub(ctx context.Context, w *Watch, c shared.Creds) *hub {
+	h := &hub{w: w, ctx: ctx, md: c.MD(), ranges: map[rangeKey]*broadcasts{}, byID: map[int64]*broadcast{},
+		kick: make(chan struct{}, 1)}
 	h.revs = newRevisions(w.cc, h.md)
-	h.ctx, h.cancel = context.WithCancel(context.Background())
 	return h
 }
 
@@ -75,8 +66,8 @@ func (h *hub) send(req *pb.WatchRequest) {
 	}
 }
 
-// run keeps the upstream stream open until the hub is closed.
-func (h *hub) run() {
+// Run keeps the upstream stream open until the hub is closed.
+func (h *hub) Run() {
 	backoff := retryMin
 	for h.ctx.Err() == nil {
 		start := time.Now()

@@ -27,12 +27,11 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"github.com/etcdproxy/etcdproxy/overrides/internal/shared"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 )
@@ -54,12 +53,7 @@ type Watch struct {
 	upstream pb.WatchClient
 	logger   *zap.Logger
 	opts     Options
-
-	// mu protects hubs and closed.
-	mu     sync.Mutex
-	hubs   map[identity]*hub
-	closed bool
-	wg     sync.WaitGroup // running hubs
+	hubs     *shared.Pool[*hub] // one per client credentials
 }
 
 // New wraps base; upstream watches are made on cc.
@@ -70,74 +64,22 @@ func New(base pb.WatchServer, cc grpc.ClientConnInterface, lg *zap.Logger, opts 
 	if opts.FragmentBytes <= 0 {
 		opts.FragmentBytes = 2 << 20
 	}
-	return &Watch{WatchServer: base, cc: cc, upstream: pb.NewWatchClient(cc), logger: lg, opts: opts,
-		hubs: map[identity]*hub{}}
+	w := &Watch{WatchServer: base, cc: cc, upstream: pb.NewWatchClient(cc), logger: lg, opts: opts}
+	w.hubs = shared.NewPool(func(ctx context.Context, c shared.Creds) *hub { return newHub(ctx, w, c) })
+	return w
 }
 
 // Close ends every upstream stream and waits for them; client streams still open end with Unavailable.
-func (w *Watch) Close() {
-	w.mu.Lock()
-	w.closed = true
-	for _, h := range w.hubs {
-		h.cancel()
-	}
-	w.mu.Unlock()
-	w.wg.Wait()
-}
-
-// identity is the credentials etcd checks a watch against.
-type identity struct{ token, authorization string }
-
-func identityOf(ctx context.Context) identity {
-	md, _ := metadata.FromIncomingContext(ctx)
-	first := func(k string) string {
-		if v := md.Get(k); len(v) > 0 {
-			return v[0]
-		}
-		return ""
-	}
-	return identity{token: first(rpctypes.TokenFieldNameGRPC), authorization: first("authorization")}
-}
-
-var errClosed = status.Error(codes.Unavailable, "etcdproxy: shutting down")
-
-func (w *Watch) join(id identity) (*hub, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if w.closed {
-		return nil, errClosed
-	}
-	h, ok := w.hubs[id]
-	if !ok {
-		h = newHub(w, id)
-		w.hubs[id] = h
-		w.wg.Add(1)
-		go func() {
-			defer w.wg.Done()
-			h.run()
-		}()
-	}
-	h.refs++
-	return h, nil
-}
-
-func (w *Watch) leave(h *hub) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	h.refs--
-	if h.refs == 0 {
-		delete(w.hubs, h.id)
-		h.cancel()
-	}
-}
+func (w *Watch) Close() { w.hubs.Close() }
 
 // Watch serves one client Watch stream.
 func (w *Watch) Watch(ss grpc.BidiStreamingServer[pb.WatchRequest, pb.WatchResponse]) error {
-	h, err := w.join(identityOf(ss.Context()))
+	creds := shared.CredsOf(ss.Context())
+	h, err := w.hubs.Join(creds)
 	if err != nil {
 		return err
 	}
-	defer w.leave(h)
+	defer w.hubs.Leave(creds)
 	clientStreams.Inc()
 	defer clientStreams.Dec()
 	cs := &clientStream{h: h, ss: ss, watchers: map[int64]*watcher{}, notify: make(chan struct{}, 1)}
@@ -155,7 +97,7 @@ func (w *Watch) Watch(ss grpc.BidiStreamingServer[pb.WatchRequest, pb.WatchRespo
 			received = nil // half-closed: keep delivering, as etcd does
 			continue
 		case <-h.ctx.Done():
-			return errClosed
+			return shared.ErrClosed
 		case <-ss.Context().Done():
 			return ss.Context().Err()
 		}
@@ -436,7 +378,7 @@ func (cs *clientStream) create(req *pb.WatchCreateRequest) error {
 	case <-ctx.Done():
 		return ctx.Err()
 	case <-h.ctx.Done():
-		return errClosed
+		return shared.ErrClosed
 	}
 }
 
