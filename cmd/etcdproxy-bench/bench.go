@@ -1,0 +1,401 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+)
+
+// The three targets, in the order of the table's columns.
+const (
+	direct    = "direct"
+	grpcProxy = "grpc-proxy"
+	etcdproxy = "etcdproxy"
+)
+
+var targetNames = []string{direct, grpcProxy, etcdproxy}
+
+// target is one way of reaching etcd.
+type target struct {
+	name string
+	addr string // host:port
+	pid  int    // the proxy's process, for CPU and memory; 0 for direct or when unknown
+}
+
+// bench is one benchmark run: the processes it started, its connections and its results.
+type bench struct {
+	cfg  config
+	plan plan
+
+	dir        string // temporary directory: data and logs of the children
+	procs      procs
+	etcd       *proc // nil when -direct was given
+	etcdAddr   string
+	etcdPID    int
+	metricsURL string
+	targets    []*target // the targets that run, in column order
+	missing    map[string]string
+
+	direct *grpc.ClientConn // the benchmark's own connection to etcd: setup, and the puts of the watch workloads
+
+	poolMu sync.Mutex // poolMu protects pools
+	pools  map[string][]*grpc.ClientConn
+
+	results []*workloadResult
+}
+
+func (b *bench) startTargets(ctx context.Context) error {
+	var err error
+	if b.dir, err = os.MkdirTemp("", "etcdproxy-bench-"); err != nil {
+		return err
+	}
+	b.missing = map[string]string{}
+	c := b.cfg
+	if c.directAddr != "" {
+		b.etcdAddr, b.etcdPID = c.directAddr, c.etcdPID
+	} else {
+		ports, err := freePorts(2)
+		if err != nil {
+			return err
+		}
+		b.etcdAddr = fmt.Sprintf("127.0.0.1:%d", ports[0])
+		peer := fmt.Sprintf("http://127.0.0.1:%d", ports[1])
+		b.etcd, err = b.procs.start("etcd", filepath.Join(b.dir, "etcd.log"), c.etcdBin,
+			"--name", "bench", "--data-dir", filepath.Join(b.dir, "etcd"),
+			"--listen-client-urls", "http://"+b.etcdAddr, "--advertise-client-urls", "http://"+b.etcdAddr,
+			"--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+			"--initial-cluster", "bench="+peer, "--log-level", "error")
+		if err != nil {
+			return err
+		}
+		b.etcdPID = b.etcd.pid()
+	}
+	if err := waitServing(ctx, b.etcdAddr, b.etcd, 30*time.Second); err != nil {
+		return err
+	}
+	b.metricsURL = c.metricsURL
+	if b.metricsURL == "" {
+		b.metricsURL = "http://" + b.etcdAddr + "/metrics"
+	}
+	if b.direct, err = dial(b.etcdAddr); err != nil {
+		return err
+	}
+	b.targets = append(b.targets, &target{name: direct, addr: b.etcdAddr})
+
+	// The proxies start together, each in its own process, then both are waited for.
+	type starting struct {
+		t *target
+		p *proc
+	}
+	var waits []starting
+	add := func(name, addr string, pid int, bin string, args ...string) error {
+		switch {
+		case addr != "":
+			waits = append(waits, starting{t: &target{name: name, addr: addr, pid: pid}})
+		case bin != "":
+			ports, err := freePorts(1)
+			if err != nil {
+				return err
+			}
+			t := &target{name: name, addr: fmt.Sprintf("127.0.0.1:%d", ports[0])}
+			args = append(args, "--endpoints="+b.etcdAddr, "--listen-addr="+t.addr,
+				"--data-dir="+filepath.Join(b.dir, name))
+			p, err := b.procs.start(name, filepath.Join(b.dir, name+".log"), append([]string{bin}, args...)...)
+			if err != nil {
+				return err
+			}
+			t.pid = p.pid()
+			waits = append(waits, starting{t: t, p: p})
+		default:
+			b.missing[name] = "not run: no binary or endpoint given"
+		}
+		return nil
+	}
+	if err := add(grpcProxy, c.grpcProxyAddr, c.grpcProxyPID, c.etcdBin, "grpc-proxy", "start"); err != nil {
+		return err
+	}
+	if err := add(etcdproxy, c.etcdproxyAddr, c.etcdproxyPID, c.etcdproxyBin, "start"); err != nil {
+		return err
+	}
+	for _, s := range waits {
+		if err := waitServing(ctx, s.t.addr, s.p, 30*time.Second); err != nil {
+			return err
+		}
+		b.targets = append(b.targets, s.t)
+	}
+	logf("targets: %s", b.describeTargets())
+	return nil
+}
+
+func (b *bench) describeTargets() string {
+	var s []string
+	for _, t := range b.targets {
+		d := t.name + "=" + t.addr
+		if t.pid != 0 {
+			d += fmt.Sprintf(" (pid %d)", t.pid)
+		}
+		s = append(s, d)
+	}
+	return strings.Join(s, ", ") + fmt.Sprintf("; etcd pid %d", b.etcdPID)
+}
+
+// close kills every child, closes connections and removes the temporary directory.
+func (b *bench) close() {
+	b.procs.killAll()
+	b.poolMu.Lock()
+	for _, p := range b.pools {
+		for _, cc := range p {
+			cc.Close()
+		}
+	}
+	b.pools = nil
+	b.poolMu.Unlock()
+	if b.direct != nil {
+		b.direct.Close()
+	}
+	if b.dir != "" {
+		os.RemoveAll(b.dir)
+	}
+}
+
+// pool returns n connections to t, kept for the whole run (the unary workloads reuse them).
+func (b *bench) pool(t *target, n int) ([]*grpc.ClientConn, error) {
+	b.poolMu.Lock()
+	defer b.poolMu.Unlock()
+	if b.pools == nil {
+		b.pools = map[string][]*grpc.ClientConn{}
+	}
+	for len(b.pools[t.name]) < n {
+		cc, err := dial(t.addr)
+		if err != nil {
+			return nil, err
+		}
+		b.pools[t.name] = append(b.pools[t.name], cc)
+	}
+	return b.pools[t.name][:n], nil
+}
+
+// workload is one benchmark, run against every target in interleaved rounds.
+type workload struct {
+	name   string
+	rounds int
+	// setup, if set, runs once before the first round (preloading keys, stopping etcd, ...).
+	setup func(ctx context.Context) error
+	// run measures one round against one target.
+	run func(ctx context.Context, t *target, round int) (*measurement, error)
+}
+
+func (b *bench) workloads() []workload {
+	ws := b.unaryWorkloads()
+	ws = append(ws, b.watchWorkloads()...)
+	ws = append(ws, b.keepAliveWorkload())
+	// Last: it kills etcd.
+	ws = append(ws, b.etcdDownWorkload())
+	return ws
+}
+
+// runWorkload runs w's rounds; round r runs the targets in rotated order (A B C, B C A, C A B, ...), so that no
+// target always runs first, or right after the same neighbour, on a machine whose load drifts.
+func (b *bench) runWorkload(ctx context.Context, w workload) *workloadResult {
+	res := newWorkloadResult(w.name)
+	for name, why := range b.missing {
+		res.skipped[name] = why
+	}
+	logf("== %s (%d rounds)", w.name, w.rounds)
+	if w.setup != nil {
+		if err := w.setup(ctx); err != nil {
+			logf("   setup: %v", err)
+			for _, t := range b.targets {
+				res.add(t.name, nil, fmt.Errorf("setup: %w", err))
+			}
+			return res
+		}
+	}
+	for r := range w.rounds {
+		for i := range b.targets {
+			if ctx.Err() != nil {
+				return res
+			}
+			t := b.targets[(i+r)%len(b.targets)]
+			m, err := w.run(ctx, t, r)
+			if ctx.Err() != nil {
+				return res
+			}
+			res.add(t.name, m, err)
+			if err != nil {
+				logf("   round %d %-10s error: %v", r+1, t.name, err)
+			} else {
+				logf("   round %d %-10s %s", r+1, t.name, m.summary())
+			}
+		}
+	}
+	return res
+}
+
+// probe measures the CPU time of etcd, of the target's proxy and of this process over a window, and the peak RSS
+// of etcd and the proxy within it.
+type probe struct {
+	b                    *bench
+	t                    *target
+	start                time.Time
+	etcd0, proxy0, self0 time.Duration
+	etcdOK, proxyOK      bool
+}
+
+type usage struct {
+	elapsed                    time.Duration
+	etcdCPU, proxyCPU, selfCPU time.Duration
+	etcdOK, proxyOK            bool
+	etcdPeak, proxyPeak        int64 // bytes; 0 when unknown
+}
+
+func (b *bench) startProbe(t *target) *probe {
+	p := &probe{b: b, t: t}
+	if b.etcdPID != 0 && (b.etcd == nil || b.etcd.alive()) {
+		_ = resetPeakRSS(b.etcdPID)
+		cpu, err := procCPU(b.etcdPID)
+		p.etcd0, p.etcdOK = cpu, err == nil
+	}
+	if t.pid != 0 {
+		_ = resetPeakRSS(t.pid)
+		cpu, err := procCPU(t.pid)
+		p.proxy0, p.proxyOK = cpu, err == nil
+	}
+	p.self0, _ = procCPU(os.Getpid())
+	p.start = time.Now()
+	return p
+}
+
+func (p *probe) stop() usage {
+	u := usage{elapsed: time.Since(p.start)}
+	if p.etcdOK {
+		if cpu, err := procCPU(p.b.etcdPID); err == nil {
+			u.etcdCPU, u.etcdOK = cpu-p.etcd0, true
+			u.etcdPeak, _ = peakRSS(p.b.etcdPID)
+		}
+	}
+	if p.proxyOK {
+		if cpu, err := procCPU(p.t.pid); err == nil {
+			u.proxyCPU, u.proxyOK = cpu-p.proxy0, true
+			u.proxyPeak, _ = peakRSS(p.t.pid)
+		}
+	}
+	self, _ := procCPU(os.Getpid())
+	u.selfCPU = self - p.self0
+	return u
+}
+
+// addCPU adds the CPU per operation of etcd and of the proxy, and the proxy's peak RSS (and etcd's when withEtcdRSS).
+func (u usage) addCPU(m *measurement, ops float64, withEtcdRSS bool) {
+	if ops > 0 && u.etcdOK {
+		m.add(mEtcdCPU, float64(u.etcdCPU.Microseconds())/ops)
+	}
+	if ops > 0 && u.proxyOK {
+		m.add(mProxyCPU, float64(u.proxyCPU.Microseconds())/ops)
+	}
+	if u.proxyOK && u.proxyPeak > 0 {
+		m.add(mProxyRSS, float64(u.proxyPeak)/(1<<20))
+	}
+	if withEtcdRSS && u.etcdOK && u.etcdPeak > 0 {
+		m.add(mEtcdRSS, float64(u.etcdPeak)/(1<<20))
+	}
+}
+
+// meta describes the machine and the run, for the report's header and the JSON lines.
+type meta struct {
+	Date      string `json:"date"`
+	Mode      string `json:"mode"`
+	Machine   string `json:"machine"`
+	Cores     int    `json:"cores"`
+	Versions  string `json:"versions"`
+	Go        string `json:"go"`
+	Etcd      string `json:"etcd"`
+	Etcdproxy string `json:"etcdproxy"`
+	Rounds    string `json:"rounds"`
+	LoadStart string `json:"load_start"`
+	LoadAfter string `json:"load_end"`
+	Wall      string `json:"wall"`
+	Targets   string `json:"targets"`
+}
+
+func (b *bench) meta(started time.Time) meta {
+	m := meta{
+		Date:      started.UTC().Format("2006-01-02 15:04 UTC"),
+		Mode:      b.plan.mode,
+		Cores:     runtime.NumCPU(),
+		Go:        runtime.Version(),
+		LoadStart: loadAvg(),
+		Targets:   b.describeTargets(),
+	}
+	m.Machine = fmt.Sprintf("%d cores (%s), %s RAM, %s/%s", m.Cores, cpuModel(), memTotal(), runtime.GOOS, runtime.GOARCH)
+	m.Etcd = "unknown"
+	if b.cfg.etcdBin != "" {
+		m.Etcd = firstLine(b.cfg.etcdBin, "--version")
+	}
+	m.Etcdproxy = "unknown"
+	if b.cfg.etcdproxyBin != "" {
+		m.Etcdproxy = firstLine(b.cfg.etcdproxyBin, "version")
+	}
+	if rev := firstLine("git", "describe", "--always", "--dirty"); rev != "" {
+		m.Etcdproxy += " (git " + rev + ")"
+	}
+	m.Versions = fmt.Sprintf("%s; %s; Go %s", m.Etcd, m.Etcdproxy, m.Go)
+	p := b.plan
+	var wr []string
+	for _, w := range p.watchers {
+		wr = append(wr, fmt.Sprintf("%d with W=%d", p.watchRounds[w], w))
+	}
+	m.Rounds = fmt.Sprintf("unary %d, watch %s, keepalive %d, etcd down %d", p.rounds, strings.Join(wr, " and "),
+		p.leaseRounds, p.downRounds)
+	return m
+}
+
+func firstLine(name string, args ...string) string {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, name, args...).Output()
+	if err != nil {
+		return ""
+	}
+	line, _, _ := strings.Cut(strings.TrimSpace(string(out)), "\n")
+	return strings.TrimSpace(line)
+}
+
+func cpuModel() string {
+	b, _ := os.ReadFile("/proc/cpuinfo")
+	for _, line := range strings.Split(string(b), "\n") {
+		if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "model name" {
+			return strings.TrimSpace(v)
+		}
+	}
+	return "unknown CPU"
+}
+
+func memTotal() string {
+	b, _ := os.ReadFile("/proc/meminfo")
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "MemTotal:"); ok {
+			var kb int64
+			fmt.Sscan(strings.TrimSpace(v), &kb)
+			return fmt.Sprintf("%.0f GiB", float64(kb)/(1<<20))
+		}
+	}
+	return "unknown"
+}
+
+func loadAvg() string {
+	b, _ := os.ReadFile("/proc/loadavg")
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return "unknown"
+	}
+	return strings.Join(f[:3], " ")
+}

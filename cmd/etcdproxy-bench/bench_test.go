@@ -1,0 +1,145 @@
+package main
+
+// Go benchmarks of etcdproxy's hot paths, each run directly against etcd and through the proxy, in one process:
+//
+//	go test ./cmd/etcdproxy-bench -run '^$' -bench . -benchmem
+//
+// etcd (embedded), the proxy and the client all run in the test process, so ns/op, B/op and allocs/op count all
+// three; the difference between the etcdproxy and the direct sub-benchmark is what the proxy adds.
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/etcdproxy/etcdproxy/internal/proxytest"
+	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
+	"google.golang.org/grpc"
+)
+
+type via struct {
+	name string
+	cc   *grpc.ClientConn
+}
+
+func targetsOf(env *proxytest.Env) []via {
+	return []via{{direct, env.Direct}, {etcdproxy, env.Via}}
+}
+
+// BenchmarkUnaryPut: one Put at a time (unary forwarding of a write).
+func BenchmarkUnaryPut(b *testing.B) {
+	env := proxytest.Start(b, proxytest.Options{})
+	for _, tc := range targetsOf(env) {
+		b.Run(tc.name, func(b *testing.B) {
+			kv := pb.NewKVClient(tc.cc)
+			req := &pb.PutRequest{Key: []byte("bench/put"), Value: value}
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, err := kv.Put(context.Background(), req); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkUnaryRange: one serializable Range of one 256-byte key at a time (unary forwarding where etcd's own
+// work is smallest, so the hop shows most).
+func BenchmarkUnaryRange(b *testing.B) {
+	env := proxytest.Start(b, proxytest.Options{})
+	put(b, env, "bench/get")
+	for _, tc := range targetsOf(env) {
+		b.Run(tc.name, func(b *testing.B) {
+			kv := pb.NewKVClient(tc.cc)
+			req := &pb.RangeRequest{Key: []byte("bench/get"), Serializable: true}
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, err := kv.Range(context.Background(), req); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkUnaryRangeParallel: the same Range from GOMAXPROCS goroutines sharing one connection.
+func BenchmarkUnaryRangeParallel(b *testing.B) {
+	env := proxytest.Start(b, proxytest.Options{})
+	put(b, env, "bench/get")
+	for _, tc := range targetsOf(env) {
+		b.Run(tc.name, func(b *testing.B) {
+			kv := pb.NewKVClient(tc.cc)
+			b.ReportAllocs()
+			b.RunParallel(func(p *testing.PB) {
+				req := &pb.RangeRequest{Key: []byte("bench/get"), Serializable: true}
+				for p.Next() {
+					if _, err := kv.Range(context.Background(), req); err != nil {
+						b.Error(err)
+						return
+					}
+				}
+			})
+		})
+	}
+}
+
+// BenchmarkWatchPump: one Watch stream with 100 watchers of one key; an op is one Put (straight to etcd) and the
+// receipt of its 100 events, so the proxy pumps 100 responses per op. ns/event is reported too.
+func BenchmarkWatchPump(b *testing.B) {
+	const watchers = 100
+	env := proxytest.Start(b, proxytest.Options{})
+	writer := pb.NewKVClient(env.Direct)
+	for _, tc := range targetsOf(env) {
+		b.Run(tc.name, func(b *testing.B) {
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			ws, err := pb.NewWatchClient(tc.cc).Watch(ctx)
+			if err != nil {
+				b.Fatal(err)
+			}
+			key := []byte("bench/pump/" + tc.name)
+			for range watchers {
+				if err := ws.Send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{
+					CreateRequest: &pb.WatchCreateRequest{Key: key}}}); err != nil {
+					b.Fatal(err)
+				}
+			}
+			for created := 0; created < watchers; {
+				resp, err := ws.Recv()
+				if err != nil {
+					b.Fatal(err)
+				}
+				if resp.Created {
+					created++
+				}
+			}
+			req := &pb.PutRequest{Key: key, Value: value}
+			b.ReportAllocs()
+			start, n := time.Now(), 0
+			for b.Loop() {
+				n++
+				if _, err := writer.Put(ctx, req); err != nil {
+					b.Fatal(err)
+				}
+				for got := 0; got < watchers; {
+					resp, err := ws.Recv()
+					if err != nil {
+						b.Fatal(err)
+					}
+					got += len(resp.Events)
+				}
+			}
+			b.ReportMetric(float64(time.Since(start).Nanoseconds())/float64(n*watchers), "ns/event")
+		})
+	}
+}
+
+func put(b *testing.B, env *proxytest.Env, key string) {
+	b.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := pb.NewKVClient(env.Direct).Put(ctx, &pb.PutRequest{Key: []byte(key), Value: value}); err != nil {
+		b.Fatal(fmt.Errorf("put %s: %w", key, err))
+	}
+}

@@ -1,0 +1,182 @@
+// Command etcdproxy-bench compares, in one run, three ways of reaching etcd: directly, through etcd's own
+// `etcd grpc-proxy start`, and through etcdproxy. It starts an etcd member and both proxies as separate processes on
+// loopback ports it picks (or uses endpoints given by flags), runs each workload against the three targets in
+// interleaved rounds (A B C, B C A, C A B, ...), and prints the medians and the ratios etcdproxy/direct and
+// etcdproxy/grpc-proxy as a Markdown table; -json writes JSON lines, -out writes BENCHMARKS.md.
+//
+//	go run ./cmd/etcdproxy-bench -etcd .build/etcd -etcdproxy bin/etcdproxy -quick
+//	go run ./cmd/etcdproxy-bench -etcd .build/etcd -etcdproxy bin/etcdproxy -out BENCHMARKS.md
+//
+// The machines this runs on are shared and small, so absolute numbers mean little: read the ratios.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"regexp"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// config holds the command-line flags.
+type config struct {
+	etcdBin      string
+	etcdproxyBin string
+	// Endpoints of targets that are already running (host:port); a target with an endpoint is not started.
+	directAddr, grpcProxyAddr, etcdproxyAddr string
+	// PIDs of already running targets, for CPU and memory accounting (0: not accounted).
+	etcdPID, grpcProxyPID, etcdproxyPID int
+	metricsURL                          string
+	quick                               bool
+	rounds                              int
+	only                                string
+	out                                 string
+	jsonOut                             string
+}
+
+func main() {
+	var c config
+	flag.StringVar(&c.etcdBin, "etcd", "", "etcd binary: started as the etcd member and as `etcd grpc-proxy start` (make etcd-bin builds it)")
+	flag.StringVar(&c.etcdproxyBin, "etcdproxy", "", "etcdproxy binary (make build builds bin/etcdproxy)")
+	flag.StringVar(&c.directAddr, "direct", "", "use this running etcd (host:port) instead of starting one; the etcd-down workload is then skipped")
+	flag.StringVar(&c.grpcProxyAddr, "grpc-proxy", "", "use this running etcd grpc-proxy (host:port) instead of starting one")
+	flag.StringVar(&c.etcdproxyAddr, "etcdproxy-addr", "", "use this running etcdproxy (host:port) instead of starting one")
+	flag.IntVar(&c.etcdPID, "etcd-pid", 0, "PID of the running etcd given by -direct, for CPU and memory accounting")
+	flag.IntVar(&c.grpcProxyPID, "grpc-proxy-pid", 0, "PID of the running etcd grpc-proxy given by -grpc-proxy")
+	flag.IntVar(&c.etcdproxyPID, "etcdproxy-pid", 0, "PID of the running etcdproxy given by -etcdproxy-addr")
+	flag.StringVar(&c.metricsURL, "metrics-url", "", "etcd's Prometheus endpoint (default: http://ETCD/metrics)")
+	flag.BoolVar(&c.quick, "quick", false, "quick mode for development: fewer and shorter rounds, 1000 watchers only (< 2 min)")
+	flag.IntVar(&c.rounds, "rounds", 0, "rounds per workload (default: 3; watch and etcd-down workloads use fewer)")
+	flag.StringVar(&c.only, "only", "", "run only the workloads whose name matches this regular expression")
+	flag.StringVar(&c.out, "out", "", "write a Markdown report (header, how to read, table, JSON lines) to this file")
+	flag.StringVar(&c.jsonOut, "json", "", "write JSON lines (one per workload and metric) to this file")
+	flag.Parse()
+	if err := run(c); err != nil {
+		fmt.Fprintln(os.Stderr, "etcdproxy-bench:", err)
+		os.Exit(1)
+	}
+}
+
+func run(c config) error {
+	if c.etcdBin == "" && c.directAddr == "" {
+		return errors.New("give -etcd (an etcd binary to start) or -direct (a running etcd)")
+	}
+	var only *regexp.Regexp
+	if c.only != "" {
+		var err error
+		if only, err = regexp.Compile(c.only); err != nil {
+			return fmt.Errorf("-only: %w", err)
+		}
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	go func() {
+		<-ctx.Done()
+		stop() // a second Ctrl-C kills the benchmark at once; its children die with it (Pdeathsig).
+	}()
+
+	started := time.Now()
+	b := &bench{cfg: c, plan: newPlan(c)}
+	defer b.close()
+	if err := b.startTargets(ctx); err != nil {
+		return err
+	}
+	meta := b.meta(started)
+	logf("machine: %s; %s", meta.Machine, meta.Versions)
+
+	for _, w := range b.workloads() {
+		if only != nil && !only.MatchString(w.name) {
+			continue
+		}
+		if ctx.Err() != nil {
+			break
+		}
+		b.results = append(b.results, b.runWorkload(ctx, w))
+	}
+	if ctx.Err() != nil {
+		return errors.New("interrupted")
+	}
+	meta.Wall = time.Since(started).Round(time.Second).String()
+	meta.LoadAfter = loadAvg()
+	logf("done in %v", meta.Wall)
+
+	table := renderTable(b.results)
+	fmt.Print(table)
+	lines, err := jsonLines(meta, b.results)
+	if err != nil {
+		return err
+	}
+	if c.jsonOut != "" {
+		if err := os.WriteFile(c.jsonOut, []byte(strings.Join(lines, "\n")+"\n"), 0o644); err != nil {
+			return err
+		}
+	}
+	if c.out != "" {
+		if err := os.WriteFile(c.out, []byte(renderReport(meta, table, lines)), 0o644); err != nil {
+			return err
+		}
+		logf("wrote %s", c.out)
+	}
+	return nil
+}
+
+// plan is the size of every workload: the quick mode shrinks it.
+type plan struct {
+	mode        string
+	rounds      int           // rounds of the unary and keepalive workloads
+	warmup      time.Duration // unmeasured start of each unary round
+	window      time.Duration // measured part of each unary round
+	hotKeys     int           // key set of the hot serializable get (fits any cache)
+	coldKeys    int           // key set of the cold serializable get, read cyclically (fits no LRU cache smaller than it)
+	putKeys     int           // keys the put workloads write to
+	watchers    []int         // W of the watch fan-out workloads
+	watchRounds map[int]int   // rounds per W
+	watchPuts   map[int]int   // paced puts per watch round, per W
+	leases      int           // L of the keepalive workload
+	leaseRounds int
+	leaseWindow time.Duration
+	downClients int // clients of the etcd-down workload
+	downWindow  time.Duration
+	downRounds  int
+}
+
+func newPlan(c config) plan {
+	p := plan{
+		mode: "full", rounds: 3, warmup: 300 * time.Millisecond, window: 2 * time.Second,
+		hotKeys: 100, coldKeys: 50000, putKeys: 1000,
+		watchers:    []int{1000, 10000},
+		watchRounds: map[int]int{1000: 3, 10000: 2},
+		watchPuts:   map[int]int{1000: 30, 10000: 15},
+		leases:      1000, leaseRounds: 3, leaseWindow: 4 * time.Second,
+		downClients: 8, downWindow: 4 * time.Second, downRounds: 2,
+	}
+	if c.quick {
+		p = plan{
+			mode: "quick", rounds: 3, warmup: 150 * time.Millisecond, window: 600 * time.Millisecond,
+			hotKeys: 100, coldKeys: 20000, putKeys: 1000,
+			watchers:    []int{1000},
+			watchRounds: map[int]int{1000: 1},
+			watchPuts:   map[int]int{1000: 15},
+			leases:      200, leaseRounds: 1, leaseWindow: 2 * time.Second,
+			downClients: 8, downWindow: 3 * time.Second, downRounds: 1,
+		}
+	}
+	if c.rounds > 0 {
+		p.rounds = c.rounds
+		for w := range p.watchRounds {
+			p.watchRounds[w] = c.rounds
+		}
+		p.downRounds = c.rounds
+		p.leaseRounds = c.rounds
+	}
+	return p
+}
+
+func logf(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, time.Now().Format("15:04:05 ")+format+"\n", args...)
+}

@@ -1,0 +1,460 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"math"
+	"slices"
+	"strings"
+	"time"
+)
+
+// direction says which way a metric improves.
+type direction int
+
+const (
+	neutral direction = iota
+	higherBetter
+	lowerBetter
+)
+
+// aggregate says how a metric's per-round values become one cell.
+type aggregate int
+
+const (
+	median aggregate = iota
+	sum              // counts that must add up over rounds (events lost, errors)
+)
+
+type metric struct {
+	name   string
+	better direction
+	agg    aggregate
+	text   bool // a word, not a number (an error code)
+}
+
+// label is the metric's name with its direction: ↑ higher is better, ↓ lower is better.
+func (m metric) label() string {
+	switch m.better {
+	case higherBetter:
+		return m.name + " ↑"
+	case lowerBetter:
+		return m.name + " ↓"
+	}
+	return m.name
+}
+
+var (
+	mOps       = metric{name: "ops/s", better: higherBetter}
+	mP50       = metric{name: "p50 ms", better: lowerBetter}
+	mP99       = metric{name: "p99 ms", better: lowerBetter}
+	mErrors    = metric{name: "errors", better: lowerBetter, agg: sum}
+	mEtcdCPU   = metric{name: "etcd CPU µs/op", better: lowerBetter}
+	mProxyCPU  = metric{name: "proxy CPU µs/op", better: lowerBetter}
+	mProxyRSS  = metric{name: "proxy peak RSS MB", better: lowerBetter}
+	mEtcdRSS   = metric{name: "etcd peak RSS MB", better: lowerBetter}
+	mCreateMs  = metric{name: "create all ms", better: lowerBetter}
+	mUpWatch   = metric{name: "etcd watchers", better: lowerBetter}
+	mUpStreams = metric{name: "etcd watch streams", better: lowerBetter}
+	mLost      = metric{name: "events lost (must be 0)", better: lowerBetter, agg: sum}
+	mDup       = metric{name: "events duplicated (must be 0)", better: lowerBetter, agg: sum}
+	mRenewals  = metric{name: "etcd renewals/s", better: neutral}
+	mUnanswer  = metric{name: "keepalives unanswered", better: lowerBetter, agg: sum}
+	mAttempts  = metric{name: "attempts/s per client", better: lowerBetter}
+	mProxyMsS  = metric{name: "proxy CPU ms/s", better: lowerBetter}
+	mClientMsS = metric{name: "client CPU ms/s", better: lowerBetter}
+	mErrCode   = metric{name: "error code", text: true}
+)
+
+// metricOrder is the order of a workload's rows, whatever order the targets measured them in.
+var metricOrder = []metric{mCreateMs, mUpWatch, mUpStreams, mOps, mAttempts, mP50, mP99, mErrors, mLost, mDup,
+	mUnanswer, mRenewals, mErrCode, mEtcdCPU, mProxyCPU, mProxyMsS, mClientMsS, mProxyRSS, mEtcdRSS}
+
+func metricRank(m metric) int {
+	i := slices.IndexFunc(metricOrder, func(x metric) bool { return x.name == m.name })
+	if i < 0 {
+		return len(metricOrder)
+	}
+	return i
+}
+
+// sample is one value of one metric, measured in one round against one target.
+type sample struct {
+	metric metric
+	value  float64
+	text   string
+}
+
+// measurement is what one round against one target produced.
+type measurement struct {
+	samples []sample
+	note    string // something the reader should know (cancelled watchers, ...)
+}
+
+func (m *measurement) add(met metric, v float64) {
+	m.samples = append(m.samples, sample{metric: met, value: v})
+}
+
+func (m *measurement) addText(met metric, s string) {
+	m.samples = append(m.samples, sample{metric: met, text: s})
+}
+
+// summary is a one-line progress report.
+func (m *measurement) summary() string {
+	var s []string
+	for _, x := range m.samples {
+		if x.metric.text {
+			s = append(s, x.metric.name+"="+x.text)
+		} else {
+			s = append(s, x.metric.name+"="+fmtNum(x.value))
+		}
+	}
+	if m.note != "" {
+		s = append(s, "note: "+m.note)
+	}
+	return strings.Join(s, " ")
+}
+
+// latencyMetrics adds p50 and p99 (in ms) of lats, which it sorts.
+func latencyMetrics(m *measurement, lats []time.Duration) {
+	if len(lats) == 0 {
+		return
+	}
+	slices.Sort(lats)
+	m.add(mP50, ms(percentile(lats, 0.50)))
+	m.add(mP99, ms(percentile(lats, 0.99)))
+}
+
+func percentile(sorted []time.Duration, q float64) time.Duration {
+	i := int(math.Ceil(q*float64(len(sorted)))) - 1
+	return sorted[max(0, min(i, len(sorted)-1))]
+}
+
+func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+// workloadResult gathers every round of one workload.
+type workloadResult struct {
+	name    string
+	metrics []metric                        // in the order first measured
+	values  map[string]map[string][]float64 // metric name -> target -> values per round
+	texts   map[string]map[string][]string
+	errs    map[string][]string // target -> error per failed round
+	notes   map[string][]string // target -> notes
+	rounds  map[string]int      // target -> rounds run
+	skipped map[string]string   // target -> why it did not run
+}
+
+func newWorkloadResult(name string) *workloadResult {
+	return &workloadResult{name: name, values: map[string]map[string][]float64{}, texts: map[string]map[string][]string{},
+		errs: map[string][]string{}, notes: map[string][]string{}, rounds: map[string]int{}, skipped: map[string]string{}}
+}
+
+func (w *workloadResult) add(tgt string, m *measurement, err error) {
+	w.rounds[tgt]++
+	if err != nil {
+		w.errs[tgt] = append(w.errs[tgt], err.Error())
+		return
+	}
+	if m.note != "" {
+		w.notes[tgt] = append(w.notes[tgt], m.note)
+	}
+	for _, s := range m.samples {
+		if !slices.ContainsFunc(w.metrics, func(x metric) bool { return x.name == s.metric.name }) {
+			w.metrics = append(w.metrics, s.metric)
+			slices.SortStableFunc(w.metrics, func(a, b metric) int { return metricRank(a) - metricRank(b) })
+		}
+		if s.metric.text {
+			if w.texts[s.metric.name] == nil {
+				w.texts[s.metric.name] = map[string][]string{}
+			}
+			w.texts[s.metric.name][tgt] = append(w.texts[s.metric.name][tgt], s.text)
+			continue
+		}
+		if w.values[s.metric.name] == nil {
+			w.values[s.metric.name] = map[string][]float64{}
+		}
+		w.values[s.metric.name][tgt] = append(w.values[s.metric.name][tgt], s.value)
+	}
+}
+
+// value is the cell of metric m for target tgt: the median (or sum) over rounds.
+func (w *workloadResult) value(m metric, tgt string) (float64, bool) {
+	vs := w.values[m.name][tgt]
+	if len(vs) == 0 {
+		return 0, false
+	}
+	if m.agg == sum {
+		var s float64
+		for _, v := range vs {
+			s += v
+		}
+		return s, true
+	}
+	return medianOf(vs), true
+}
+
+func medianOf(vs []float64) float64 {
+	s := slices.Clone(vs)
+	slices.Sort(s)
+	n := len(s)
+	if n%2 == 1 {
+		return s[n/2]
+	}
+	return (s[n/2-1] + s[n/2]) / 2
+}
+
+// mostCommon returns the most frequent string (the first seen on a tie).
+func mostCommon(ss []string) string {
+	best, bestN := "", 0
+	for _, s := range ss {
+		if n := count(ss, s); n > bestN {
+			best, bestN = s, n
+		}
+	}
+	return best
+}
+
+func count(ss []string, s string) int {
+	n := 0
+	for _, x := range ss {
+		if x == s {
+			n++
+		}
+	}
+	return n
+}
+
+// cell is the text of one cell.
+func (w *workloadResult) cell(m metric, tgt string) string {
+	if why, ok := w.skipped[tgt]; ok {
+		_ = why
+		return "not run"
+	}
+	if m.text {
+		if ts := w.texts[m.name][tgt]; len(ts) > 0 {
+			return mostCommon(ts)
+		}
+	} else if v, ok := w.value(m, tgt); ok {
+		return fmtNum(v)
+	}
+	if len(w.errs[tgt]) > 0 && len(w.errs[tgt]) == w.rounds[tgt] {
+		return "error"
+	}
+	return "n/a"
+}
+
+// ratio returns w[m][a] / w[m][b], or false when either is missing or b is 0.
+func (w *workloadResult) ratio(m metric, a, b string) (float64, bool) {
+	if m.text {
+		return 0, false
+	}
+	va, okA := w.value(m, a)
+	vb, okB := w.value(m, b)
+	if !okA || !okB || vb == 0 {
+		return 0, false
+	}
+	return va / vb, true
+}
+
+func fmtNum(v float64) string {
+	a := math.Abs(v)
+	switch {
+	case v == 0:
+		return "0"
+	case a >= 100:
+		return fmt.Sprintf("%.0f", v)
+	case a >= 10:
+		return fmt.Sprintf("%.1f", v)
+	case a >= 1:
+		return fmt.Sprintf("%.2f", v)
+	default:
+		return fmt.Sprintf("%.2g", v)
+	}
+}
+
+func fmtRatio(r float64, ok bool) string {
+	switch {
+	case !ok:
+		return "—"
+	case r >= 100:
+		return fmt.Sprintf("%.0f×", r)
+	case r >= 10:
+		return fmt.Sprintf("%.1f×", r)
+	case r >= 0.1:
+		return fmt.Sprintf("%.2f×", r)
+	default:
+		return fmt.Sprintf("%.2g×", r)
+	}
+}
+
+// renderTable renders every result as one Markdown table.
+func renderTable(results []*workloadResult) string {
+	var sb strings.Builder
+	sb.WriteString("| workload | metric | direct | grpc-proxy | etcdproxy | etcdproxy/direct | etcdproxy/grpc-proxy |\n")
+	sb.WriteString("| --- | --- | ---: | ---: | ---: | ---: | ---: |\n")
+	for _, w := range results {
+		first := true
+		name := func() string {
+			if first {
+				first = false
+				return "**" + w.name + "**"
+			}
+			return ""
+		}
+		for _, m := range w.metrics {
+			fmt.Fprintf(&sb, "| %s | %s | %s | %s | %s | %s | %s |\n", name(), m.label(),
+				w.cell(m, direct), w.cell(m, grpcProxy), w.cell(m, etcdproxy),
+				fmtRatio(w.ratio(m, etcdproxy, direct)), fmtRatio(w.ratio(m, etcdproxy, grpcProxy)))
+		}
+		for _, kind := range []struct {
+			label string
+			of    map[string][]string
+		}{{"error", w.errs}, {"note", w.notes}} {
+			if len(kind.of) == 0 {
+				continue
+			}
+			cells := make([]string, len(targetNames))
+			for i, t := range targetNames {
+				cells[i] = describe(kind.of[t], w.rounds[t])
+			}
+			fmt.Fprintf(&sb, "| %s | %s | %s | %s | %s | | |\n", name(), kind.label, cells[0], cells[1], cells[2])
+		}
+		if len(w.metrics) == 0 && len(w.errs) == 0 {
+			fmt.Fprintf(&sb, "| %s | (no result) | | | | | |\n", name())
+		}
+	}
+	return sb.String()
+}
+
+// describe summarises per-round errors or notes for a table cell: "2/3 rounds: first message".
+func describe(msgs []string, rounds int) string {
+	if len(msgs) == 0 {
+		return ""
+	}
+	msg := mostCommon(msgs)
+	msg = strings.NewReplacer("|", "/", "\n", " ").Replace(msg)
+	if len(msg) > 120 {
+		msg = msg[:117] + "..."
+	}
+	return fmt.Sprintf("%d/%d rounds: %s", len(msgs), rounds, msg)
+}
+
+// jsonLine is one machine-readable result: one workload, one metric, every target.
+type jsonLine struct {
+	Workload string               `json:"workload"`
+	Metric   string               `json:"metric"`
+	Better   string               `json:"better,omitempty"`
+	Value    map[string]any       `json:"value"`
+	Rounds   map[string][]float64 `json:"rounds,omitempty"`
+	VsDirect *float64             `json:"etcdproxy_vs_direct,omitempty"`
+	VsProxy  *float64             `json:"etcdproxy_vs_grpc_proxy,omitempty"`
+	Errors   map[string][]string  `json:"errors,omitempty"`
+}
+
+func jsonLines(m meta, results []*workloadResult) ([]string, error) {
+	head, err := json.Marshal(map[string]meta{"meta": m})
+	if err != nil {
+		return nil, err
+	}
+	lines := []string{string(head)}
+	for _, w := range results {
+		for _, met := range w.metrics {
+			l := jsonLine{Workload: w.name, Metric: met.name, Value: map[string]any{}}
+			switch met.better {
+			case higherBetter:
+				l.Better = "higher"
+			case lowerBetter:
+				l.Better = "lower"
+			}
+			for _, t := range targetNames {
+				if met.text {
+					if ts := w.texts[met.name][t]; len(ts) > 0 {
+						l.Value[t] = mostCommon(ts)
+					}
+					continue
+				}
+				if v, ok := w.value(met, t); ok {
+					l.Value[t] = v
+					if l.Rounds == nil {
+						l.Rounds = map[string][]float64{}
+					}
+					l.Rounds[t] = w.values[met.name][t]
+				}
+			}
+			if r, ok := w.ratio(met, etcdproxy, direct); ok {
+				l.VsDirect = &r
+			}
+			if r, ok := w.ratio(met, etcdproxy, grpcProxy); ok {
+				l.VsProxy = &r
+			}
+			if len(w.errs) > 0 {
+				l.Errors = w.errs
+			}
+			b, err := json.Marshal(l)
+			if err != nil {
+				return nil, err
+			}
+			lines = append(lines, string(b))
+		}
+		if len(w.metrics) == 0 && len(w.errs) > 0 {
+			b, err := json.Marshal(jsonLine{Workload: w.name, Metric: "error", Value: map[string]any{}, Errors: w.errs})
+			if err != nil {
+				return nil, err
+			}
+			lines = append(lines, string(b))
+		}
+	}
+	return lines, nil
+}
+
+// renderReport is BENCHMARKS.md: how the run was made, how to read it, the table, and the JSON lines.
+func renderReport(m meta, table string, lines []string) string {
+	var sb strings.Builder
+	sb.WriteString("# Benchmarks: direct etcd vs etcd grpc-proxy vs etcdproxy\n\n")
+	sb.WriteString("Written by `make bench` (`go run ./cmd/etcdproxy-bench -etcd .build/etcd -etcdproxy bin/etcdproxy -out BENCHMARKS.md`).\n")
+	sb.WriteString("Regenerate it on the commit you want to measure; `make bench-quick` is the same in under two minutes, printed only.\n\n")
+	fmt.Fprintf(&sb, "- date: %s; mode: %s; wall time: %s\n", m.Date, m.Mode, m.Wall)
+	fmt.Fprintf(&sb, "- machine: %s (`nproc` = %d); load average at start %s, at end %s\n", m.Machine, m.Cores, m.LoadStart, m.LoadAfter)
+	fmt.Fprintf(&sb, "- versions: %s\n", m.Versions)
+	fmt.Fprintf(&sb, "- rounds: %s\n", m.Rounds)
+	fmt.Fprintf(&sb, "- targets: %s\n\n", m.Targets)
+	sb.WriteString(howToRead)
+	sb.WriteString("\n## Results\n\n")
+	sb.WriteString(table)
+	sb.WriteString("\n<details><summary>JSON lines (one per workload and metric; first line: the run)</summary>\n\n```jsonl\n")
+	sb.WriteString(strings.Join(lines, "\n"))
+	sb.WriteString("\n```\n\n</details>\n")
+	return sb.String()
+}
+
+const howToRead = `## How to read this
+
+- Three targets, each its own process on loopback: **direct** is the etcd member itself; **grpc-proxy** is
+  ` + "`etcd grpc-proxy start`" + ` from the same etcd binary; **etcdproxy** is ` + "`bin/etcdproxy start`" + `. The load
+  generator is the benchmark process itself, on the same machine.
+- Each workload runs against the three targets in interleaved rounds (round 1: A B C, round 2: B C A, ...); a cell is
+  the median over rounds (counts such as errors and lost events are summed). The machine is small and shared, so
+  absolute numbers drift between runs: read the **ratios**, etcdproxy's value divided by direct etcd's and by
+  etcd grpc-proxy's, measured minutes apart in the same run.
+- ↑ higher is better, ↓ lower is better: for ops/s a ratio above 1 is better; for latency, CPU and memory a ratio
+  below 1 is better.
+- ops/s is throughput over the measured window. Unary workloads are closed loops (C clients, each on its own
+  connection, 256-byte values). Watch workloads are paced, so their ops/s (events delivered per second) follows
+  the pace and an op is one event delivered to one watcher; their latency is from the moment the put is sent
+  (straight to etcd, for every target) to the watcher's receipt of the event (timing from the put's
+  acknowledgement would read 0 for direct etcd, which often delivers the event first). For the keepalive workload
+  an op is a keepalive reply, and latency is from a lease's keepalive request to its reply.
+- CPU µs/op is the process's user+system CPU time (/proc/PID/stat) over the window divided by the ops in it:
+  **etcd CPU** is etcd's, **proxy CPU** the proxy's (n/a for direct). Peak RSS is VmHWM over the window (reset
+  before it through /proc/PID/clear_refs).
+- Watch workloads: W watchers over W/100 gRPC streams (100 watchers each) on at most 10 connections. etcd watchers
+  and watch streams are etcd's own gauges (etcd_debugging_mvcc_watcher_total, etcd_debugging_mvcc_watch_stream_total)
+  once every watcher is created, minus their value before: how much of the fan-out reaches etcd. Lost and
+  duplicated events are counted per watcher by revision and must be 0.
+- The serializable get "hot" key set fits any cache; the "cold" one is read cyclically, so that no LRU cache
+  smaller than the key set ever hits.
+- LeaseGrant with etcd down runs last: etcd is killed (SIGKILL), and N clients loop LeaseGrant with a 2 s deadline
+  each. Fewer attempts and less CPU are better: a proxy that answers Unavailable at once makes clients spin.
+- Go micro-benchmarks of the hot paths (unary forwarding, the watch stream pump; etcd and etcdproxy in-process):
+  ` + "`go test ./cmd/etcdproxy-bench -run '^$' -bench . -benchmem`" + `.
+`

@@ -1,0 +1,196 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"time"
+
+	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
+	"google.golang.org/grpc"
+)
+
+// Unary workloads: closed loops of C clients, each with its own gRPC connection, for a fixed window after a
+// warm-up. An op is one RPC.
+
+const (
+	valueSize       = 256
+	maxOpsPerClient = 2_000_000 // a bound on every loop, whatever the window
+	opTimeout       = 5 * time.Second
+)
+
+var value = func() []byte {
+	v := make([]byte, valueSize)
+	for i := range v {
+		v[i] = 'a' + byte(i%26)
+	}
+	return v
+}()
+
+func keys(prefix string, n int) [][]byte {
+	ks := make([][]byte, n)
+	for i := range ks {
+		ks[i] = fmt.Appendf(nil, "%s%06d", prefix, i)
+	}
+	return ks
+}
+
+func (b *bench) unaryWorkloads() []workload {
+	p := b.plan
+	putKeys := keys("bench/put/", p.putKeys)
+	hotKeys := keys("bench/hot/", p.hotKeys)
+	coldKeys := keys("bench/cold/", p.coldKeys)
+	var once sync.Once
+	var preloadErr error
+	preload := func(ctx context.Context) error {
+		once.Do(func() {
+			start := time.Now()
+			preloadErr = b.preload(ctx, append(hotKeys, coldKeys...))
+			logf("   preloaded %d keys in %v", len(hotKeys)+len(coldKeys), time.Since(start).Round(time.Millisecond))
+		})
+		return preloadErr
+	}
+
+	put := func(clients int) workload {
+		return workload{
+			name:   fmt.Sprintf("put C=%d", clients),
+			rounds: p.rounds,
+			run: func(ctx context.Context, t *target, round int) (*measurement, error) {
+				return b.closedLoop(ctx, t, clients, func(ctx context.Context, cc *grpc.ClientConn, rng *rand.Rand, _ int) error {
+					_, err := pb.NewKVClient(cc).Put(ctx, &pb.PutRequest{Key: putKeys[rng.IntN(len(putKeys))], Value: value})
+					return err
+				})
+			},
+		}
+	}
+	get := func(name string, serializable bool, ks [][]byte, cyclic bool) workload {
+		return workload{
+			name:   name,
+			rounds: p.rounds,
+			setup:  preload,
+			run: func(ctx context.Context, t *target, round int) (*measurement, error) {
+				const clients = 16
+				return b.closedLoop(ctx, t, clients, func(ctx context.Context, cc *grpc.ClientConn, rng *rand.Rand, seq int) error {
+					var k []byte
+					if cyclic {
+						// Each client walks its own stretch of the key set; a least-recently-used cache smaller than
+						// the set never hits.
+						k = ks[seq%len(ks)]
+					} else {
+						k = ks[rng.IntN(len(ks))]
+					}
+					_, err := pb.NewKVClient(cc).Range(ctx, &pb.RangeRequest{Key: k, Serializable: serializable})
+					return err
+				})
+			},
+		}
+	}
+	return []workload{
+		put(1),
+		put(16),
+		get(fmt.Sprintf("get linearizable C=16 (%d keys)", p.hotKeys), false, hotKeys, false),
+		get(fmt.Sprintf("get serializable hot C=16 (%d keys)", p.hotKeys), true, hotKeys, false),
+		get(fmt.Sprintf("get serializable cold C=16 (%d keys)", p.coldKeys), true, coldKeys, true),
+	}
+}
+
+// preload writes ks with 256-byte values straight to etcd, 128 keys per Txn (etcd's --max-txn-ops default).
+func (b *bench) preload(ctx context.Context, ks [][]byte) error {
+	kv := pb.NewKVClient(b.direct)
+	for i := 0; i < len(ks); i += 128 {
+		var ops []*pb.RequestOp
+		for _, k := range ks[i:min(i+128, len(ks))] {
+			ops = append(ops, &pb.RequestOp{Request: &pb.RequestOp_RequestPut{RequestPut: &pb.PutRequest{Key: k, Value: value}}})
+		}
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		_, err := kv.Txn(cctx, &pb.TxnRequest{Success: ops})
+		cancel()
+		if err != nil {
+			return fmt.Errorf("preload: %w", err)
+		}
+	}
+	return nil
+}
+
+// closedLoop runs op in a loop on clients clients, each with its own connection and random source. seq counts a
+// client's ops from a random start. Only ops started inside the window count; the CPU of etcd and the proxy is
+// measured over the same window.
+func (b *bench) closedLoop(ctx context.Context, t *target, clients int,
+	op func(ctx context.Context, cc *grpc.ClientConn, rng *rand.Rand, seq int) error) (*measurement, error) {
+	conns, err := b.pool(t, clients)
+	if err != nil {
+		return nil, err
+	}
+	start := time.Now()
+	warmEnd := start.Add(b.plan.warmup)
+	end := warmEnd.Add(b.plan.window)
+	lats := make([][]time.Duration, clients)
+	errs := make([]int, clients)
+	firstErr := make([]error, clients)
+	var wg sync.WaitGroup
+	for c := range clients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(uint64(c), uint64(start.UnixNano())))
+			lats[c] = make([]time.Duration, 0, 1<<14)
+			base := rng.IntN(1 << 30)
+			for i := range maxOpsPerClient {
+				t0 := time.Now()
+				if t0.After(end) || ctx.Err() != nil {
+					return
+				}
+				octx, cancel := context.WithTimeout(ctx, opTimeout)
+				err := op(octx, conns[c], rng, base+i)
+				cancel()
+				d := time.Since(t0)
+				if t0.Before(warmEnd) {
+					continue
+				}
+				if err != nil {
+					errs[c]++
+					if firstErr[c] == nil {
+						firstErr[c] = err
+					}
+					continue
+				}
+				lats[c] = append(lats[c], d)
+			}
+		}()
+	}
+	time.Sleep(time.Until(warmEnd))
+	pr := b.startProbe(t)
+	wg.Wait()
+	u := pr.stop()
+	if ctx.Err() != nil {
+		return nil, ctx.Err()
+	}
+
+	var all []time.Duration
+	nerr := 0
+	for c := range clients {
+		all = append(all, lats[c]...)
+		nerr += errs[c]
+	}
+	first := errors.Join(firstErr...)
+	for _, err := range firstErr {
+		if err != nil {
+			first = err // one error, not one line per client
+			break
+		}
+	}
+	if len(all) == 0 {
+		return nil, fmt.Errorf("every op failed: %w", first)
+	}
+	m := &measurement{}
+	m.add(mOps, float64(len(all))/b.plan.window.Seconds())
+	latencyMetrics(m, all)
+	u.addCPU(m, float64(len(all)), false)
+	m.add(mErrors, float64(nerr))
+	if nerr > 0 {
+		m.note = fmt.Sprintf("%d errors, first: %v", nerr, first)
+	}
+	return m, nil
+}
