@@ -5,6 +5,7 @@ import (
 	"math"
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	"go.etcd.io/etcd/api/v3/version"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
@@ -66,8 +67,12 @@ func clientAPIVersion(ctx context.Context) context.Context {
 	if !ok {
 		return ctx
 	}
+	v := in.Get(rpctypes.MetadataClientAPIVersionKey)
+	if len(v) == 1 && v[0] == version.APIVersion {
+		return ctx // what clientv3 stamped already
+	}
 	out, _ := metadata.FromOutgoingContext(ctx) // a copy
-	if v := in.Get(rpctypes.MetadataClientAPIVersionKey); len(v) > 0 {
+	if len(v) > 0 {
 		out.Set(rpctypes.MetadataClientAPIVersionKey, v...)
 	} else {
 		out.Delete(rpctypes.MetadataClientAPIVersionKey)

@@ -17,19 +17,24 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// group is the clients of one identity and the upstream stream they share. Its run goroutine owns the stream's
-// send side; a receiver goroutine per stream owns its receive side. etcd answers the requests of a stream one by
-// one, in order, so the reply at the head of the stream answers the oldest unanswered request.
+// group is the clients of one identity and the upstream stream they share. Clients send on the stream
+// themselves (send, serialized by sendMu); the group's Run goroutine opens the stream, receives on it and routes
+// each reply. etcd answers the requests of a stream one by one, in order, so the reply at the head of the stream
+// answers the oldest unanswered request.
 type group struct {
 	ctx      context.Context // cancelled when the last client leaves
 	creds    shared.Creds
 	upstream pb.LeaseClient
 	logger   *zap.Logger
-	submit   chan *request
 
-	// mu protects pending.
+	// sendMu serializes sends on the stream, so that the order of pending is the order on the wire. It is taken
+	// before mu, never after.
+	sendMu sync.Mutex
+	// mu protects stream, pending and queued.
 	mu      sync.Mutex
-	pending []*request // sent upstream, unanswered, oldest first
+	stream  grpc.BidiStreamingClient[pb.LeaseKeepAliveRequest, pb.LeaseKeepAliveResponse] // nil between streams
+	pending []*request                                                                    // sent, unanswered, oldest first
+	queued  []*request                                                                    // waiting for a stream
 }
 
 // retry bounds the wait between attempts to (re)open the upstream stream.
@@ -38,21 +43,37 @@ const (
 	retryMax = 2 * time.Second
 )
 
-// Run keeps an upstream stream open while the group has clients, and sends their requests on it.
+// send forwards a client's request on the current stream, or queues it for the next one. A send that fails leaves
+// the request pending: the stream's failure, seen by Run, decides what becomes of it.
+func (g *group) send(r *request) {
+	g.sendMu.Lock()
+	defer g.sendMu.Unlock()
+	g.mu.Lock()
+	st := g.stream
+	if st == nil {
+		g.queued = append(g.queued, r)
+		g.mu.Unlock()
+		return
+	}
+	g.pending = append(g.pending, r)
+	g.mu.Unlock()
+	keepaliveRequests.Inc()
+	_ = st.Send(r.req)
+}
+
+// Run keeps an upstream stream open while the group has clients.
 func (g *group) Run() {
-	var resend []*request
 	backoff := retryMin
 	for g.ctx.Err() == nil {
-		var err error
-		resend, err = g.serve(resend)
+		answered, err := g.serve()
 		if g.ctx.Err() != nil {
 			return
 		}
-		if err == nil {
+		g.logger.Debug("lease keepalive upstream stream ended; reopening", zap.Error(err))
+		if answered {
 			backoff = retryMin
 			continue
 		}
-		g.logger.Debug("lease keepalive upstream stream ended; reopening", zap.Error(err))
 		select {
 		case <-g.ctx.Done():
 			return
@@ -62,69 +83,61 @@ func (g *group) Run() {
 	}
 }
 
-// serve opens one upstream stream, re-sends the requests in resend, then forwards new requests until the stream
-// fails. It returns the requests to re-send on the next stream and the failure; a nil error means the stream
-// served at least one reply (so the next attempt needs no backoff).
-func (g *group) serve(resend []*request) ([]*request, error) {
+// serve opens one upstream stream, sends the queued requests on it, and routes its replies until it fails. It
+// reports whether the stream answered anything (then the next attempt needs no backoff).
+func (g *group) serve() (bool, error) {
 	ctx, cancel := context.WithCancel(g.ctx)
 	defer cancel()
 	md := g.creds.MD()
 	md.Set(rpctypes.MetadataRequireLeaderKey, rpctypes.MetadataHasLeader)
 	stream, err := g.upstream.LeaseKeepAlive(metadata.NewOutgoingContext(ctx, md))
 	if err != nil {
-		return resend, err
+		return false, err
 	}
 	keepaliveUpstreamStreams.Inc()
 	defer keepaliveUpstreamStreams.Dec()
 
-	failed := make(chan error, 1)
-	answered := make(chan struct{})
-	go func() { failed <- g.receive(stream, answered) }()
-
-	send := func(r *request) error {
+	g.sendMu.Lock()
+	g.mu.Lock()
+	g.stream = stream
+	queued := g.queued
+	g.queued = nil
+	g.mu.Unlock()
+	g.sendMu.Unlock()
+	for _, r := range queued {
 		select {
-		case <-r.c.done:
-			return nil // the client is gone: nobody waits for this reply
+		case <-r.c.done: // the client is gone: nobody waits for this reply
 		default:
-		}
-		g.mu.Lock()
-		g.pending = append(g.pending, r)
-		g.mu.Unlock()
-		keepaliveRequests.Inc()
-		return stream.Send(r.req)
-	}
-	for _, r := range resend {
-		if err := send(r); err != nil {
-			break // the receiver reports the stream's status
+			g.send(r)
 		}
 	}
-	for {
-		select {
-		case r := <-g.submit:
-			if err := send(r); err != nil {
-				// The receiver reports the stream's status; wait for it.
-				return g.recover(<-failed, answered)
-			}
-		case err := <-failed:
-			return g.recover(err, answered)
-		case <-g.ctx.Done():
-			return nil, g.ctx.Err()
-		}
-	}
+
+	answered, err := g.receive(stream)
+
+	g.sendMu.Lock()
+	g.mu.Lock()
+	g.stream = nil
+	pending := g.pending
+	g.pending = nil
+	g.queued = append(pending, g.queued...)
+	g.mu.Unlock()
+	g.sendMu.Unlock()
+	g.recover(err)
+	return answered, err
 }
 
 // receive routes the replies of stream to the clients that asked, until the stream fails.
-func (g *group) receive(stream grpc.BidiStreamingClient[pb.LeaseKeepAliveRequest, pb.LeaseKeepAliveResponse], answered chan struct{}) error {
-	once := sync.OnceFunc(func() { close(answered) })
+func (g *group) receive(stream grpc.BidiStreamingClient[pb.LeaseKeepAliveRequest, pb.LeaseKeepAliveResponse]) (bool, error) {
+	answered := false
 	for {
 		resp, err := stream.Recv()
 		if err != nil {
 			if errors.Is(err, io.EOF) {
 				err = status.Error(codes.Unavailable, "etcdproxy: upstream lease keepalive stream ended")
 			}
-			return err
+			return answered, err
 		}
-		once()
+		answered = true
 		g.mu.Lock()
 		var r *request
 		if len(g.pending) > 0 {
@@ -135,7 +148,12 @@ func (g *group) receive(stream grpc.BidiStreamingClient[pb.LeaseKeepAliveRequest
 			// etcd answers in order; anything else is a broken invariant. Reset the stream rather than misroute.
 			g.logger.Error("lease keepalive reply does not match the oldest request; resetting the upstream stream",
 				zap.Int64("reply-id", resp.ID))
-			return status.Error(codes.Internal, "etcdproxy: lease keepalive replies out of order")
+			if r != nil {
+				g.mu.Lock()
+				g.pending = append([]*request{r}, g.pending...)
+				g.mu.Unlock()
+			}
+			return answered, status.Error(codes.Internal, "etcdproxy: lease keepalive replies out of order")
 		}
 		select {
 		case r.c.out <- reply{resp: resp, received: r.received}:
@@ -144,28 +162,24 @@ func (g *group) receive(stream grpc.BidiStreamingClient[pb.LeaseKeepAliveRequest
 	}
 }
 
-// recover decides, after the upstream stream failed with err, which requests to re-send. An error that etcd
-// returned for a request (permission denied, invalid token, ...) belongs to the oldest unanswered request: its
-// client's stream ends with it. A failure of the stream itself belongs to nobody: every unanswered request is
-// re-sent on the next stream.
-func (g *group) recover(err error, answered chan struct{}) ([]*request, error) {
+// recover decides, after the upstream stream failed with err, what becomes of the requests it left unanswered
+// (now at the head of queued). An error that etcd returned for a request (permission denied, invalid token, ...)
+// belongs to the oldest of them: its client's stream ends with it. A failure of the stream itself belongs to
+// nobody: every unanswered request is re-sent on the next stream.
+func (g *group) recover(err error) {
+	if streamFailure(err) {
+		return
+	}
 	g.mu.Lock()
-	pending := g.pending
-	g.pending = nil
-	g.mu.Unlock()
-	if !streamFailure(err) && len(pending) > 0 {
-		select {
-		case pending[0].c.fail <- err:
-		default:
-		}
-		pending = pending[1:]
+	defer g.mu.Unlock()
+	if len(g.queued) == 0 {
+		return
 	}
 	select {
-	case <-answered:
-		return pending, nil
+	case g.queued[0].c.fail <- err:
 	default:
-		return pending, err
 	}
+	g.queued = g.queued[1:]
 }
 
 // streamFailure reports whether err ended the stream for a reason of its own rather than because of one request.

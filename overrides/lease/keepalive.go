@@ -44,7 +44,7 @@ type Lease struct {
 func New(base pb.LeaseServer, cc grpc.ClientConnInterface, lg *zap.Logger) *Lease {
 	upstream := pb.NewLeaseClient(cc)
 	return &Lease{LeaseServer: base, groups: shared.NewPool(func(ctx context.Context, c shared.Creds) *group {
-		return &group{ctx: ctx, creds: c, upstream: upstream, logger: lg, submit: make(chan *request)}
+		return &group{ctx: ctx, creds: c, upstream: upstream, logger: lg}
 	})}
 }
 
@@ -137,12 +137,6 @@ func (c *client) receive(ss grpc.BidiStreamingServer[pb.LeaseKeepAliveRequest, p
 		case <-c.done:
 			return nil
 		}
-		select {
-		case g.submit <- &request{c: c, req: req, received: time.Now()}:
-		case <-g.ctx.Done():
-			return shared.ErrClosed
-		case <-c.done:
-			return nil
-		}
+		g.send(&request{c: c, req: req, received: time.Now()})
 	}
 }

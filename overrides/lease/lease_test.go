@@ -275,3 +275,59 @@ func cpuTime(t *testing.T) time.Duration {
 	}
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
+
+// TestKeepAliveSurvivesMemberRestarts: when the member holding the shared upstream stream goes away, the proxy
+// reopens it elsewhere and re-sends what was unanswered: the client's stream stays open and every request gets
+// its reply.
+func TestKeepAliveSurvivesMemberRestarts(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{Members: 3})
+	ctx := timeout(t, 90*time.Second)
+	lease, err := pb.NewLeaseClient(e.Via).LeaseGrant(ctx, &pb.LeaseGrantRequest{TTL: 60})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ka, err := pb.NewLeaseClient(e.Via).LeaseKeepAlive(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	replies := make(chan error, 1000)
+	go func() {
+		for {
+			r, err := ka.Recv()
+			if err == nil && (r.ID != lease.ID || r.TTL <= 0) {
+				err = fmt.Errorf("reply %v", r)
+			}
+			replies <- err
+			if err != nil {
+				return
+			}
+		}
+	}()
+	sent := 0
+	renew := func() {
+		t.Helper()
+		if err := ka.Send(&pb.LeaseKeepAliveRequest{ID: lease.ID}); err != nil {
+			t.Fatal(err)
+		}
+		sent++
+	}
+	for _, m := range e.Cluster.Members[:2] {
+		renew()
+		m.Stop()
+		renew()
+		if err := m.Restart(30 * time.Second); err != nil {
+			t.Fatal(err)
+		}
+		renew()
+	}
+	for i := 0; i < sent; i++ {
+		select {
+		case err := <-replies:
+			if err != nil {
+				t.Fatalf("reply %d of %d: %v", i+1, sent, err)
+			}
+		case <-time.After(30 * time.Second):
+			t.Fatalf("reply %d of %d did not come", i+1, sent)
+		}
+	}
+}

@@ -19,7 +19,9 @@ type broadcast struct {
 	id int64 // upstream watch id
 	rk rangeKey
 	// rev is the revision up to which every event of the range has been delivered to the watchers: the last
-	// event's revision, or a progress notification's. An upstream watch is (re)created from rev+1.
+	// event's revision, or a progress notification's. An upstream watch is (re)created from rev itself, never
+	// from rev+1, which may be etcd's next revision, a start in the future that would block progress answers on
+	// the shared stream; deliver drops the replayed events at or below rev.
 	rev      int64
 	created  bool // the upstream watch is live on the current stream
 	watchers map[*watcher]struct{}
@@ -38,17 +40,24 @@ func (h *hub) attach(w *watcher) {
 		h.ranges[w.rk] = bs
 	}
 	var best *broadcast
-	for b := range bs.all {
-		if b.rev <= w.next-1 && (best == nil || len(b.watchers) > len(best.watchers)) {
-			best = b
+	// With auth on, a new watcher gets an upstream watch of its own, so that etcd checks the caller's permission
+	// on the range exactly as it would; a progress round then lets it merge into the shared broadcast.
+	if !(h.authed && !w.announced) {
+		for b := range bs.all {
+			if b.rev <= w.next-1 && (best == nil || len(b.watchers) > len(best.watchers)) {
+				best = b
+			}
 		}
 	}
 	if best == nil {
-		// Never ask etcd for a watch that starts in the future: etcd answers no progress request on a stream
-		// holding one, and the upstream stream is shared. Start at etcd's next revision instead; w skips what it
-		// does not want (w.next).
-		start := min(w.next, w.hdr.Revision+1)
-		best = &broadcast{bs: bs, id: h.nextID, rk: w.rk, rev: start - 1, watchers: map[*watcher]struct{}{}}
+		rev := w.next - 1
+		if !w.announced {
+			// Never ask etcd for a watch that starts in the future (not even at its next revision): etcd answers
+			// no progress request on a stream holding one, and the upstream stream is shared. w skips what it
+			// does not want (w.next).
+			rev = min(rev, w.hdr.Revision)
+		}
+		best = &broadcast{bs: bs, id: h.nextID, rk: w.rk, rev: rev, watchers: map[*watcher]struct{}{}}
 		h.nextID++
 		bs.all[best] = struct{}{}
 		h.byID[best.id] = best
@@ -155,8 +164,16 @@ func (b *broadcast) deliver(resp *pb.WatchResponse) {
 		b.bs.mergeInto(b)
 		return
 	}
+	// An upstream watch starts at b.rev, not after it (see hub.createUpstream): what it replays is not news.
+	events := resp.Events
+	for len(events) > 0 && events[0].Kv.ModRevision <= b.rev {
+		events = events[1:]
+	}
+	if len(events) == 0 {
+		return
+	}
 	for w := range b.watchers {
-		evs := filtered(resp.Events, w)
+		evs := filtered(events, w)
 		if len(evs) == 0 {
 			continue
 		}
@@ -170,8 +187,8 @@ func (b *broadcast) deliver(resp *pb.WatchResponse) {
 			slowDetaches.Inc()
 		}
 	}
-	eventsFannedOut.Add(float64(len(resp.Events)))
-	if rev := resp.Events[len(resp.Events)-1].Kv.ModRevision; rev > b.rev {
+	eventsFannedOut.Add(float64(len(events)))
+	if rev := events[len(events)-1].Kv.ModRevision; rev > b.rev {
 		b.rev = rev
 	}
 	if len(b.watchers) == 0 && len(b.waiting) == 0 {

@@ -5,6 +5,8 @@ import (
 	"context"
 	"errors"
 	"io"
+	"maps"
+	"slices"
 	"sync"
 	"time"
 
@@ -25,10 +27,11 @@ import (
 // mu is the one lock of a hub: it protects the broadcasts, their watchers and the watcher maps of the hub's client
 // streams. Fan-out happens under it and never blocks (see clientStream.enqueue).
 type hub struct {
-	w    *Watch
-	ctx  context.Context // cancelled when the last client stream leaves
-	md   metadata.MD     // the clients' credentials, for upstream calls
-	revs *revisions
+	w      *Watch
+	ctx    context.Context // cancelled when the last client stream leaves
+	md     metadata.MD     // the clients' credentials, for upstream calls
+	authed bool            // md is not empty: etcd checks permissions on what the hub asks
+	revs   *revisions
 
 	mu         sync.Mutex
 	ranges     map[rangeKey]*broadcasts
@@ -37,6 +40,7 @@ type hub struct {
 	creating   []*broadcast         // upstream creates sent on the current stream, not yet answered, oldest first
 	progress   []*clientStream      // client streams waiting for a progress answer
 	askedProg  bool                 // a progress request is outstanding on the current stream
+	askedAt    time.Time            // when it was sent
 	outbox     []*pb.WatchRequest   // requests for the current stream's sender
 	kick       chan struct{}        // wakes the sender; capacity 1
 	connected  bool
@@ -54,6 +58,7 @@ func newHub(ctx context.Context, w *Watch, c shared.Creds) *hub {
 	h := &hub{w: w, ctx: ctx, md: c.MD(), ranges: map[rangeKey]*broadcasts{}, byID: map[int64]*broadcast{},
 		kick: make(chan struct{}, 1)}
 	h.revs = newRevisions(w.cc, h.md)
+	h.authed = len(h.md) > 0
 	return h
 }
 
@@ -128,6 +133,7 @@ func (h *hub) serve() error {
 
 	failed := make(chan error, 2)
 	go func() { failed <- h.sendLoop(ctx, stream) }()
+	go h.reaskProgress(ctx)
 	for {
 		resp, err := stream.Recv()
 		if err != nil {
@@ -165,11 +171,11 @@ func (h *hub) sendLoop(ctx context.Context, stream grpc.BidiStreamingClient[pb.W
 	}
 }
 
-// createUpstream asks the upstream stream for b's watch, from b.rev+1. Called with h.mu held.
+// createUpstream asks the upstream stream for b's watch, from b.rev (see broadcast.rev). Called with h.mu held.
 func (h *hub) createUpstream(b *broadcast) {
 	h.creating = append(h.creating, b)
 	h.send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{CreateRequest: &pb.WatchCreateRequest{
-		Key: []byte(b.rk.key), RangeEnd: rangeEndBytes(b.rk.end), StartRevision: b.rev + 1,
+		Key: []byte(b.rk.key), RangeEnd: rangeEndBytes(b.rk.end), StartRevision: max(b.rev, 1),
 		PrevKv: b.rk.prevKV, ProgressNotify: true, WatchId: b.id,
 	}}})
 }
@@ -194,8 +200,32 @@ func (h *hub) askProgress() {
 	if h.askedProg || !h.connected {
 		return
 	}
-	h.askedProg = true
+	h.askedProg, h.askedAt = true, time.Now()
 	h.send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_ProgressRequest{ProgressRequest: &pb.WatchProgressRequest{}}})
+}
+
+// progressRetry is how long the hub waits for a progress answer before asking again: etcd drops a progress
+// request, rather than deferring it, while a watcher of the stream is still catching up (a new watcher from the
+// current revision is, until etcd's next sync, within 100 ms).
+const progressRetry = 200 * time.Millisecond
+
+// reaskProgress re-sends an unanswered progress request, every progressRetry, until the stream ends.
+func (h *hub) reaskProgress(ctx context.Context) {
+	t := time.NewTicker(progressRetry)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		h.mu.Lock()
+		if h.askedProg && time.Since(h.askedAt) >= progressRetry {
+			h.askedProg = false
+			h.askProgress()
+		}
+		h.mu.Unlock()
+	}
 }
 
 // route handles one upstream response.
@@ -246,6 +276,10 @@ func (h *hub) created(resp *pb.WatchResponse) {
 	}
 	b.created = true
 	b.confirm()
+	if len(b.bs.all) > 1 {
+		// A progress answer brings every live broadcast of the range to the same revision: they merge then.
+		h.askProgress()
+	}
 }
 
 // progressAnswered handles an upstream progress response: every created broadcast has delivered all events up to
@@ -259,7 +293,13 @@ func (h *hub) progressAnswered(resp *pb.WatchResponse) {
 		for b := range bs.all {
 			if b.created && b.rev < rev {
 				b.rev = rev
-				b.bs.mergeInto(b)
+			}
+		}
+		if len(bs.all) > 1 {
+			for _, b := range slices.Collect(maps.Keys(bs.all)) {
+				if _, ok := bs.all[b]; ok { // not merged away by an earlier iteration
+					bs.mergeInto(b)
+				}
 			}
 		}
 	}

@@ -12,9 +12,11 @@ import (
 	"github.com/etcdproxy/etcdproxy/internal/proxytest"
 	"github.com/etcdproxy/etcdproxy/overrides/watch"
 	"github.com/etcdproxy/etcdproxy/proxy"
+	"go.etcd.io/etcd/api/v3/authpb"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.uber.org/goleak"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -422,4 +424,57 @@ func allAt(seen map[int64]int64, rev int64) bool {
 		}
 	}
 	return true
+}
+
+// TestAuthChecksEveryWatcher: with auth on, etcd checks each new watcher against the caller's permissions, even
+// when the proxy already watches the range for the same caller; a revoked permission refuses the next watcher, as
+// etcd does. Coalescing still happens once etcd has accepted the watcher.
+func TestAuthChecksEveryWatcher(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{})
+	ctx := timeout(t, 60*time.Second)
+	auth := pb.NewAuthClient(e.Direct)
+	must := func(_ any, err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	must(auth.UserAdd(ctx, &pb.AuthUserAddRequest{Name: "root", Password: "r"}))
+	must(auth.UserGrantRole(ctx, &pb.AuthUserGrantRoleRequest{User: "root", Role: "root"}))
+	must(auth.UserAdd(ctx, &pb.AuthUserAddRequest{Name: "al", Password: "a"}))
+	must(auth.RoleAdd(ctx, &pb.AuthRoleAddRequest{Name: "reader"}))
+	must(auth.RoleGrantPermission(ctx, &pb.AuthRoleGrantPermissionRequest{Name: "reader",
+		Perm: &authpb.Permission{PermType: authpb.READ, Key: []byte("a"), RangeEnd: []byte("b")}}))
+	must(auth.UserGrantRole(ctx, &pb.AuthUserGrantRoleRequest{User: "al", Role: "reader"}))
+	must(auth.AuthEnable(ctx, &pb.AuthEnableRequest{}))
+	as := func(cc *grpc.ClientConn, user, pw string) context.Context {
+		r, err := pb.NewAuthClient(cc).Authenticate(ctx, &pb.AuthenticateRequest{Name: user, Password: pw})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return metadata.AppendToOutgoingContext(ctx, "token", r.Token)
+	}
+	alDirect, alVia, root := as(e.Direct, "al", "a"), as(e.Via, "al", "a"), as(e.Direct, "root", "r")
+	d, v := open(t, alDirect, e.Direct), open(t, alVia, e.Via)
+	for i := 0; i < 3; i++ {
+		d.create(&pb.WatchCreateRequest{Key: []byte("a1")})
+		v.create(&pb.WatchCreateRequest{Key: []byte("a1")})
+		dr, vr := d.next(), v.next()
+		if !vr.Created || vr.Canceled || dr.WatchId != vr.WatchId {
+			t.Fatalf("watcher %d: direct %v, proxy %v", i, dr, vr)
+		}
+	}
+	proxytest.Eventually(t, 10*time.Second, func() bool {
+		return proxytest.Gauge(t, "etcdproxy_watch_upstream_watchers") == 1
+	}, "the 3 watchers of one caller and range were never coalesced (%v upstream watchers)",
+		proxytest.Gauge(t, "etcdproxy_watch_upstream_watchers"))
+
+	must(pb.NewAuthClient(e.Direct).RoleRevokePermission(root, &pb.AuthRoleRevokePermissionRequest{
+		Role: "reader", Key: []byte("a"), RangeEnd: []byte("b")}))
+	d.create(&pb.WatchCreateRequest{Key: []byte("a1")})
+	v.create(&pb.WatchCreateRequest{Key: []byte("a1")})
+	dr, vr := d.next(), v.next()
+	if !dr.Canceled || dr.Canceled != vr.Canceled || dr.CancelReason != vr.CancelReason || dr.WatchId != vr.WatchId {
+		t.Errorf("a watcher after the permission was revoked:\n  direct: %v\n  proxy:  %v", dr, vr)
+	}
 }
