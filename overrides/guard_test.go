@@ -5,6 +5,7 @@ import (
 	"testing"
 
 	"github.com/etcdproxy/etcdproxy/overrides/leader"
+	"github.com/etcdproxy/etcdproxy/overrides/kvcache"
 	"github.com/etcdproxy/etcdproxy/overrides/lease"
 	"github.com/etcdproxy/etcdproxy/overrides/watch"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
@@ -23,6 +24,8 @@ func TestOverridesShadowOnlyServiceMethods(t *testing.T) {
 		{(*leader.Lease)(nil), (*pb.LeaseServer)(nil), nil},
 		{(*lease.Lease)(nil), (*pb.LeaseServer)(nil), []string{"Close"}},
 		{(*watch.Watch)(nil), (*pb.WatchServer)(nil), []string{"Close"}},
+		{(*kvcache.KV)(nil), (*pb.KVServer)(nil), []string{"Close"}},
+		{(*kvcache.Lease)(nil), (*pb.LeaseServer)(nil), nil},
 	} {
 		o, s := reflect.TypeOf(tc.override), reflect.TypeOf(tc.service).Elem()
 		allowed := map[string]bool{}

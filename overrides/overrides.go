@@ -4,7 +4,10 @@
 package overrides
 
 import (
+	"sync"
+
 	"github.com/etcdproxy/etcdproxy/gen"
+	"github.com/etcdproxy/etcdproxy/overrides/kvcache"
 	"github.com/etcdproxy/etcdproxy/overrides/leader"
 	"github.com/etcdproxy/etcdproxy/overrides/lease"
 	"github.com/etcdproxy/etcdproxy/overrides/watch"
@@ -22,6 +25,8 @@ type Deps struct {
 	Leader leader.Options
 	// Watch tunes the watch coalescer.
 	Watch watch.Options
+	// KVCache configures the cache of serializable reads; MaxBytes 0 turns it off.
+	KVCache kvcache.Options
 }
 
 // Set is what the overrides add to the proxy besides replaced services.
@@ -32,14 +37,17 @@ type Set struct {
 	Unary  []grpc.UnaryServerInterceptor
 	Stream []grpc.StreamServerInterceptor
 
-	closers []func()
+	closers   []func()
+	closeOnce sync.Once
 }
 
-// Close stops what the overrides started, last started first.
+// Close stops what the overrides started, last started first. Calls after the first do nothing.
 func (s *Set) Close() {
-	for i := len(s.closers) - 1; i >= 0; i-- {
-		s.closers[i]()
-	}
+	s.closeOnce.Do(func() {
+		for i := len(s.closers) - 1; i >= 0; i-- {
+			s.closers[i]()
+		}
+	})
 }
 
 // Apply replaces services of s with their overrides, one line each, innermost first.
@@ -59,6 +67,12 @@ func Apply(s *gen.Services, d Deps) *Set {
 	coalescer := watch.New(s.Watch, cc, d.Logger.Named("watch"), d.Watch)
 	set.closers = append(set.closers, coalescer.Close)
 	s.Watch = coalescer
+	if d.KVCache.MaxBytes > 0 {
+		cache := kvcache.New(s.KV, cc, d.Logger.Named("kvcache"), d.KVCache)
+		set.closers = append(set.closers, cache.Close)
+		s.KV = cache
+		s.Lease = kvcache.NewLease(s.Lease, cache)
+	}
 
 	return set
 }

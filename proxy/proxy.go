@@ -14,6 +14,7 @@ import (
 
 	"github.com/etcdproxy/etcdproxy/gen"
 	"github.com/etcdproxy/etcdproxy/overrides"
+	"github.com/etcdproxy/etcdproxy/overrides/kvcache"
 	"github.com/etcdproxy/etcdproxy/overrides/leader"
 	"github.com/etcdproxy/etcdproxy/overrides/watch"
 	"github.com/soheilhy/cmux"
@@ -50,6 +51,8 @@ type Config struct {
 	Leader leader.Options
 	// Watch tunes the watch coalescer; the zero value is the production setting.
 	Watch watch.Options
+	// KVCache configures the cache of serializable reads; the zero value turns it off.
+	KVCache kvcache.Options
 	// EnablePprof serves /debug/pprof/ on the HTTP endpoints.
 	EnablePprof bool
 }
@@ -90,7 +93,8 @@ func New(cfg Config) *Proxy {
 	p := &Proxy{logger: lg}
 	p.closing, p.endStreams = context.WithCancel(context.Background())
 	services := gen.NewServices(cfg.Upstream.ActiveConnection())
-	p.overrides = overrides.Apply(services, overrides.Deps{Upstream: cfg.Upstream, Logger: lg, Leader: cfg.Leader, Watch: cfg.Watch})
+	p.overrides = overrides.Apply(services, overrides.Deps{Upstream: cfg.Upstream, Logger: lg, Leader: cfg.Leader, Watch: cfg.Watch,
+		KVCache: cfg.KVCache})
 	opts := []grpc.ServerOption{
 		grpc.MaxRecvMsgSize(orMax(cfg.MaxRecvBytes)),
 		grpc.MaxSendMsgSize(orMax(cfg.MaxSendBytes)),

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/etcdproxy/etcdproxy/internal/embedetcd"
+	"github.com/etcdproxy/etcdproxy/overrides/kvcache"
 	"github.com/etcdproxy/etcdproxy/proxy"
 	"github.com/spf13/cobra"
 	"go.etcd.io/etcd/client/pkg/v3/transport"
@@ -44,8 +45,10 @@ type startFlags struct {
 	cert, key, cacert     string
 	insecureSkipTLSVerify bool
 
-	metricsAddr string
-	enablePprof bool
+	kvCacheBytes int64
+	kvCacheTTL   time.Duration
+	metricsAddr  string
+	enablePprof  bool
 
 	embeddedEtcd          bool
 	embeddedEtcdClientURL string
@@ -91,6 +94,8 @@ one command gives a working endpoint, for trying it out and for development.`,
 	fs.StringVar(&f.key, "key", "", "identify secure connections with etcd servers using this TLS key file")
 	fs.StringVar(&f.cacert, "cacert", "", "verify certificates of TLS-enabled secure etcd servers using this CA bundle")
 	fs.BoolVar(&f.insecureSkipTLSVerify, "insecure-skip-tls-verify", false, "skip authentication of etcd server TLS certificates (CAUTION: for testing only)")
+	fs.Int64Var(&f.kvCacheBytes, "kv-cache-bytes", 64<<20, "size of the cache of serializable reads, in bytes of cached responses; 0 turns the cache off")
+	fs.DurationVar(&f.kvCacheTTL, "kv-cache-ttl", 30*time.Second, "longest life of a cached read; the cache is kept coherent by a watch, this is a backstop")
 	fs.StringVar(&f.metricsAddr, "metrics-addr", "", "also serve /metrics and /health (and /debug/pprof with --enable-pprof) on this address; they are always served on --listen-addr too")
 	fs.BoolVar(&f.enablePprof, "enable-pprof", false, "serve runtime profiling data at /debug/pprof/")
 	fs.BoolVar(&f.embeddedEtcd, "embedded-etcd", false, "start a single-member etcd in --data-dir on loopback and proxy to it")
@@ -151,6 +156,7 @@ func runStart(f *startFlags) error {
 		KeepaliveInterval:    f.grpcKeepAliveInterval,
 		KeepaliveTimeout:     f.grpcKeepAliveTimeout,
 		EnablePprof:          f.enablePprof,
+		KVCache:              kvcache.Options{MaxBytes: f.kvCacheBytes, TTL: f.kvCacheTTL},
 	})
 	l, err := net.Listen("tcp", f.listenAddr)
 	if err != nil {

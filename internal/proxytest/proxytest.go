@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/etcdproxy/etcdproxy/internal/embedetcd"
+	"github.com/etcdproxy/etcdproxy/overrides/kvcache"
 	"github.com/etcdproxy/etcdproxy/proxy"
 	"github.com/prometheus/client_golang/prometheus"
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -28,6 +29,8 @@ type Options struct {
 	Proxy func(*proxy.Config)
 	// Upstream picks the endpoints the proxy connects to; nil means every member.
 	Upstream func(*embedetcd.Cluster) []string
+	// BeforeProxy, if set, runs once the cluster serves and before the proxy starts.
+	BeforeProxy func(*embedetcd.Cluster)
 }
 
 // Env is a running etcd cluster with an etcdproxy in front of it.
@@ -50,6 +53,9 @@ func Start(t testing.TB, o Options) *Env {
 	}
 	t.Cleanup(c.Close)
 	e := &Env{Cluster: c}
+	if o.BeforeProxy != nil {
+		o.BeforeProxy(c)
+	}
 	endpoints := c.Endpoints()
 	if o.Upstream != nil {
 		endpoints = o.Upstream(c)
@@ -59,7 +65,8 @@ func Start(t testing.TB, o Options) *Env {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { e.Upstream.Close() })
-	cfg := proxy.Config{Upstream: e.Upstream}
+	// The proxy as etcdproxy start runs it: the read cache on, with its command-line defaults.
+	cfg := proxy.Config{Upstream: e.Upstream, KVCache: kvcache.Options{MaxBytes: 64 << 20}}
 	if o.Proxy != nil {
 		o.Proxy(&cfg)
 	}

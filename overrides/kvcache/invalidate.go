@@ -1,0 +1,214 @@
+package kvcache
+
+import (
+	"context"
+	"errors"
+	"io"
+	"sync"
+	"time"
+
+	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/metadata"
+)
+
+// invalidator keeps the cache coherent with one upstream watch over the whole keyspace: every event deletes the
+// entries whose range holds its key. Decision (measured in BENCHMARKS.md, written down in overrides/README.md):
+// a keyspace-wide watch rather than one watch per cached range. It costs etcd one watcher and the proxy one
+// event per write, whatever is cached, and it is exact: nothing has to be re-watched when the set of cached
+// ranges changes, and there is no window in which a newly cached range is not yet watched.
+//
+// The watch is require-leader: a member that loses the cluster ends it. Whenever the watch is not live the cache
+// is flushed and serves nothing; each (re)start begins a new generation, and entries of an older generation are
+// never served.
+type invalidator struct {
+	watch  pb.WatchClient
+	kv     *KV
+	logger *zap.Logger
+	ctx    context.Context
+	cancel context.CancelFunc
+	done   chan struct{}
+
+	// mu protects live, gen, pos and advanced, and orders invalidations against stores.
+	mu       sync.Mutex
+	live     bool
+	gen      uint64
+	pos      int64         // every write up to pos has been applied to the cache
+	advanced chan struct{} // closed (and replaced) whenever pos advances or the watch stops
+}
+
+func newInvalidator(cc grpc.ClientConnInterface, kv *KV, lg *zap.Logger) *invalidator {
+	inv := &invalidator{watch: pb.NewWatchClient(cc), kv: kv, logger: lg, done: make(chan struct{}),
+		advanced: make(chan struct{})}
+	inv.ctx, inv.cancel = context.WithCancel(context.Background())
+	return inv
+}
+
+func (inv *invalidator) stop() {
+	inv.cancel()
+	<-inv.done
+}
+
+// state returns the current generation and whether the cache may serve.
+func (inv *invalidator) state() (uint64, bool) {
+	inv.mu.Lock()
+	defer inv.mu.Unlock()
+	return inv.gen, inv.live
+}
+
+// store runs put (which stores e) unless a write newer than rev (the revision e was read at) has been applied, or
+// the generation has changed: then e may already be stale and is dropped.
+func (inv *invalidator) store(e *entry, rev int64, put func()) {
+	inv.mu.Lock()
+	defer inv.mu.Unlock()
+	if !inv.live || e.gen != inv.gen || rev < inv.pos {
+		return
+	}
+	put()
+	entries.Set(float64(inv.kv.cache.ItemCount()))
+}
+
+// await returns once every write up to rev has been applied to the cache. If that takes longer than the
+// configured wait (or ctx ends first), it flushes the cache instead, so that the caller still reads its write.
+func (inv *invalidator) await(ctx context.Context, rev int64) {
+	start := time.Now()
+	timer := time.NewTimer(inv.kv.opts.WriteWait)
+	defer timer.Stop()
+	for {
+		inv.mu.Lock()
+		if !inv.live || inv.pos >= rev {
+			inv.mu.Unlock()
+			writeWait.Observe(time.Since(start).Seconds())
+			return
+		}
+		advanced := inv.advanced
+		inv.mu.Unlock()
+		select {
+		case <-advanced:
+		case <-timer.C:
+			inv.flush("a write through the proxy was not seen by the invalidation watch in time")
+			return
+		case <-ctx.Done():
+			inv.flush("a write's caller gave up before the invalidation watch saw it")
+			return
+		}
+	}
+}
+
+// flush drops every entry and starts a new generation.
+func (inv *invalidator) flush(why string) {
+	inv.mu.Lock()
+	defer inv.mu.Unlock()
+	inv.flushLocked()
+	flushes.Inc()
+	inv.logger.Debug("kv cache flushed", zap.String("reason", why))
+}
+
+func (inv *invalidator) flushLocked() {
+	inv.gen++
+	inv.kv.cache.Clear()
+	inv.kv.index.clear()
+	entries.Set(0)
+}
+
+// setLive marks the watch live from revision pos on (a new generation), or not live.
+func (inv *invalidator) setLive(live bool, pos int64) {
+	inv.mu.Lock()
+	defer inv.mu.Unlock()
+	inv.flushLocked()
+	inv.live, inv.pos = live, pos
+	close(inv.advanced)
+	inv.advanced = make(chan struct{})
+	if live {
+		cacheLive.Set(1)
+	} else {
+		cacheLive.Set(0)
+	}
+}
+
+// apply invalidates the keys of an upstream response and advances pos.
+func (inv *invalidator) apply(resp *pb.WatchResponse) {
+	inv.mu.Lock()
+	defer inv.mu.Unlock()
+	rev := resp.Header.GetRevision()
+	for _, ev := range resp.Events {
+		for _, e := range inv.kv.index.covering(string(ev.Kv.Key)) {
+			inv.kv.cache.Delete(e.key)
+			invalidations.Inc()
+		}
+		rev = max(rev, ev.Kv.ModRevision)
+	}
+	if rev > inv.pos {
+		inv.pos = rev
+		close(inv.advanced)
+		inv.advanced = make(chan struct{})
+	}
+	entries.Set(float64(inv.kv.cache.ItemCount()))
+}
+
+func (inv *invalidator) run() {
+	defer close(inv.done)
+	backoff := retryMin
+	for inv.ctx.Err() == nil {
+		start := time.Now()
+		err := inv.once()
+		inv.setLive(false, 0)
+		if inv.ctx.Err() != nil {
+			return
+		}
+		inv.logger.Warn("kv cache invalidation watch ended; the cache serves nothing until it is back", zap.Error(err))
+		if time.Since(start) > retryMax {
+			backoff = retryMin
+		}
+		select {
+		case <-inv.ctx.Done():
+			return
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, retryMax)
+	}
+}
+
+const (
+	retryMin = 100 * time.Millisecond
+	retryMax = 10 * time.Second
+)
+
+var errRefused = errors.New("etcd refused the keyspace watch (with auth enabled the proxy needs read permission on every key)")
+
+// once runs one invalidation watch until it fails.
+func (inv *invalidator) once() error {
+	ctx, cancel := context.WithCancel(inv.ctx)
+	defer cancel()
+	ctx = metadata.AppendToOutgoingContext(ctx, rpctypes.MetadataRequireLeaderKey, rpctypes.MetadataHasLeader)
+	ws, err := inv.watch.Watch(ctx)
+	if err != nil {
+		return err
+	}
+	if err := ws.Send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{CreateRequest: &pb.WatchCreateRequest{
+		Key: []byte{0}, RangeEnd: []byte{0}, ProgressNotify: true}}}); err != nil {
+		return err
+	}
+	for {
+		resp, err := ws.Recv()
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				err = errors.New("watch stream closed")
+			}
+			return err
+		}
+		switch {
+		case resp.Created && resp.Canceled:
+			return errRefused
+		case resp.Created:
+			// Events after the created revision are applied from here on: live from it.
+			inv.setLive(true, resp.Header.GetRevision())
+		case resp.Canceled:
+			return errors.New("etcd cancelled the invalidation watch: " + resp.CancelReason)
+		default:
+			inv.apply(resp)
+		}
+	}
+}

@@ -1,0 +1,190 @@
+// Package kvcache overrides KV with a coherent cache of serializable reads (github.com/karlseguin/ccache/v3).
+//
+// Replaces: Range (serializable, current revision: served from the cache when it can vouch for an entry), Put,
+// DeleteRange, Txn and Lease.LeaseRevoke (forwarded, then held until the cache has seen their revision, so a client
+// reads its own writes through this proxy). RangeStream and Compact fall through untouched.
+//
+// Guarantees:
+//   - Linearizable reads always go to etcd; so do reads at a historical revision (revision > 0), whose answer
+//     depends on compaction, which the proxy would otherwise have to track: etcd answers them, compacted error
+//     included, and a compaction never stops current-revision reads from being cached.
+//   - Coherence: one keyspace-wide upstream watch (invalidate.go) invalidates every entry whose range holds a key
+//     written anywhere, through this proxy or not. While that watch is not live (startup, reconnect, leader loss,
+//     no permission to watch), the cache serves nothing and stores nothing. A response is stored only if no write
+//     the cache has seen is newer than it, so a fill racing a write cannot store a stale answer. TTL is a backstop.
+//   - No client gets an answer its credentials would not get from etcd: the caller's token and authorization
+//     metadata are part of the cache key.
+//   - A cached response is shared, never mutated.
+package kvcache
+
+import (
+	"context"
+	"time"
+
+	"github.com/etcdproxy/etcdproxy/overrides/internal/shared"
+	"github.com/karlseguin/ccache/v3"
+	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/protobuf/proto"
+)
+
+// Options configure the cache.
+type Options struct {
+	// MaxBytes bounds the cache (the encoded size of the cached responses plus their keys); 0 disables it.
+	MaxBytes int64
+	// TTL bounds the life of an entry whatever the invalidation watch says; 0 means 30s.
+	TTL time.Duration
+	// WriteWait bounds how long a write through the proxy waits for the invalidation watch to reach its revision
+	// before the cache is flushed instead; 0 means 1s.
+	WriteWait time.Duration
+}
+
+// KV is the caching override of the KV service.
+type KV struct {
+	pb.KVServer
+	opts   Options
+	cache  *ccache.Cache[*entry]
+	index  *index
+	watch  *invalidator
+	logger *zap.Logger
+}
+
+// New wraps base. The invalidation watch runs on cc until Close.
+func New(base pb.KVServer, cc grpc.ClientConnInterface, lg *zap.Logger, opts Options) *KV {
+	if opts.TTL <= 0 {
+		opts.TTL = 30 * time.Second
+	}
+	if opts.WriteWait <= 0 {
+		opts.WriteWait = time.Second
+	}
+	k := &KV{KVServer: base, opts: opts, logger: lg, index: newIndex()}
+	k.cache = ccache.New(ccache.Configure[*entry]().MaxSize(opts.MaxBytes).OnDelete(k.index.evicted))
+	k.watch = newInvalidator(cc, k, lg)
+	go k.watch.run()
+	return k
+}
+
+// Close stops the invalidation watch and the cache.
+func (k *KV) Close() {
+	k.watch.stop()
+	k.cache.Stop()
+}
+
+// entry is a cached response.
+type entry struct {
+	key   string // the cache key
+	resp  *pb.RangeResponse
+	start string // the request's range: [start, end), end "" for a single key, "\x00" for every key from start
+	end   string
+	gen   uint64 // the invalidator's generation when stored
+	size  int64
+}
+
+// Size is the entry's weight against MaxBytes.
+func (e *entry) Size() int64 { return e.size }
+
+// cacheKey identifies a request and the credentials it is made with.
+func cacheKey(ctx context.Context, req *pb.RangeRequest) (string, bool) {
+	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(req)
+	if err != nil {
+		return "", false
+	}
+	c := shared.CredsOf(ctx)
+	return c.Token + "\x00" + c.Authorization + "\x00" + string(b), true
+}
+
+// cacheable reports whether req may be answered from the cache: a serializable read at the current revision.
+func cacheable(req *pb.RangeRequest) bool {
+	return req.Serializable && req.Revision == 0
+}
+
+// Range serves serializable current-revision reads from the cache when it can vouch for the entry.
+func (k *KV) Range(ctx context.Context, req *pb.RangeRequest) (*pb.RangeResponse, error) {
+	if !cacheable(req) {
+		return k.KVServer.Range(ctx, req)
+	}
+	key, ok := cacheKey(ctx, req)
+	if !ok {
+		return k.KVServer.Range(ctx, req)
+	}
+	gen, live := k.watch.state()
+	if live {
+		if item := k.cache.Get(key); item != nil && !item.Expired() && item.Value().gen == gen {
+			hits.Inc()
+			return item.Value().resp, nil
+		}
+	}
+	misses.Inc()
+	resp, err := k.KVServer.Range(ctx, req)
+	if err != nil || !live {
+		return resp, err
+	}
+	e := &entry{key: key, resp: resp, start: string(req.Key), end: string(req.RangeEnd), gen: gen,
+		size: int64(proto.Size(resp) + len(key))}
+	k.watch.store(e, resp.Header.GetRevision(), func() {
+		k.cache.Set(key, e, k.opts.TTL)
+		k.index.add(e)
+	})
+	return resp, nil
+}
+
+// Put forwards the write and returns once the cache has seen it.
+func (k *KV) Put(ctx context.Context, req *pb.PutRequest) (*pb.PutResponse, error) {
+	resp, err := k.KVServer.Put(ctx, req)
+	if err == nil {
+		k.watch.await(ctx, resp.Header.GetRevision())
+	}
+	return resp, err
+}
+
+// DeleteRange forwards the write and returns once the cache has seen it.
+func (k *KV) DeleteRange(ctx context.Context, req *pb.DeleteRangeRequest) (*pb.DeleteRangeResponse, error) {
+	resp, err := k.KVServer.DeleteRange(ctx, req)
+	if err == nil {
+		k.watch.await(ctx, resp.Header.GetRevision())
+	}
+	return resp, err
+}
+
+// Txn forwards the transaction; one that wrote (in either branch, at any depth) returns once the cache has seen it.
+func (k *KV) Txn(ctx context.Context, req *pb.TxnRequest) (*pb.TxnResponse, error) {
+	resp, err := k.KVServer.Txn(ctx, req)
+	if err == nil && writes(req) {
+		k.watch.await(ctx, resp.Header.GetRevision())
+	}
+	return resp, err
+}
+
+// writes reports whether a Txn may write: any Put or DeleteRange in either branch, nested Txns included.
+func writes(r *pb.TxnRequest) bool {
+	for _, ops := range [][]*pb.RequestOp{r.Success, r.Failure} {
+		for _, op := range ops {
+			switch {
+			case op.GetRequestPut() != nil, op.GetRequestDeleteRange() != nil:
+				return true
+			case op.GetRequestTxn() != nil && writes(op.GetRequestTxn()):
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// Lease holds LeaseRevoke until the cache has seen the deletion of the lease's keys.
+type Lease struct {
+	pb.LeaseServer
+	kv *KV
+}
+
+// NewLease wraps base; kv is the cache to keep coherent.
+func NewLease(base pb.LeaseServer, kv *KV) *Lease { return &Lease{LeaseServer: base, kv: kv} }
+
+// LeaseRevoke forwards the call and returns once the cache has seen its revision.
+func (l *Lease) LeaseRevoke(ctx context.Context, req *pb.LeaseRevokeRequest) (*pb.LeaseRevokeResponse, error) {
+	resp, err := l.LeaseServer.LeaseRevoke(ctx, req)
+	if err == nil {
+		l.kv.watch.await(ctx, resp.Header.GetRevision())
+	}
+	return resp, err
+}

@@ -1,0 +1,289 @@
+package kvcache_test
+
+import (
+	"context"
+	"fmt"
+	"reflect"
+	"slices"
+	"sort"
+	"testing"
+	"time"
+
+	"github.com/etcdproxy/etcdproxy/internal/embedetcd"
+	"github.com/etcdproxy/etcdproxy/internal/proxytest"
+	"go.etcd.io/etcd/api/v3/authpb"
+	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
+	"go.uber.org/goleak"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m, proxytest.LeakOptions()...) }
+
+func timeout(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func hits(t *testing.T) float64 { return proxytest.Gauge(t, "etcdproxy_kvcache_hits_total") }
+
+func put(t *testing.T, ctx context.Context, cc *grpc.ClientConn, key, value string) *pb.PutResponse {
+	t.Helper()
+	r, err := pb.NewKVClient(cc).Put(ctx, &pb.PutRequest{Key: []byte(key), Value: []byte(value)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+func get(t *testing.T, ctx context.Context, cc *grpc.ClientConn, req *pb.RangeRequest) *pb.RangeResponse {
+	t.Helper()
+	r, err := pb.NewKVClient(cc).Range(ctx, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+func value(r *pb.RangeResponse) string {
+	if len(r.Kvs) == 0 {
+		return "<none>"
+	}
+	return string(r.Kvs[0].Value)
+}
+
+// TestReviewedKVMethods lists every KV method this cache has reviewed for coherence. A KV method added by a new
+// etcd (a new way to write) fails it until the cache handles it.
+func TestReviewedKVMethods(t *testing.T) {
+	reviewed := []string{"Compact", "DeleteRange", "Put", "Range", "RangeStream", "Txn"}
+	var got []string
+	kv := reflect.TypeOf((*pb.KVServer)(nil)).Elem()
+	for i := 0; i < kv.NumMethod(); i++ {
+		if m := kv.Method(i); m.IsExported() {
+			got = append(got, m.Name)
+		}
+	}
+	sort.Strings(got)
+	if !slices.Equal(got, reviewed) {
+		t.Errorf("etcdserverpb.KV has %v; the cache has reviewed %v: check that every new method that writes keeps the cache coherent", got, reviewed)
+	}
+}
+
+// TestHitsMatchEtcd: a repeated serializable read is served from the cache and equals etcd's answer; linearizable
+// reads and reads at a revision always go to etcd.
+func TestHitsMatchEtcd(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{})
+	ctx := timeout(t, 30*time.Second)
+	put(t, ctx, e.Direct, "k", "v1")
+	req := &pb.RangeRequest{Key: []byte("k"), Serializable: true}
+	first := get(t, ctx, e.Via, req)
+	base := hits(t)
+	second := get(t, ctx, e.Via, req)
+	if hits(t) != base+1 {
+		t.Fatalf("hits went from %v to %v: the second serializable read was not served from the cache", base, hits(t))
+	}
+	direct := get(t, ctx, e.Direct, req)
+	if !proto.Equal(first, second) || !proto.Equal(second, direct) {
+		t.Errorf("cached %v, first %v, etcd %v", second, first, direct)
+	}
+	for _, r := range []*pb.RangeRequest{{Key: []byte("k")}, {Key: []byte("k"), Serializable: true, Revision: 2}} {
+		before := hits(t)
+		get(t, ctx, e.Via, r)
+		get(t, ctx, e.Via, r)
+		if hits(t) != before {
+			t.Errorf("%v was served from the cache", r)
+		}
+	}
+}
+
+// TestWritesElsewhereInvalidate: a write made straight to etcd (not through this proxy) reaches serializable reads
+// through the proxy within a bound; etcd's grpc-proxy stays stale indefinitely. The staleness is measured.
+func TestWritesElsewhereInvalidate(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{})
+	ctx := timeout(t, 60*time.Second)
+	req := &pb.RangeRequest{Key: []byte("s"), Serializable: true}
+	var lags []time.Duration
+	for i := 0; i < 100; i++ {
+		want := fmt.Sprint(i)
+		get(t, ctx, e.Via, req) // cache the old value
+		get(t, ctx, e.Via, req)
+		put(t, ctx, e.Direct, "s", want)
+		acked := time.Now()
+		proxytest.Eventually(t, 2*time.Second, func() bool { return value(get(t, ctx, e.Via, req)) == want },
+			"write %d not visible through the proxy 2s after etcd acknowledged it", i)
+		lags = append(lags, time.Since(acked))
+	}
+	slices.Sort(lags)
+	t.Logf("staleness after a write elsewhere: p50 %v, p99 %v, max %v (bound asserted: 2s)", lags[50], lags[98], lags[99])
+}
+
+// TestWritesThroughProxy: a write through the proxy is visible to the next read through it, whatever it is:
+// Put, DeleteRange, a nested Txn writing in its failure branch, LeaseRevoke of a lease with keys; and entries
+// cached for a range ending in "\x00" are invalidated too (etcd's grpc-proxy misses all three of the last).
+func TestWritesThroughProxy(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{})
+	ctx := timeout(t, 30*time.Second)
+	kv := pb.NewKVClient(e.Via)
+	single := &pb.RangeRequest{Key: []byte("w/a"), Serializable: true}
+	fromKey := &pb.RangeRequest{Key: []byte("w/"), RangeEnd: []byte{0}, Serializable: true}
+	warm := func() {
+		get(t, ctx, e.Via, single)
+		get(t, ctx, e.Via, fromKey)
+	}
+	check := func(what, want string, wantCount int64) {
+		t.Helper()
+		if got := value(get(t, ctx, e.Via, single)); got != want {
+			t.Errorf("after %s: w/a = %s, want %s", what, got, want)
+		}
+		if got := get(t, ctx, e.Via, fromKey).Count; got != wantCount {
+			t.Errorf("after %s: %d keys from w/, want %d", what, got, wantCount)
+		}
+	}
+	warm()
+	put(t, ctx, e.Via, "w/a", "1")
+	check("a Put", "1", 1)
+
+	warm()
+	nested := &pb.TxnRequest{
+		Compare: []*pb.Compare{{Key: []byte("w/a"), Target: pb.Compare_VALUE, Result: pb.Compare_EQUAL,
+			TargetUnion: &pb.Compare_Value{Value: []byte("no")}}},
+		Failure: []*pb.RequestOp{{Request: &pb.RequestOp_RequestTxn{RequestTxn: &pb.TxnRequest{
+			Success: []*pb.RequestOp{
+				{Request: &pb.RequestOp_RequestPut{RequestPut: &pb.PutRequest{Key: []byte("w/a"), Value: []byte("2")}}},
+				{Request: &pb.RequestOp_RequestPut{RequestPut: &pb.PutRequest{Key: []byte("w/b"), Value: []byte("2")}}},
+			}}}}},
+	}
+	if _, err := kv.Txn(ctx, nested); err != nil {
+		t.Fatal(err)
+	}
+	check("a nested Txn", "2", 2)
+
+	lease, err := pb.NewLeaseClient(e.Via).LeaseGrant(ctx, &pb.LeaseGrantRequest{TTL: 60})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kv.Put(ctx, &pb.PutRequest{Key: []byte("w/c"), Value: []byte("3"), Lease: lease.ID}); err != nil {
+		t.Fatal(err)
+	}
+	warm()
+	check("a Put with a lease", "2", 3)
+	if _, err := pb.NewLeaseClient(e.Via).LeaseRevoke(ctx, &pb.LeaseRevokeRequest{ID: lease.ID}); err != nil {
+		t.Fatal(err)
+	}
+	check("LeaseRevoke", "2", 2)
+
+	warm()
+	if _, err := kv.DeleteRange(ctx, &pb.DeleteRangeRequest{Key: []byte("w/"), RangeEnd: []byte("w0")}); err != nil {
+		t.Fatal(err)
+	}
+	check("a DeleteRange", "<none>", 0)
+}
+
+// TestCompaction: after a compaction, current-revision reads are still cached (etcd's grpc-proxy stops caching
+// them for good), and a read at a compacted revision gets etcd's compacted error.
+func TestCompaction(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{})
+	ctx := timeout(t, 30*time.Second)
+	for i := 0; i < 5; i++ {
+		put(t, ctx, e.Direct, "c", fmt.Sprint(i))
+	}
+	if _, err := pb.NewKVClient(e.Via).Compact(ctx, &pb.CompactionRequest{Revision: 4}); err != nil {
+		t.Fatal(err)
+	}
+	req := &pb.RangeRequest{Key: []byte("c"), Serializable: true}
+	get(t, ctx, e.Via, req)
+	base := hits(t)
+	get(t, ctx, e.Via, req)
+	if hits(t) != base+1 {
+		t.Error("a current-revision read was not cached after a compaction")
+	}
+	old := &pb.RangeRequest{Key: []byte("c"), Serializable: true, Revision: 2}
+	_, viaErr := pb.NewKVClient(e.Via).Range(ctx, old)
+	_, directErr := pb.NewKVClient(e.Direct).Range(ctx, old)
+	if directErr == nil || status.Convert(viaErr).Message() != status.Convert(directErr).Message() ||
+		status.Code(viaErr) != status.Code(directErr) {
+		t.Errorf("read at a compacted revision: direct %v, proxy %v", directErr, viaErr)
+	}
+}
+
+// enableAuth creates root, alice (who may read [a, b)) and bob (who may read nothing), enables auth on cc's
+// cluster, and puts a1.
+func enableAuth(t *testing.T, ctx context.Context, cc *grpc.ClientConn) {
+	t.Helper()
+	auth := pb.NewAuthClient(cc)
+	must := func(_ any, err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	put(t, ctx, cc, "a1", "secret")
+	must(auth.UserAdd(ctx, &pb.AuthUserAddRequest{Name: "root", Password: "r"}))
+	must(auth.UserGrantRole(ctx, &pb.AuthUserGrantRoleRequest{User: "root", Role: "root"}))
+	for _, u := range []string{"alice", "bob"} {
+		must(auth.UserAdd(ctx, &pb.AuthUserAddRequest{Name: u, Password: u}))
+	}
+	must(auth.RoleAdd(ctx, &pb.AuthRoleAddRequest{Name: "reader"}))
+	must(auth.RoleGrantPermission(ctx, &pb.AuthRoleGrantPermissionRequest{Name: "reader",
+		Perm: &authpb.Permission{PermType: authpb.READ, Key: []byte("a"), RangeEnd: []byte("b")}}))
+	must(auth.UserGrantRole(ctx, &pb.AuthUserGrantRoleRequest{User: "alice", Role: "reader"}))
+	must(auth.AuthEnable(ctx, &pb.AuthEnableRequest{}))
+}
+
+func as(t *testing.T, ctx context.Context, cc *grpc.ClientConn, user string) context.Context {
+	t.Helper()
+	r, err := pb.NewAuthClient(cc).Authenticate(ctx, &pb.AuthenticateRequest{Name: user, Password: user})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return metadata.AppendToOutgoingContext(ctx, "token", r.Token)
+}
+
+// TestCredentials: the cache never hands one user's answer to another (etcd's grpc-proxy's cache key ignores the
+// token): alice's read is cached for alice, and bob, who may not read the key, gets etcd's refusal every time.
+func TestCredentials(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{})
+	ctx := timeout(t, 30*time.Second)
+	enableAuth(t, ctx, e.Direct)
+	req := &pb.RangeRequest{Key: []byte("a1"), Serializable: true}
+	alice, bob := as(t, ctx, e.Via, "alice"), as(t, ctx, e.Via, "bob")
+	base := hits(t)
+	for i := 0; i < 3; i++ {
+		r, err := pb.NewKVClient(e.Via).Range(alice, req)
+		if err != nil || value(r) != "secret" {
+			t.Fatalf("alice: %v, %v", r, err)
+		}
+		_, viaErr := pb.NewKVClient(e.Via).Range(bob, req)
+		_, directErr := pb.NewKVClient(e.Direct).Range(as(t, ctx, e.Direct, "bob"), req)
+		if directErr == nil || status.Convert(viaErr).Message() != status.Convert(directErr).Message() {
+			t.Fatalf("bob through the proxy: %v; directly: %v", viaErr, directErr)
+		}
+	}
+	if hits(t) != base+2 {
+		t.Errorf("%v hits, want alice's 2 repeated reads", hits(t)-base)
+	}
+}
+
+// TestNoWatchNoCache: with auth on and no credentials of its own, the proxy cannot watch the keyspace; the cache
+// then serves nothing rather than answers it cannot vouch for.
+func TestNoWatchNoCache(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{BeforeProxy: func(c *embedetcd.Cluster) {
+		cc := proxytest.Conn(t, c.Members[0].ClientURL)
+		enableAuth(t, timeout(t, 30*time.Second), cc)
+	}})
+	ctx := timeout(t, 30*time.Second)
+	alice := as(t, ctx, e.Via, "alice")
+	base := hits(t)
+	for i := 0; i < 3; i++ {
+		r, err := pb.NewKVClient(e.Via).Range(alice, &pb.RangeRequest{Key: []byte("a1"), Serializable: true})
+		if err != nil || value(r) != "secret" {
+			t.Fatalf("alice: %v, %v", r, err)
+		}
+	}
+	if hits(t) != base {
+		t.Errorf("the cache served %v hits while it could not watch the keyspace", hits(t)-base)
+	}
+}

@@ -1,0 +1,39 @@
+package kvcache
+
+import "github.com/prometheus/client_golang/prometheus"
+
+var (
+	hits = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "etcdproxy", Subsystem: "kvcache", Name: "hits_total",
+		Help: "Serializable Range requests answered from the cache.",
+	})
+	misses = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "etcdproxy", Subsystem: "kvcache", Name: "misses_total",
+		Help: "Cacheable Range requests forwarded to etcd (not cached, expired, invalidated, or the cache not live).",
+	})
+	invalidations = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "etcdproxy", Subsystem: "kvcache", Name: "invalidations_total",
+		Help: "Entries dropped because a key in their range was written (seen by the invalidation watch).",
+	})
+	flushes = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "etcdproxy", Subsystem: "kvcache", Name: "flushes_total",
+		Help: "Whole-cache flushes because a write through the proxy was not seen in time.",
+	})
+	entries = prometheus.NewGauge(prometheus.GaugeOpts{
+		Namespace: "etcdproxy", Subsystem: "kvcache", Name: "entries",
+		Help: "Entries in the cache.",
+	})
+	cacheLive = prometheus.NewGauge(prometheus.GaugeOpts{
+		Namespace: "etcdproxy", Subsystem: "kvcache", Name: "live",
+		Help: "1 while the invalidation watch is live and the cache may serve.",
+	})
+	writeWait = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Namespace: "etcdproxy", Subsystem: "kvcache", Name: "write_wait_seconds",
+		Help:    "Time a write through the proxy waited for the invalidation watch to see it: the staleness window of the cache.",
+		Buckets: prometheus.ExponentialBuckets(0.00005, 2, 16),
+	})
+)
+
+func init() {
+	prometheus.MustRegister(hits, misses, invalidations, flushes, entries, cacheLive, writeWait)
+}
