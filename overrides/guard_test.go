@@ -4,8 +4,8 @@ import (
 	"reflect"
 	"testing"
 
-	"github.com/etcdproxy/etcdproxy/overrides/leader"
 	"github.com/etcdproxy/etcdproxy/overrides/kvcache"
+	"github.com/etcdproxy/etcdproxy/overrides/leader"
 	"github.com/etcdproxy/etcdproxy/overrides/lease"
 	"github.com/etcdproxy/etcdproxy/overrides/watch"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
