@@ -20,6 +20,7 @@ run: build
 test:
 	$(GO) vet ./...
 	$(GO) test -race -count=1 -timeout 15m ./...
+	cd tools && $(GO) test -count=1 ./apidiff
 
 ## generate: rebuild gen/ from the etcd API pinned in go.mod with buf and protoc-gen-etcdproxy (offline).
 generate:
@@ -39,6 +40,11 @@ bench-quick: build etcd-bin
 ## etcd-bin: etcd itself (server and `etcd grpc-proxy`) at the version pinned in go.mod, for the benchmark.
 etcd-bin:
 	$(GO) build -o $(BUILD)/etcd go.etcd.io/etcd/server/v3
+
+## api-diff: the RPCs and message fields added or removed between the etcd API pinned in go.mod and OTHER.
+OTHER ?= v3.6.5
+api-diff:
+	cd tools && $(GO) run ./apidiff -from $$(cd .. && $(GO) list -m -f '{{.Version}}' go.etcd.io/etcd/api/v3) -to $(OTHER)
 
 ## lint: gofmt, go vet, and buf's own checks of the generator's configuration.
 lint:
