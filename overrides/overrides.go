@@ -18,8 +18,11 @@ import (
 
 // Deps are the dependencies an override may take.
 type Deps struct {
-	// Upstream is the proxy's clientv3 connection to etcd.
+	// Upstream is the proxy's clientv3 connection to etcd, for client calls.
 	Upstream *clientv3.Client
+	// Internal is the connection for the proxy's own calls (leader probe, cache invalidation), with the proxy's
+	// own credentials if it has any; nil means Upstream.
+	Internal *clientv3.Client
 	Logger   *zap.Logger
 	// Leader tunes the leader tracker (tests shorten or lengthen its retry).
 	Leader leader.Options
@@ -54,8 +57,12 @@ func (s *Set) Close() {
 func Apply(s *gen.Services, d Deps) *Set {
 	set := &Set{}
 	cc := d.Upstream.ActiveConnection()
+	internal := cc
+	if d.Internal != nil {
+		internal = d.Internal.ActiveConnection()
+	}
 
-	set.Leader = leader.NewTracker(cc, d.Logger.Named("leader"), d.Leader)
+	set.Leader = leader.NewTracker(internal, d.Logger.Named("leader"), d.Leader)
 	set.closers = append(set.closers, set.Leader.Close)
 	set.Unary = append(set.Unary, set.Leader.UnaryInterceptor)
 	set.Stream = append(set.Stream, set.Leader.StreamInterceptor)
@@ -68,7 +75,7 @@ func Apply(s *gen.Services, d Deps) *Set {
 	set.closers = append(set.closers, coalescer.Close)
 	s.Watch = coalescer
 	if d.KVCache.MaxBytes > 0 {
-		cache := kvcache.New(s.KV, cc, d.Logger.Named("kvcache"), d.KVCache)
+		cache := kvcache.New(s.KV, internal, d.Logger.Named("kvcache"), d.KVCache)
 		set.closers = append(set.closers, cache.Close)
 		s.KV = cache
 		s.Lease = kvcache.NewLease(s.Lease, cache)

@@ -30,8 +30,13 @@ import (
 
 // Config configures a Proxy.
 type Config struct {
-	// Upstream is the connection to etcd. The Proxy does not close it.
+	// Upstream is the connection to etcd that client calls are forwarded on. The Proxy does not close it.
 	Upstream *clientv3.Client
+	// Internal, if set, is the connection for the proxy's own calls (the leader probe, the read cache's
+	// invalidation watch), made with credentials of the proxy's own (--user); nil means Upstream. It must be a
+	// separate client: clientv3 attaches its credentials to every call on its connection, and client calls must
+	// reach etcd with their own.
+	Internal *clientv3.Client
 	// Logger is used for the proxy's own events; nil means no logging.
 	Logger *zap.Logger
 	// MaxRecvBytes bounds a request the proxy accepts from a client; 0 means math.MaxInt32, which leaves the
@@ -93,7 +98,7 @@ func New(cfg Config) *Proxy {
 	p := &Proxy{logger: lg}
 	p.closing, p.endStreams = context.WithCancel(context.Background())
 	services := gen.NewServices(cfg.Upstream.ActiveConnection())
-	p.overrides = overrides.Apply(services, overrides.Deps{Upstream: cfg.Upstream, Logger: lg, Leader: cfg.Leader, Watch: cfg.Watch,
+	p.overrides = overrides.Apply(services, overrides.Deps{Upstream: cfg.Upstream, Internal: cfg.Internal, Logger: lg, Leader: cfg.Leader, Watch: cfg.Watch,
 		KVCache: cfg.KVCache})
 	opts := []grpc.ServerOption{
 		grpc.MaxRecvMsgSize(orMax(cfg.MaxRecvBytes)),

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -45,6 +46,8 @@ type startFlags struct {
 	cert, key, cacert     string
 	insecureSkipTLSVerify bool
 
+	user         string
+	password     string
 	kvCacheBytes int64
 	kvCacheTTL   time.Duration
 	metricsAddr  string
@@ -94,6 +97,8 @@ one command gives a working endpoint, for trying it out and for development.`,
 	fs.StringVar(&f.key, "key", "", "identify secure connections with etcd servers using this TLS key file")
 	fs.StringVar(&f.cacert, "cacert", "", "verify certificates of TLS-enabled secure etcd servers using this CA bundle")
 	fs.BoolVar(&f.insecureSkipTLSVerify, "insecure-skip-tls-verify", false, "skip authentication of etcd server TLS certificates (CAUTION: for testing only)")
+	fs.StringVar(&f.user, "user", "", "the proxy's own etcd user, as username or username:password, for its internal calls only (the read cache's keyspace watch needs read permission on every key when auth is enabled); client calls always carry the client's own credentials")
+	fs.StringVar(&f.password, "password", "", "password of --user (or give it as username:password)")
 	fs.Int64Var(&f.kvCacheBytes, "kv-cache-bytes", 64<<20, "size of the cache of serializable reads, in bytes of cached responses; 0 turns the cache off")
 	fs.DurationVar(&f.kvCacheTTL, "kv-cache-ttl", 30*time.Second, "longest life of a cached read; the cache is kept coherent by a watch, this is a backstop")
 	fs.StringVar(&f.metricsAddr, "metrics-addr", "", "also serve /metrics and /health (and /debug/pprof with --enable-pprof) on this address; they are always served on --listen-addr too")
@@ -148,8 +153,25 @@ func runStart(f *startFlags) error {
 	}
 	defer upstream.Close()
 
+	var internal *clientv3.Client
+	if f.user != "" {
+		icfg := ccfg
+		icfg.Username, icfg.Password = f.user, f.password
+		if name, pw, ok := strings.Cut(f.user, ":"); ok {
+			icfg.Username, icfg.Password = name, pw
+		}
+		if icfg.Password == "" {
+			return errors.New("--user needs a password: --password or --user=name:password")
+		}
+		if internal, err = proxy.Dial(icfg); err != nil {
+			return fmt.Errorf("connect to etcd as --user %s: %w", icfg.Username, err)
+		}
+		defer internal.Close()
+	}
+
 	p := proxy.New(proxy.Config{
 		Upstream:             upstream,
+		Internal:             internal,
 		Logger:               lg,
 		MaxConcurrentStreams: f.maxConcurrentStreams,
 		KeepaliveMinTime:     f.grpcKeepAliveMinTime,

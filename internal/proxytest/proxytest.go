@@ -31,6 +31,8 @@ type Options struct {
 	Upstream func(*embedetcd.Cluster) []string
 	// BeforeProxy, if set, runs once the cluster serves and before the proxy starts.
 	BeforeProxy func(*embedetcd.Cluster)
+	// User and Password, if set, are the proxy's own credentials for its internal calls (etcdproxy --user).
+	User, Password string
 }
 
 // Env is a running etcd cluster with an etcdproxy in front of it.
@@ -67,6 +69,15 @@ func Start(t testing.TB, o Options) *Env {
 	t.Cleanup(func() { e.Upstream.Close() })
 	// The proxy as etcdproxy start runs it: the read cache on, with its command-line defaults.
 	cfg := proxy.Config{Upstream: e.Upstream, KVCache: kvcache.Options{MaxBytes: 64 << 20}}
+	if o.User != "" {
+		internal, err := proxy.Dial(clientv3.Config{Endpoints: endpoints, DialTimeout: 5 * time.Second,
+			Username: o.User, Password: o.Password})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { internal.Close() })
+		cfg.Internal = internal
+	}
 	if o.Proxy != nil {
 		o.Proxy(&cfg)
 	}

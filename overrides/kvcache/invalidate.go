@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
@@ -31,10 +32,11 @@ type invalidator struct {
 	cancel context.CancelFunc
 	done   chan struct{}
 
-	// mu protects live, gen, pos and advanced, and orders invalidations against stores.
+	// mu protects pos and advanced, orders invalidations against stores, and is held to change live and gen,
+	// which are atomics so that the read path (state) takes no lock.
 	mu       sync.Mutex
-	live     bool
-	gen      uint64
+	live     atomic.Bool
+	gen      atomic.Uint64
 	pos      int64         // every write up to pos has been applied to the cache
 	advanced chan struct{} // closed (and replaced) whenever pos advances or the watch stops
 }
@@ -51,11 +53,11 @@ func (inv *invalidator) stop() {
 	<-inv.done
 }
 
-// state returns the current generation and whether the cache may serve.
+// state returns the current generation and whether the cache may serve. The two loads are not one atomic read:
+// a read racing the watch's failure may still be served the generation that is ending, which is a read ordered
+// just before the failure.
 func (inv *invalidator) state() (uint64, bool) {
-	inv.mu.Lock()
-	defer inv.mu.Unlock()
-	return inv.gen, inv.live
+	return inv.gen.Load(), inv.live.Load()
 }
 
 // store runs put (which stores e) unless a write newer than rev (the revision e was read at) has been applied, or
@@ -63,11 +65,10 @@ func (inv *invalidator) state() (uint64, bool) {
 func (inv *invalidator) store(e *entry, rev int64, put func()) {
 	inv.mu.Lock()
 	defer inv.mu.Unlock()
-	if !inv.live || e.gen != inv.gen || rev < inv.pos {
+	if !inv.live.Load() || e.gen != inv.gen.Load() || rev < inv.pos {
 		return
 	}
 	put()
-	entries.Set(float64(inv.kv.cache.ItemCount()))
 }
 
 // await returns once every write up to rev has been applied to the cache. If that takes longer than the
@@ -78,7 +79,7 @@ func (inv *invalidator) await(ctx context.Context, rev int64) {
 	defer timer.Stop()
 	for {
 		inv.mu.Lock()
-		if !inv.live || inv.pos >= rev {
+		if !inv.live.Load() || inv.pos >= rev {
 			inv.mu.Unlock()
 			writeWait.Observe(time.Since(start).Seconds())
 			return
@@ -107,10 +108,9 @@ func (inv *invalidator) flush(why string) {
 }
 
 func (inv *invalidator) flushLocked() {
-	inv.gen++
+	inv.gen.Add(1)
 	inv.kv.cache.Clear()
 	inv.kv.index.clear()
-	entries.Set(0)
 }
 
 // setLive marks the watch live from revision pos on (a new generation), or not live.
@@ -118,7 +118,8 @@ func (inv *invalidator) setLive(live bool, pos int64) {
 	inv.mu.Lock()
 	defer inv.mu.Unlock()
 	inv.flushLocked()
-	inv.live, inv.pos = live, pos
+	inv.live.Store(live)
+	inv.pos = pos
 	close(inv.advanced)
 	inv.advanced = make(chan struct{})
 	if live {
@@ -145,7 +146,6 @@ func (inv *invalidator) apply(resp *pb.WatchResponse) {
 		close(inv.advanced)
 		inv.advanced = make(chan struct{})
 	}
-	entries.Set(float64(inv.kv.cache.ItemCount()))
 }
 
 func (inv *invalidator) run() {

@@ -62,11 +62,13 @@ func New(base pb.KVServer, cc grpc.ClientConnInterface, lg *zap.Logger, opts Opt
 	k.cache = ccache.New(ccache.Configure[*entry]().MaxSize(opts.MaxBytes).OnDelete(k.index.evicted))
 	k.watch = newInvalidator(cc, k, lg)
 	go k.watch.run()
+	caches.Store(k, nil)
 	return k
 }
 
 // Close stops the invalidation watch and the cache.
 func (k *KV) Close() {
+	caches.Delete(k)
 	k.watch.stop()
 	k.cache.Stop()
 }

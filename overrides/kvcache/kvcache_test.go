@@ -287,3 +287,38 @@ func TestNoWatchNoCache(t *testing.T) {
 		t.Errorf("the cache served %v hits while it could not watch the keyspace", hits(t)-base)
 	}
 }
+
+// TestProxyCredentials: with auth on, the proxy's own user (etcdproxy --user) runs the keyspace watch, and the
+// cache serves again, still per caller: alice's reads are cached for alice, bob is refused by etcd every time.
+func TestProxyCredentials(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{User: "root", Password: "r", BeforeProxy: func(c *embedetcd.Cluster) {
+		enableAuth(t, timeout(t, 30*time.Second), proxytest.Conn(t, c.Members[0].ClientURL))
+	}})
+	ctx := timeout(t, 30*time.Second)
+	req := &pb.RangeRequest{Key: []byte("a1"), Serializable: true}
+	alice, bob := as(t, ctx, e.Via, "alice"), as(t, ctx, e.Via, "bob")
+	proxytest.Eventually(t, 10*time.Second, func() bool { return proxytest.Gauge(t, "etcdproxy_kvcache_live") == 1 },
+		"the invalidation watch never went live with the proxy's credentials")
+	base := hits(t)
+	for i := 0; i < 3; i++ {
+		if r, err := pb.NewKVClient(e.Via).Range(alice, req); err != nil || value(r) != "secret" {
+			t.Fatalf("alice: %v, %v", r, err)
+		}
+		if _, err := pb.NewKVClient(e.Via).Range(bob, req); err == nil {
+			t.Fatal("bob read a1 through the proxy")
+		}
+	}
+	if hits(t) != base+2 {
+		t.Errorf("%v hits, want alice's 2 repeated reads", hits(t)-base)
+	}
+	// A write made elsewhere still reaches alice.
+	root, err := pb.NewAuthClient(e.Direct).Authenticate(ctx, &pb.AuthenticateRequest{Name: "root", Password: "r"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	put(t, metadata.AppendToOutgoingContext(ctx, "token", root.Token), e.Direct, "a1", "new")
+	proxytest.Eventually(t, 2*time.Second, func() bool {
+		r, err := pb.NewKVClient(e.Via).Range(alice, req)
+		return err == nil && value(r) == "new"
+	}, "a write made elsewhere did not reach the cache")
+}

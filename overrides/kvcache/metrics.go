@@ -1,6 +1,10 @@
 package kvcache
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"sync"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
 
 var (
 	hits = prometheus.NewCounter(prometheus.CounterOpts{
@@ -19,10 +23,19 @@ var (
 		Namespace: "etcdproxy", Subsystem: "kvcache", Name: "flushes_total",
 		Help: "Whole-cache flushes because a write through the proxy was not seen in time.",
 	})
-	entries = prometheus.NewGauge(prometheus.GaugeOpts{
+	entries = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Namespace: "etcdproxy", Subsystem: "kvcache", Name: "entries",
 		Help: "Entries in the cache.",
+	}, func() float64 {
+		n := 0
+		caches.Range(func(k, _ any) bool {
+			n += k.(*KV).cache.ItemCount()
+			return true
+		})
+		return float64(n)
 	})
+	// caches are the open caches, for the entries gauge.
+	caches    sync.Map
 	cacheLive = prometheus.NewGauge(prometheus.GaugeOpts{
 		Namespace: "etcdproxy", Subsystem: "kvcache", Name: "live",
 		Help: "1 while the invalidation watch is live and the cache may serve.",
