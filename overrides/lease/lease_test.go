@@ -158,6 +158,31 @@ func TestExpiryAfterLastHeartbeat(t *testing.T) {
 	if err1 != nil || err2 != nil || d.TTL != v.TTL || d.ID != v.ID || d.TTL > 0 {
 		t.Errorf("keepalive of an expired lease: direct %v %v, proxy %v %v", d, err1, v, err2)
 	}
+
+	// Revoked while kept alive: the next keepalive answers as etcd does, and the stream stays open.
+	live, err := pb.NewLeaseClient(e.Via).LeaseGrant(ctx, &pb.LeaseGrantRequest{TTL: 60})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ka.Send(&pb.LeaseKeepAliveRequest{ID: live.ID}); err != nil {
+		t.Fatal(err)
+	}
+	if r, err := ka.Recv(); err != nil || r.TTL != 60 {
+		t.Fatalf("keepalive of a live lease: %v, %v", r, err)
+	}
+	if _, err := pb.NewLeaseClient(e.Direct).LeaseRevoke(ctx, &pb.LeaseRevokeRequest{ID: live.ID}); err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range []pb.Lease_LeaseKeepAliveClient{direct, ka} {
+		if err := s.Send(&pb.LeaseKeepAliveRequest{ID: live.ID}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	d, err1 = direct.Recv()
+	v, err2 = ka.Recv()
+	if err1 != nil || err2 != nil || d.TTL != v.TTL || d.ID != v.ID || d.TTL > 0 {
+		t.Errorf("keepalive of a revoked lease: direct %v %v, proxy %v %v", d, err1, v, err2)
+	}
 }
 
 // TestKeepAliveErrorStatus: when etcd refuses a renewal (here: a user without write permission on the lease's

@@ -478,3 +478,132 @@ func TestAuthChecksEveryWatcher(t *testing.T) {
 		t.Errorf("a watcher after the permission was revoked:\n  direct: %v\n  proxy:  %v", dr, vr)
 	}
 }
+
+// TestTenThousandOnOneStream: 10000 watchers created on one stream in a burst share one upstream watcher and each
+// gets the event.
+func TestTenThousandOnOneStream(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{})
+	ctx := timeout(t, 120*time.Second)
+	base := upstreamWatchers(t)
+	s := open(t, ctx, e.Via)
+	const n = 10000
+	for i := 0; i < n; i++ {
+		s.create(&pb.WatchCreateRequest{Key: []byte("ten")})
+	}
+	for i := 0; i < n; i++ {
+		if r := s.next(); !r.Created {
+			t.Fatalf("response %d: %v", i, r)
+		}
+	}
+	if got := upstreamWatchers(t) - base; got != 1 {
+		t.Errorf("etcd has %v watchers for %d client watchers on one stream, want 1", got, n)
+	}
+	rev := put(t, ctx, e.Direct, "ten", "v")
+	seen := make(map[int64]bool, n)
+	for i := 0; i < n; i++ {
+		r := s.next()
+		if len(r.Events) != 1 || r.Events[0].Kv.ModRevision != rev || seen[r.WatchId] {
+			t.Fatalf("event %d: %v", i, r)
+		}
+		seen[r.WatchId] = true
+	}
+}
+
+// TestDisconnectDuringFanOut: clients that go away in the middle of a stream of events take their watchers with
+// them at once, the others keep receiving everything, and etcd's watcher count returns to where it was.
+func TestDisconnectDuringFanOut(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{})
+	ctx := timeout(t, 60*time.Second)
+	base := upstreamWatchers(t)
+	stay := open(t, ctx, e.Via)
+	stay.create(&pb.WatchCreateRequest{Key: []byte("d/"), RangeEnd: []byte("d0")})
+	stay.next()
+	var cancels []context.CancelFunc
+	for i := 0; i < 5; i++ {
+		cctx, cancel := context.WithCancel(ctx)
+		cancels = append(cancels, cancel)
+		s := open(t, cctx, e.Via)
+		s.create(&pb.WatchCreateRequest{Key: []byte("d/"), RangeEnd: []byte("d0")})
+		s.create(&pb.WatchCreateRequest{Key: []byte(fmt.Sprint("d/", i))}) // a range of its own
+		s.next()
+		s.next()
+	}
+	var revs []int64
+	for i := 0; i < 50; i++ {
+		revs = append(revs, put(t, ctx, e.Direct, fmt.Sprint("d/", i%5), "v"))
+		if i == 20 {
+			for _, cancel := range cancels {
+				cancel()
+			}
+		}
+	}
+	got := 0
+	for got < len(revs) {
+		for _, ev := range stay.next().Events {
+			if ev.Kv.ModRevision != revs[got] {
+				t.Fatalf("event %d: revision %d, want %d", got, ev.Kv.ModRevision, revs[got])
+			}
+			got++
+		}
+	}
+	proxytest.Eventually(t, 5*time.Second, func() bool { return upstreamWatchers(t)-base == 1 },
+		"etcd counts %v watchers after the clients left, want 1 (the staying client's)", upstreamWatchers(t)-base)
+}
+
+// TestCompactionDuringCatchUp: a slow client's watcher catching up from a revision that a compaction has since
+// removed ends with etcd's compacted response, as etcd ends a slow watcher; the fast client is not affected.
+func TestCompactionDuringCatchUp(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) { c.Watch = watch.Options{QueueLen: 4} }})
+	ctx := timeout(t, 60*time.Second)
+	slowCtx, stopSlow := context.WithCancel(ctx)
+	defer stopSlow()
+	slowWS, err := pb.NewWatchClient(e.Via).Watch(slowCtx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := slowWS.Send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{CreateRequest: &pb.WatchCreateRequest{Key: []byte("cc")}}}); err != nil {
+		t.Fatal(err)
+	}
+	if r, err := slowWS.Recv(); err != nil || !r.Created {
+		t.Fatal(r, err)
+	}
+	fast := open(t, ctx, e.Via)
+	fast.create(&pb.WatchCreateRequest{Key: []byte("cc")})
+	fast.next()
+	value := string(bytes.Repeat([]byte{'v'}, 8<<10))
+	var last int64
+	for i := 0; i < 200; i++ {
+		last = put(t, ctx, e.Direct, "cc", value)
+		if r := fast.next(); r.Events[0].Kv.ModRevision != last {
+			t.Fatalf("fast client: %v", r)
+		}
+	}
+	proxytest.Eventually(t, 5*time.Second, func() bool {
+		return proxytest.Gauge(t, "etcdproxy_watch_slow_consumer_detaches_total") > 0
+	}, "the slow client was never detached")
+	if _, err := pb.NewKVClient(e.Direct).Compact(ctx, &pb.CompactionRequest{Revision: last, Physical: true}); err != nil {
+		t.Fatal(err)
+	}
+	var prev int64
+	for {
+		r, err := slowWS.Recv()
+		if err != nil {
+			t.Fatalf("slow client stream ended: %v", err)
+		}
+		for _, ev := range r.Events {
+			if ev.Kv.ModRevision <= prev {
+				t.Fatalf("slow client: revision %d after %d", ev.Kv.ModRevision, prev)
+			}
+			prev = ev.Kv.ModRevision
+		}
+		if r.Canceled {
+			if r.CompactRevision != last {
+				t.Errorf("slow client ended with %v, want compact_revision %d", r, last)
+			}
+			break
+		}
+		if prev == last {
+			t.Fatal("the slow client caught up past the compaction: the test did not exercise catch-up")
+		}
+	}
+}
