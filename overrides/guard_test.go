@@ -24,7 +24,7 @@ func TestOverridesShadowOnlyServiceMethods(t *testing.T) {
 		{(*leader.Lease)(nil), (*pb.LeaseServer)(nil), nil},
 		{(*lease.Lease)(nil), (*pb.LeaseServer)(nil), []string{"Close"}},
 		{(*watch.Watch)(nil), (*pb.WatchServer)(nil), []string{"Close"}},
-		{(*kvcache.KV)(nil), (*pb.KVServer)(nil), []string{"Close"}},
+		{(*kvcache.KV)(nil), (*pb.KVServer)(nil), []string{"Close", "Live"}},
 		{(*kvcache.Lease)(nil), (*pb.LeaseServer)(nil), nil},
 	} {
 		o, s := reflect.TypeOf(tc.override), reflect.TypeOf(tc.service).Elem()

@@ -36,6 +36,8 @@ type Deps struct {
 type Set struct {
 	// Leader tracks whether the cluster has a leader.
 	Leader *leader.Tracker
+	// KVCache is the read cache, nil when it is off.
+	KVCache *kvcache.KV
 	// Unary and Stream are server interceptors, outermost first.
 	Unary  []grpc.UnaryServerInterceptor
 	Stream []grpc.StreamServerInterceptor
@@ -76,6 +78,7 @@ func Apply(s *gen.Services, d Deps) *Set {
 	s.Watch = coalescer
 	if d.KVCache.MaxBytes > 0 {
 		cache := kvcache.New(s.KV, internal, d.Logger.Named("kvcache"), d.KVCache)
+		set.KVCache = cache
 		set.closers = append(set.closers, cache.Close)
 		s.KV = cache
 		s.Lease = kvcache.NewLease(s.Lease, cache)

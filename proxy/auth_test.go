@@ -6,7 +6,6 @@ import (
 	"time"
 
 	"github.com/etcdproxy/etcdproxy/internal/proxytest"
-	"go.etcd.io/etcd/api/v3/authpb"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.etcd.io/etcd/server/v3/etcdserver/api/v3election/v3electionpb"
 	"google.golang.org/grpc"
@@ -18,30 +17,16 @@ import (
 func TestAuth(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
 	ctx := timeout(t, 30*time.Second)
-	auth := pb.NewAuthClient(e.Direct)
+	proxytest.EnableAuth(t, ctx, e.Direct, "rootpw", proxytest.User{Name: "alice", Password: "alicepw", ReadFrom: "a", ReadTo: "b"})
 	must := func(_ any, err error) {
 		t.Helper()
 		if err != nil {
 			t.Fatal(err)
 		}
 	}
-	must(auth.UserAdd(ctx, &pb.AuthUserAddRequest{Name: "root", Password: "rootpw"}))
-	must(auth.UserGrantRole(ctx, &pb.AuthUserGrantRoleRequest{User: "root", Role: "root"}))
-	must(auth.UserAdd(ctx, &pb.AuthUserAddRequest{Name: "alice", Password: "alicepw"}))
-	must(auth.RoleAdd(ctx, &pb.AuthRoleAddRequest{Name: "reader"}))
-	must(auth.RoleGrantPermission(ctx, &pb.AuthRoleGrantPermissionRequest{Name: "reader",
-		Perm: &authpb.Permission{PermType: authpb.READ, Key: []byte("a"), RangeEnd: []byte("b")}}))
-	must(auth.UserGrantRole(ctx, &pb.AuthUserGrantRoleRequest{User: "alice", Role: "reader"}))
-	must(auth.AuthEnable(ctx, &pb.AuthEnableRequest{}))
-
-	// as returns ctx carrying a token that user obtained from cc (directly or through the proxy).
 	as := func(cc *grpc.ClientConn, user, password string) context.Context {
 		t.Helper()
-		r, err := pb.NewAuthClient(cc).Authenticate(ctx, &pb.AuthenticateRequest{Name: user, Password: password})
-		if err != nil {
-			t.Fatalf("Authenticate %s: %v", user, err)
-		}
-		return metadata.AppendToOutgoingContext(ctx, "token", r.Token)
+		return proxytest.As(t, ctx, cc, user, password)
 	}
 	rootDirect := as(e.Direct, "root", "rootpw")
 	aliceDirect, aliceVia := as(e.Direct, "alice", "alicepw"), as(e.Via, "alice", "alicepw")

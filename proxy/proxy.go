@@ -130,6 +130,11 @@ func New(cfg Config) *Proxy {
 // HasLeader reports whether the etcd cluster has a leader, as far as the proxy knows.
 func (p *Proxy) HasLeader() bool { return p.overrides.Leader.HasLeader() }
 
+// Steady reports whether the proxy has seen the leader and, if the read cache is on, its invalidation watch is live.
+func (p *Proxy) Steady() bool {
+	return p.HasLeader() && (p.overrides.KVCache == nil || p.overrides.KVCache.Live())
+}
+
 // Serve serves on l until Shutdown: gRPC (HTTP/2 with content-type application/grpc) and, on the same port, the
 // HTTP endpoints of HTTPHandler.
 func (p *Proxy) Serve(l net.Listener) error {

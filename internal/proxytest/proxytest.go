@@ -12,11 +12,14 @@ import (
 	"github.com/etcdproxy/etcdproxy/overrides/kvcache"
 	"github.com/etcdproxy/etcdproxy/proxy"
 	"github.com/prometheus/client_golang/prometheus"
+	"go.etcd.io/etcd/api/v3/authpb"
+	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/goleak"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
 )
 
 // Options describe the environment to start.
@@ -100,8 +103,12 @@ func Start(t testing.TB, o Options) *Env {
 	})
 	e.Direct = Conn(t, c.Members[0].ClientURL)
 	e.Via = Conn(t, e.ProxyAddr)
-	// Start in steady state: the proxy has seen the leader (its probe watch is open).
+	// Start in steady state: the proxy has seen the leader (its probe watch is open) and its read cache's
+	// invalidation watch, if it can have one, is live. With auth on and no proxy credentials it cannot.
 	Eventually(t, 10*time.Second, e.Proxy.HasLeader, "the proxy saw no leader within 10s of starting")
+	if o.BeforeProxy == nil || o.User != "" {
+		Eventually(t, 10*time.Second, e.Proxy.Steady, "the proxy's read cache was not live within 10s of starting")
+	}
 	return e
 }
 
@@ -213,4 +220,54 @@ func LeakOptions() []goleak.Option {
 		goleak.IgnoreAnyFunction("net/http.(*conn).serve"),
 		goleak.IgnoreAnyFunction("net/http.(*connReader).backgroundRead"),
 	}
+}
+
+// Timeout returns a context that ends after d or when the test ends.
+func Timeout(t testing.TB, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// User is an etcd user for EnableAuth: it gets a role of its own that may read [ReadFrom, ReadTo) (a single key
+// if ReadTo is empty; nothing if ReadFrom is empty).
+type User struct {
+	Name, Password   string
+	ReadFrom, ReadTo string
+}
+
+// EnableAuth creates root with rootPassword and users, then enables auth, through cc.
+func EnableAuth(t testing.TB, ctx context.Context, cc *grpc.ClientConn, rootPassword string, users ...User) {
+	t.Helper()
+	auth := pb.NewAuthClient(cc)
+	must := func(_ any, err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	must(auth.UserAdd(ctx, &pb.AuthUserAddRequest{Name: "root", Password: rootPassword}))
+	must(auth.UserGrantRole(ctx, &pb.AuthUserGrantRoleRequest{User: "root", Role: "root"}))
+	for _, u := range users {
+		must(auth.UserAdd(ctx, &pb.AuthUserAddRequest{Name: u.Name, Password: u.Password}))
+		if u.ReadFrom == "" {
+			continue
+		}
+		role := u.Name + "-reader"
+		must(auth.RoleAdd(ctx, &pb.AuthRoleAddRequest{Name: role}))
+		must(auth.RoleGrantPermission(ctx, &pb.AuthRoleGrantPermissionRequest{Name: role,
+			Perm: &authpb.Permission{PermType: authpb.READ, Key: []byte(u.ReadFrom), RangeEnd: []byte(u.ReadTo)}}))
+		must(auth.UserGrantRole(ctx, &pb.AuthUserGrantRoleRequest{User: u.Name, Role: role}))
+	}
+	must(auth.AuthEnable(ctx, &pb.AuthEnableRequest{}))
+}
+
+// As authenticates name through cc and returns ctx carrying the token as gRPC metadata, as clientv3 sends it.
+func As(t testing.TB, ctx context.Context, cc *grpc.ClientConn, name, password string) context.Context {
+	t.Helper()
+	r, err := pb.NewAuthClient(cc).Authenticate(ctx, &pb.AuthenticateRequest{Name: name, Password: password})
+	if err != nil {
+		t.Fatalf("authenticate %s: %v", name, err)
+	}
+	return metadata.AppendToOutgoingContext(ctx, "token", r.Token)
 }

@@ -66,6 +66,12 @@ func New(base pb.KVServer, cc grpc.ClientConnInterface, lg *zap.Logger, opts Opt
 	return k
 }
 
+// Live reports whether the invalidation watch is live, so that the cache may serve.
+func (k *KV) Live() bool {
+	_, live := k.watch.state()
+	return live
+}
+
 // Close stops the invalidation watch and the cache.
 func (k *KV) Close() {
 	caches.Delete(k)

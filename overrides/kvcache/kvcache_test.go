@@ -11,22 +11,16 @@ import (
 
 	"github.com/etcdproxy/etcdproxy/internal/embedetcd"
 	"github.com/etcdproxy/etcdproxy/internal/proxytest"
-	"go.etcd.io/etcd/api/v3/authpb"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.uber.org/goleak"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m, proxytest.LeakOptions()...) }
 
-func timeout(t *testing.T, d time.Duration) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), d)
-	t.Cleanup(cancel)
-	return ctx
-}
+var timeout = proxytest.Timeout
 
 func hits(t *testing.T) float64 { return proxytest.Gauge(t, "etcdproxy_kvcache_hits_total") }
 
@@ -209,37 +203,19 @@ func TestCompaction(t *testing.T) {
 	}
 }
 
-// enableAuth creates root, alice (who may read [a, b)) and bob (who may read nothing), enables auth on cc's
-// cluster, and puts a1.
+// enableAuth creates root (password r), alice (who may read [a, b)) and bob (who may read nothing), enables auth
+// on cc's cluster, after putting a1.
 func enableAuth(t *testing.T, ctx context.Context, cc *grpc.ClientConn) {
 	t.Helper()
-	auth := pb.NewAuthClient(cc)
-	must := func(_ any, err error) {
-		t.Helper()
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
 	put(t, ctx, cc, "a1", "secret")
-	must(auth.UserAdd(ctx, &pb.AuthUserAddRequest{Name: "root", Password: "r"}))
-	must(auth.UserGrantRole(ctx, &pb.AuthUserGrantRoleRequest{User: "root", Role: "root"}))
-	for _, u := range []string{"alice", "bob"} {
-		must(auth.UserAdd(ctx, &pb.AuthUserAddRequest{Name: u, Password: u}))
-	}
-	must(auth.RoleAdd(ctx, &pb.AuthRoleAddRequest{Name: "reader"}))
-	must(auth.RoleGrantPermission(ctx, &pb.AuthRoleGrantPermissionRequest{Name: "reader",
-		Perm: &authpb.Permission{PermType: authpb.READ, Key: []byte("a"), RangeEnd: []byte("b")}}))
-	must(auth.UserGrantRole(ctx, &pb.AuthUserGrantRoleRequest{User: "alice", Role: "reader"}))
-	must(auth.AuthEnable(ctx, &pb.AuthEnableRequest{}))
+	proxytest.EnableAuth(t, ctx, cc, "r",
+		proxytest.User{Name: "alice", Password: "alice", ReadFrom: "a", ReadTo: "b"},
+		proxytest.User{Name: "bob", Password: "bob"})
 }
 
 func as(t *testing.T, ctx context.Context, cc *grpc.ClientConn, user string) context.Context {
 	t.Helper()
-	r, err := pb.NewAuthClient(cc).Authenticate(ctx, &pb.AuthenticateRequest{Name: user, Password: user})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return metadata.AppendToOutgoingContext(ctx, "token", r.Token)
+	return proxytest.As(t, ctx, cc, user, user)
 }
 
 // TestCredentials: the cache never hands one user's answer to another (etcd's grpc-proxy's cache key ignores the
@@ -312,11 +288,7 @@ func TestProxyCredentials(t *testing.T) {
 		t.Errorf("%v hits, want alice's 2 repeated reads", hits(t)-base)
 	}
 	// A write made elsewhere still reaches alice.
-	root, err := pb.NewAuthClient(e.Direct).Authenticate(ctx, &pb.AuthenticateRequest{Name: "root", Password: "r"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	put(t, metadata.AppendToOutgoingContext(ctx, "token", root.Token), e.Direct, "a1", "new")
+	put(t, proxytest.As(t, ctx, e.Direct, "root", "r"), e.Direct, "a1", "new")
 	proxytest.Eventually(t, 2*time.Second, func() bool {
 		r, err := pb.NewKVClient(e.Via).Range(alice, req)
 		return err == nil && value(r) == "new"

@@ -10,22 +10,16 @@ import (
 	"time"
 
 	"github.com/etcdproxy/etcdproxy/internal/proxytest"
-	"go.etcd.io/etcd/api/v3/authpb"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.uber.org/goleak"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m, proxytest.LeakOptions()...) }
 
-func timeout(t *testing.T, d time.Duration) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), d)
-	t.Cleanup(cancel)
-	return ctx
-}
+var timeout = proxytest.Timeout
 
 // etcdKeepAliveStreams is the number of LeaseKeepAlive streams open on etcd (gRPC's server metrics, which the
 // in-process members register).
@@ -190,28 +184,14 @@ func TestExpiryAfterLastHeartbeat(t *testing.T) {
 func TestKeepAliveErrorStatus(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
 	ctx := timeout(t, 30*time.Second)
-	auth := pb.NewAuthClient(e.Direct)
+	proxytest.EnableAuth(t, ctx, e.Direct, "r", proxytest.User{Name: "bob", Password: "b", ReadFrom: "x"})
 	must := func(_ any, err error) {
 		t.Helper()
 		if err != nil {
 			t.Fatal(err)
 		}
 	}
-	must(auth.UserAdd(ctx, &pb.AuthUserAddRequest{Name: "root", Password: "r"}))
-	must(auth.UserGrantRole(ctx, &pb.AuthUserGrantRoleRequest{User: "root", Role: "root"}))
-	must(auth.UserAdd(ctx, &pb.AuthUserAddRequest{Name: "bob", Password: "b"}))
-	must(auth.RoleAdd(ctx, &pb.AuthRoleAddRequest{Name: "ro"}))
-	must(auth.RoleGrantPermission(ctx, &pb.AuthRoleGrantPermissionRequest{Name: "ro",
-		Perm: &authpb.Permission{PermType: authpb.READ, Key: []byte("x")}}))
-	must(auth.UserGrantRole(ctx, &pb.AuthUserGrantRoleRequest{User: "bob", Role: "ro"}))
-	must(auth.AuthEnable(ctx, &pb.AuthEnableRequest{}))
-	token := func(cc *grpc.ClientConn, user, pw string) context.Context {
-		r, err := pb.NewAuthClient(cc).Authenticate(ctx, &pb.AuthenticateRequest{Name: user, Password: pw})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return metadata.AppendToOutgoingContext(ctx, "token", r.Token)
-	}
+	token := func(cc *grpc.ClientConn, user, pw string) context.Context { return proxytest.As(t, ctx, cc, user, pw) }
 	root := token(e.Direct, "root", "r")
 	lease, err := pb.NewLeaseClient(e.Direct).LeaseGrant(root, &pb.LeaseGrantRequest{TTL: 60})
 	if err != nil {

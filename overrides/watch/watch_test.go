@@ -13,22 +13,16 @@ import (
 	"github.com/etcdproxy/etcdproxy/internal/proxytest"
 	"github.com/etcdproxy/etcdproxy/overrides/watch"
 	"github.com/etcdproxy/etcdproxy/proxy"
-	"go.etcd.io/etcd/api/v3/authpb"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/goleak"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/metadata"
 	"google.golang.org/protobuf/proto"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m, proxytest.LeakOptions()...) }
 
-func timeout(t *testing.T, d time.Duration) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), d)
-	t.Cleanup(cancel)
-	return ctx
-}
+var timeout = proxytest.Timeout
 
 // stream is a client Watch stream with a background reader.
 type stream struct {
@@ -388,6 +382,15 @@ func TestMemberRestarts(t *testing.T) {
 	mu.Lock()
 	want := revs
 	mu.Unlock()
+	seesEveryWrite(t, ss, per, want)
+	t.Logf("%d writes acknowledged during restarts; every watcher saw each of them once, in order", len(want))
+}
+
+// seesEveryWrite reads the streams ss, each with per watchers, until every watcher has reached the last revision of
+// want, and fails on anything but events, on a revision out of order or seen twice, and on a revision of want a
+// watcher never saw.
+func seesEveryWrite(t *testing.T, ss []*stream, per int, want []int64) {
+	t.Helper()
 	last := want[len(want)-1]
 	for i, s := range ss {
 		lastSeen := map[int64]int64{}      // watch id -> last revision seen
@@ -395,7 +398,7 @@ func TestMemberRestarts(t *testing.T) {
 		for len(lastSeen) < per || !allAt(lastSeen, last) {
 			r := s.next()
 			if r.Created || r.Canceled {
-				t.Fatalf("stream %d got %v during member restarts: an upstream reconnect must not reach clients", i, r)
+				t.Fatalf("stream %d got %v: an upstream reconnect must not reach clients", i, r)
 			}
 			for _, ev := range r.Events {
 				if prev := lastSeen[r.WatchId]; ev.Kv.ModRevision <= prev {
@@ -416,7 +419,6 @@ func TestMemberRestarts(t *testing.T) {
 			}
 		}
 	}
-	t.Logf("%d writes acknowledged during restarts; every watcher saw each of them once, in order", len(want))
 }
 
 func allAt(seen map[int64]int64, rev int64) bool {
@@ -434,28 +436,14 @@ func allAt(seen map[int64]int64, rev int64) bool {
 func TestAuthChecksEveryWatcher(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
 	ctx := timeout(t, 60*time.Second)
-	auth := pb.NewAuthClient(e.Direct)
+	proxytest.EnableAuth(t, ctx, e.Direct, "r", proxytest.User{Name: "al", Password: "a", ReadFrom: "a", ReadTo: "b"})
 	must := func(_ any, err error) {
 		t.Helper()
 		if err != nil {
 			t.Fatal(err)
 		}
 	}
-	must(auth.UserAdd(ctx, &pb.AuthUserAddRequest{Name: "root", Password: "r"}))
-	must(auth.UserGrantRole(ctx, &pb.AuthUserGrantRoleRequest{User: "root", Role: "root"}))
-	must(auth.UserAdd(ctx, &pb.AuthUserAddRequest{Name: "al", Password: "a"}))
-	must(auth.RoleAdd(ctx, &pb.AuthRoleAddRequest{Name: "reader"}))
-	must(auth.RoleGrantPermission(ctx, &pb.AuthRoleGrantPermissionRequest{Name: "reader",
-		Perm: &authpb.Permission{PermType: authpb.READ, Key: []byte("a"), RangeEnd: []byte("b")}}))
-	must(auth.UserGrantRole(ctx, &pb.AuthUserGrantRoleRequest{User: "al", Role: "reader"}))
-	must(auth.AuthEnable(ctx, &pb.AuthEnableRequest{}))
-	as := func(cc *grpc.ClientConn, user, pw string) context.Context {
-		r, err := pb.NewAuthClient(cc).Authenticate(ctx, &pb.AuthenticateRequest{Name: user, Password: pw})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return metadata.AppendToOutgoingContext(ctx, "token", r.Token)
-	}
+	as := func(cc *grpc.ClientConn, user, pw string) context.Context { return proxytest.As(t, ctx, cc, user, pw) }
 	alDirect, alVia, root := as(e.Direct, "al", "a"), as(e.Via, "al", "a"), as(e.Direct, "root", "r")
 	d, v := open(t, alDirect, e.Direct), open(t, alVia, e.Via)
 	for i := 0; i < 3; i++ {
@@ -472,7 +460,7 @@ func TestAuthChecksEveryWatcher(t *testing.T) {
 		proxytest.Gauge(t, "etcdproxy_watch_upstream_watchers"))
 
 	must(pb.NewAuthClient(e.Direct).RoleRevokePermission(root, &pb.AuthRoleRevokePermissionRequest{
-		Role: "reader", Key: []byte("a"), RangeEnd: []byte("b")}))
+		Role: "al-reader", Key: []byte("a"), RangeEnd: []byte("b")}))
 	d.create(&pb.WatchCreateRequest{Key: []byte("a1")})
 	v.create(&pb.WatchCreateRequest{Key: []byte("a1")})
 	dr, vr := d.next(), v.next()
@@ -694,34 +682,7 @@ func TestPartitionedMember(t *testing.T) {
 	mu.Lock()
 	want := revs
 	mu.Unlock()
-	last := want[len(want)-1]
-	for i, s := range ss {
-		lastSeen := map[int64]int64{}
-		seen := map[int64]map[int64]bool{}
-		for len(lastSeen) < per || !allAt(lastSeen, last) {
-			r := s.next()
-			if r.Created || r.Canceled {
-				t.Fatalf("stream %d got %v during partitions", i, r)
-			}
-			for _, ev := range r.Events {
-				if prev := lastSeen[r.WatchId]; ev.Kv.ModRevision <= prev {
-					t.Fatalf("stream %d watcher %d: revision %d after %d", i, r.WatchId, ev.Kv.ModRevision, prev)
-				}
-				lastSeen[r.WatchId] = ev.Kv.ModRevision
-				if seen[r.WatchId] == nil {
-					seen[r.WatchId] = map[int64]bool{}
-				}
-				seen[r.WatchId][ev.Kv.ModRevision] = true
-			}
-		}
-		for id, got := range seen {
-			for _, rev := range want {
-				if !got[rev] {
-					t.Fatalf("stream %d watcher %d never saw the acknowledged write at revision %d", i, id, rev)
-				}
-			}
-		}
-	}
+	seesEveryWrite(t, ss, per, want)
 	moved := proxytest.Gauge(t, "etcdproxy_watch_upstream_reconnects_total") - reconnects
 	if moved == 0 {
 		t.Error("the upstream watch stream never moved: the partitions did not reach it")
