@@ -84,23 +84,7 @@ func Start(t testing.TB, o Options) *Env {
 	if o.Proxy != nil {
 		o.Proxy(&cfg)
 	}
-	e.Proxy = proxy.New(cfg)
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.ProxyAddr = l.Addr().String()
-	served := make(chan struct{})
-	go func() {
-		defer close(served)
-		_ = e.Proxy.Serve(l)
-	}()
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		defer cancel()
-		e.Proxy.Shutdown(ctx)
-		<-served
-	})
+	e.Proxy, e.ProxyAddr = serve(t, cfg)
 	e.Direct = Conn(t, c.Members[0].ClientURL)
 	e.Via = Conn(t, e.ProxyAddr)
 	// Start in steady state: the proxy has seen the leader (its probe watch is open) and its read cache's
@@ -110,6 +94,42 @@ func Start(t testing.TB, o Options) *Env {
 		Eventually(t, 10*time.Second, e.Proxy.Steady, "the proxy's read cache was not live within 10s of starting")
 	}
 	return e
+}
+
+// serve starts a proxy with cfg on a loopback port and stops it at cleanup.
+func serve(t testing.TB, cfg proxy.Config) (*proxy.Proxy, string) {
+	t.Helper()
+	p := proxy.New(cfg)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		_ = p.Serve(l)
+	}()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		p.Shutdown(ctx)
+		<-served
+	})
+	return p, l.Addr().String()
+}
+
+// AnotherProxy starts a second proxy, with the default configuration, in front of e's cluster, and returns a
+// connection to it: writes through it are writes made elsewhere for e's proxy.
+func (e *Env) AnotherProxy(t testing.TB) *grpc.ClientConn {
+	t.Helper()
+	up, err := proxy.Dial(clientv3.Config{Endpoints: e.Cluster.Endpoints(), DialTimeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { up.Close() })
+	p, addr := serve(t, proxy.Config{Upstream: up, KVCache: kvcache.Options{MaxBytes: 64 << 20}})
+	Eventually(t, 10*time.Second, p.Steady, "the second proxy was not steady within 10s")
+	return Conn(t, addr)
 }
 
 // Conn dials target ("host:port" or "http://host:port") with plain gRPC and closes it at cleanup.
