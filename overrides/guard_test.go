@@ -26,6 +26,7 @@ func TestOverridesShadowOnlyServiceMethods(t *testing.T) {
 		{(*watch.Watch)(nil), (*pb.WatchServer)(nil), []string{"Close"}},
 		{(*kvcache.KV)(nil), (*pb.KVServer)(nil), []string{"Close", "Live"}},
 		{(*kvcache.Lease)(nil), (*pb.LeaseServer)(nil), nil},
+		{(*kvcache.Auth)(nil), (*pb.AuthServer)(nil), nil},
 	} {
 		o, s := reflect.TypeOf(tc.override), reflect.TypeOf(tc.service).Elem()
 		allowed := map[string]bool{}

@@ -82,6 +82,7 @@ func Apply(s *gen.Services, d Deps) *Set {
 		set.closers = append(set.closers, cache.Close)
 		s.KV = cache
 		s.Lease = kvcache.NewLease(s.Lease, cache)
+		s.Auth = kvcache.NewAuth(s.Auth, cache)
 	}
 
 	return set

@@ -12,6 +12,7 @@ import (
 
 	"github.com/etcdproxy/etcdproxy/internal/embedetcd"
 	"github.com/etcdproxy/etcdproxy/internal/proxytest"
+	"go.etcd.io/etcd/api/v3/authpb"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.uber.org/goleak"
 	"google.golang.org/grpc"
@@ -341,4 +342,57 @@ func TestProxyCredentials(t *testing.T) {
 		r, err := pb.NewKVClient(e.Via).Range(alice, req)
 		return err == nil && value(r) == "new"
 	}, "a write made elsewhere did not reach the cache")
+}
+
+// TestPermissionRevoked: a cached answer does not outlive the caller's right to read it. Revoked through this
+// proxy, the next read is refused; revoked elsewhere, reads are refused within about a second (the auth revision
+// poll).
+func TestPermissionRevoked(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{User: "root", Password: "r", BeforeProxy: func(c *embedetcd.Cluster) {
+		enableAuth(t, timeout(t, 30*time.Second), proxytest.Conn(t, c.Members[0].ClientURL))
+	}})
+	ctx := timeout(t, 30*time.Second)
+	req := &pb.RangeRequest{Key: []byte("a1"), Serializable: true}
+	alice := as(t, ctx, e.Via, "alice")
+	read := func() error {
+		_, err := pb.NewKVClient(e.Via).Range(alice, req)
+		return err
+	}
+	revoke := func(cc *grpc.ClientConn) {
+		t.Helper()
+		root := proxytest.As(t, ctx, cc, "root", "r")
+		if _, err := pb.NewAuthClient(cc).RoleRevokePermission(root, &pb.AuthRoleRevokePermissionRequest{
+			Role: "alice-reader", Key: []byte("a"), RangeEnd: []byte("b")}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	grant := func() {
+		t.Helper()
+		root := proxytest.As(t, ctx, e.Direct, "root", "r")
+		if _, err := pb.NewAuthClient(e.Direct).RoleGrantPermission(root, &pb.AuthRoleGrantPermissionRequest{Name: "alice-reader",
+			Perm: &authpb.Permission{PermType: authpb.READ, Key: []byte("a"), RangeEnd: []byte("b")}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	warm := func() {
+		t.Helper()
+		proxytest.Eventually(t, 5*time.Second, func() bool {
+			before := hits(t)
+			return read() == nil && read() == nil && hits(t) > before
+		}, "alice's read was never served from the cache")
+	}
+
+	warm()
+	revoke(e.Via)
+	if err := read(); err == nil {
+		t.Error("alice still read a1 through the cache right after her permission was revoked through the proxy")
+	}
+
+	grant()
+	warm()
+	revoke(e.Direct)
+	revoked := time.Now()
+	proxytest.Eventually(t, 5*time.Second, func() bool { return read() != nil },
+		"alice still read a1 through the cache 5s after her permission was revoked elsewhere")
+	t.Logf("a permission revoked elsewhere stopped being served after %v", time.Since(revoked).Round(time.Millisecond))
 }
