@@ -12,12 +12,10 @@ import (
 // Permissions change outside the keyspace, so the invalidation watch does not see them, yet a cached answer must
 // never outlive the caller's right to read it. Two mechanisms bound that:
 //   - an auth change made through this proxy flushes the cache before the call returns (Auth);
-//   - an auth change made anywhere moves etcd's auth revision, which authWatch reads every authPoll and flushes the
-//     cache on when it moved (so a permission revoked elsewhere stops being served within about authPoll).
-
-// authPoll is how often authWatch reads etcd's auth revision. AuthStatus goes through raft: once a second per
-// proxy is a negligible load.
-const authPoll = time.Second
+//   - an auth change made anywhere moves etcd's auth revision, which authWatch reads every Options.AuthPoll (1 s)
+//     and flushes the cache on when it moved (so a permission revoked elsewhere stops being served within about
+//     that). AuthStatus goes through raft: one entry a second per proxy, a negligible load, but one that etcd's
+//     Status (raft index) shows.
 
 // authWatch flushes the cache whenever etcd's auth revision changes, or when it cannot be read (the cache cannot
 // vouch for entries then), until ctx ends.
@@ -26,7 +24,8 @@ func (k *KV) authWatch(ctx context.Context, cc grpc.ClientConnInterface, done ch
 	auth := pb.NewAuthClient(cc)
 	var last uint64
 	known := false
-	t := time.NewTicker(authPoll)
+	poll := k.opts.AuthPoll
+	t := time.NewTicker(poll)
 	defer t.Stop()
 	for {
 		select {
@@ -34,7 +33,7 @@ func (k *KV) authWatch(ctx context.Context, cc grpc.ClientConnInterface, done ch
 			return
 		case <-t.C:
 		}
-		cctx, cancel := context.WithTimeout(ctx, authPoll)
+		cctx, cancel := context.WithTimeout(ctx, poll)
 		resp, err := auth.AuthStatus(cctx, &pb.AuthStatusRequest{})
 		cancel()
 		switch {

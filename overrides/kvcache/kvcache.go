@@ -40,6 +40,10 @@ type Options struct {
 	// WriteWait bounds how long a write through the proxy waits for the invalidation watch to reach its revision
 	// before the cache is flushed instead; 0 means 1s.
 	WriteWait time.Duration
+	// AuthPoll is how often the cache reads etcd's auth revision, to drop answers that a permission change made
+	// elsewhere may have invalidated; 0 means 1s, negative turns the poll off (then such a change is noticed
+	// only through the TTL). Each poll is one AuthStatus call, which etcd serves through raft.
+	AuthPoll time.Duration
 }
 
 // KV is the caching override of the KV service.
@@ -63,6 +67,9 @@ func New(base pb.KVServer, cc grpc.ClientConnInterface, lg *zap.Logger, opts Opt
 	if opts.WriteWait <= 0 {
 		opts.WriteWait = time.Second
 	}
+	if opts.AuthPoll == 0 {
+		opts.AuthPoll = time.Second
+	}
 	k := &KV{KVServer: base, opts: opts, logger: lg, index: newIndex()}
 	k.cache = ccache.New(ccache.Configure[*entry]().MaxSize(opts.MaxBytes).OnDelete(k.index.evicted))
 	k.watch = newInvalidator(cc, k, lg)
@@ -70,7 +77,11 @@ func New(base pb.KVServer, cc grpc.ClientConnInterface, lg *zap.Logger, opts Opt
 	var ctx context.Context
 	ctx, k.stopAuth = context.WithCancel(context.Background())
 	k.authDone = make(chan struct{})
-	go k.authWatch(ctx, cc, k.authDone)
+	if opts.AuthPoll > 0 {
+		go k.authWatch(ctx, cc, k.authDone)
+	} else {
+		close(k.authDone)
+	}
 	caches.Store(k, nil)
 	return k
 }
