@@ -64,26 +64,24 @@ func Apply(s *gen.Services, d Deps) *Set {
 		internal = d.Internal.ActiveConnection()
 	}
 
-	set.Leader = leader.NewTracker(internal, d.Logger.Named("leader"), d.Leader)
-	set.closers = append(set.closers, set.Leader.Close)
+	set.Leader = closing(set, leader.NewTracker(internal, d.Logger.Named("leader"), d.Leader))
 	set.Unary = append(set.Unary, set.Leader.UnaryInterceptor)
 	set.Stream = append(set.Stream, set.Leader.StreamInterceptor)
 	s.KV = leader.NewKV(s.KV, set.Leader)
 	s.Lease = leader.NewLease(s.Lease, set.Leader)
-	keepalive := lease.New(s.Lease, cc, d.Logger.Named("lease"))
-	set.closers = append(set.closers, keepalive.Close)
-	s.Lease = keepalive
-	coalescer := watch.New(s.Watch, cc, d.Logger.Named("watch"), d.Watch)
-	set.closers = append(set.closers, coalescer.Close)
-	s.Watch = coalescer
+	s.Lease = closing(set, lease.New(s.Lease, cc, d.Logger.Named("lease")))
+	s.Watch = closing(set, watch.New(s.Watch, cc, d.Logger.Named("watch"), d.Watch))
 	if d.KVCache.MaxBytes > 0 {
-		cache := kvcache.New(s.KV, internal, d.Logger.Named("kvcache"), d.KVCache)
-		set.KVCache = cache
-		set.closers = append(set.closers, cache.Close)
-		s.KV = cache
-		s.Lease = kvcache.NewLease(s.Lease, cache)
-		s.Auth = kvcache.NewAuth(s.Auth, cache)
+		set.KVCache = closing(set, kvcache.New(s.KV, internal, d.Logger.Named("kvcache"), d.KVCache))
+		s.KV = set.KVCache
+		s.Lease = kvcache.NewLease(s.Lease, set.KVCache)
+		s.Auth = kvcache.NewAuth(s.Auth, set.KVCache)
 	}
-
 	return set
+}
+
+// closing registers c to be closed with set, and returns it.
+func closing[C interface{ Close() }](set *Set, c C) C {
+	set.closers = append(set.closers, c.Close)
+	return c
 }
