@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/etcdproxy/etcdproxy/internal/embedetcd"
 	"google.golang.org/grpc"
 )
 
@@ -62,7 +63,7 @@ func (b *bench) startTargets(ctx context.Context) error {
 	if c.directAddr != "" {
 		b.etcdAddr, b.etcdPID = c.directAddr, c.etcdPID
 	} else {
-		ports, err := freePorts(2)
+		ports, err := embedetcd.FreePorts(2)
 		if err != nil {
 			return err
 		}
@@ -101,7 +102,7 @@ func (b *bench) startTargets(ctx context.Context) error {
 		case addr != "":
 			waits = append(waits, starting{t: &target{name: name, addr: addr, pid: pid}})
 		case bin != "":
-			ports, err := freePorts(1)
+			ports, err := embedetcd.FreePorts(1)
 			if err != nil {
 				return err
 			}

@@ -9,7 +9,6 @@ import (
 	"time"
 
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -59,19 +58,11 @@ func (b *bench) keepAliveRound(ctx context.Context, t *target, L int) (*measurem
 	}
 	nStreams := max(1, (L+leasesPerStream-1)/leasesPerStream)
 	nConns := min(nStreams, maxWatchConns)
-	var conns []*grpc.ClientConn
-	defer func() {
-		for _, cc := range conns {
-			cc.Close()
-		}
-	}()
-	for range nConns {
-		cc, err := dial(t.addr)
-		if err != nil {
-			return nil, err
-		}
-		conns = append(conns, cc)
+	conns, closeAll, err := dialN(t.addr, nConns)
+	if err != nil {
+		return nil, err
 	}
+	defer closeAll()
 	kctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 
@@ -315,19 +306,11 @@ func (b *bench) etcdDownWorkload() workload {
 func (b *bench) etcdDownRound(ctx context.Context, t *target) (*measurement, error) {
 	const maxAttempts = 5_000_000
 	n := b.plan.downClients
-	conns := make([]*grpc.ClientConn, 0, n)
-	defer func() {
-		for _, cc := range conns {
-			cc.Close()
-		}
-	}()
-	for range n {
-		cc, err := dial(t.addr)
-		if err != nil {
-			return nil, err
-		}
-		conns = append(conns, cc)
+	conns, closeAll, err := dialN(t.addr, n)
+	if err != nil {
+		return nil, err
 	}
+	defer closeAll()
 	attempts := make([]int, n)
 	codes := make([]map[string]int, n)
 	pr := b.startProbe(t)

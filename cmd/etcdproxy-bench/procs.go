@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -119,26 +118,6 @@ func (ps *procs) killAll() {
 	}
 }
 
-// freePorts returns n distinct loopback ports that were free a moment ago.
-func freePorts(n int) ([]int, error) {
-	var ls []net.Listener
-	defer func() {
-		for _, l := range ls {
-			l.Close()
-		}
-	}()
-	var ports []int
-	for range n {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return nil, err
-		}
-		ls = append(ls, l)
-		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
-	}
-	return ports, nil
-}
-
 // dial opens a plain gRPC connection to addr (host:port) and starts connecting.
 func dial(addr string) (*grpc.ClientConn, error) {
 	cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
@@ -148,6 +127,24 @@ func dial(addr string) (*grpc.ClientConn, error) {
 	}
 	cc.Connect()
 	return cc, nil
+}
+
+// dialN opens n connections to addr; closeAll closes them (also those opened before an error).
+func dialN(addr string, n int) (conns []*grpc.ClientConn, closeAll func(), err error) {
+	closeAll = func() {
+		for _, cc := range conns {
+			cc.Close()
+		}
+	}
+	for range n {
+		cc, err := dial(addr)
+		if err != nil {
+			closeAll()
+			return nil, func() {}, err
+		}
+		conns = append(conns, cc)
+	}
+	return conns, closeAll, nil
 }
 
 // waitServing polls addr with a serializable Range until it answers, p exits, or timeout passes.

@@ -10,7 +10,6 @@ import (
 
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"google.golang.org/grpc"
 )
 
 // Watch fan-out: W watchers of one key (or of one prefix), spread over W/100 gRPC Watch streams (100 watchers per
@@ -97,19 +96,11 @@ func (b *bench) watchRound(ctx context.Context, t *target, spec watchSpec) (*mea
 	W := spec.watchers
 	nStreams := (W + watchersPerStream - 1) / watchersPerStream
 	nConns := min(nStreams, maxWatchConns)
-	conns := make([]*grpc.ClientConn, 0, nConns)
-	defer func() {
-		for _, cc := range conns {
-			cc.Close()
-		}
-	}()
-	for range nConns {
-		cc, err := dial(t.addr)
-		if err != nil {
-			return nil, err
-		}
-		conns = append(conns, cc)
+	conns, closeAll, err := dialN(t.addr, nConns)
+	if err != nil {
+		return nil, err
 	}
+	defer closeAll()
 	wctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 

@@ -54,7 +54,7 @@ func Start(o Options) (*Cluster, error) {
 	if n <= 0 {
 		n = 1
 	}
-	ports, err := freePorts(2 * n)
+	ports, err := FreePorts(2 * n)
 	if err != nil {
 		return nil, err
 	}
@@ -182,8 +182,8 @@ func (m *Member) start(timeout time.Duration) error {
 	return nil
 }
 
-// freePorts returns n distinct loopback ports that were free a moment ago.
-func freePorts(n int) ([]int, error) {
+// FreePorts returns n distinct loopback ports that were free a moment ago.
+func FreePorts(n int) ([]int, error) {
 	var ls []net.Listener
 	defer func() {
 		for _, l := range ls {
