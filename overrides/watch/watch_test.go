@@ -5,7 +5,6 @@ import (
 	"context"
 	"fmt"
 	"sort"
-	"sync"
 	"testing"
 	"time"
 
@@ -14,6 +13,7 @@ import (
 	"github.com/etcdproxy/etcdproxy/overrides/watch"
 	"github.com/etcdproxy/etcdproxy/proxy"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
+	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/goleak"
 	"google.golang.org/grpc"
@@ -340,50 +340,67 @@ func TestSlowConsumer(t *testing.T) {
 func TestMemberRestarts(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{Members: 3})
 	ctx := timeout(t, 120*time.Second)
-	const streams, per = 10, 10
-	var ss []*stream
-	for i := 0; i < streams; i++ {
-		s := open(t, ctx, e.Via)
-		for j := 0; j < per; j++ {
-			s.create(&pb.WatchCreateRequest{Key: []byte("r/"), RangeEnd: []byte("r0")})
-			if r := s.next(); !r.Created {
-				t.Fatal(r)
-			}
-		}
-		ss = append(ss, s)
-	}
-	writer := proxytest.Client(t, e.Cluster.Members[2].ClientURL)
-	var (
-		mu   sync.Mutex
-		revs []int64
-	)
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for i := 0; i < 200; i++ {
-			pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-			r, err := writer.Put(pctx, fmt.Sprint("r/", i%7), fmt.Sprint(i))
-			cancel()
-			if err != nil {
-				continue // a write during a restart may fail; the ones that succeed must all be seen
-			}
-			mu.Lock()
-			revs = append(revs, r.Header.Revision)
-			mu.Unlock()
-		}
-	}()
+	const per = 10
+	ss := openWatchers(t, ctx, e.Via, "r/", 10, per)
+	stop := make(chan struct{})
+	written := writeUntil(ctx, proxytest.Client(t, e.Cluster.Members[2].ClientURL), "r/", stop)
 	for _, m := range e.Cluster.Members[:2] {
 		m.Stop()
 		if err := m.Restart(30 * time.Second); err != nil {
 			t.Fatal(err)
 		}
 	}
-	<-done
-	mu.Lock()
-	want := revs
-	mu.Unlock()
+	close(stop)
+	want := written()
 	seesEveryWrite(t, ss, per, want)
 	t.Logf("%d writes acknowledged during restarts; every watcher saw each of them once, in order", len(want))
+}
+
+// openWatchers opens streams client streams on cc, each with per watchers of the keys under prefix.
+func openWatchers(t *testing.T, ctx context.Context, cc *grpc.ClientConn, prefix string, streams, per int) []*stream {
+	t.Helper()
+	var ss []*stream
+	for i := 0; i < streams; i++ {
+		s := open(t, ctx, cc)
+		for j := 0; j < per; j++ {
+			s.create(&pb.WatchCreateRequest{Key: []byte(prefix), RangeEnd: []byte(clientv3.GetPrefixRangeEnd(prefix))})
+			if r := s.next(); !r.Created {
+				t.Fatal(r)
+			}
+		}
+		ss = append(ss, s)
+	}
+	return ss
+}
+
+// writeUntil writes keys under prefix through writer, one every 5 ms (a paced load), until stop is closed. The
+// returned function waits for the writer to finish and returns the revisions of the writes etcd acknowledged
+// (during a fault some fail; the acknowledged ones must all be seen).
+func writeUntil(ctx context.Context, writer *clientv3.Client, prefix string, stop <-chan struct{}) func() []int64 {
+	var revs []int64
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			case <-ctx.Done():
+				return
+			case <-time.After(5 * time.Millisecond):
+			}
+			pctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+			r, err := writer.Put(pctx, fmt.Sprint(prefix, i%7), fmt.Sprint(i))
+			cancel()
+			if err == nil {
+				revs = append(revs, r.Header.Revision)
+			}
+		}
+	}()
+	return func() []int64 {
+		<-done
+		return revs
+	}
 }
 
 // seesEveryWrite reads the streams ss, each with per watchers, until every watcher has reached the last revision of
@@ -610,44 +627,10 @@ func TestPartitionedMember(t *testing.T) {
 		Upstream: func(c *embedetcd.Cluster) []string { return c.Endpoints()[:2] },
 	})
 	ctx := timeout(t, 120*time.Second)
-	const streams, per = 10, 10
-	var ss []*stream
-	for i := 0; i < streams; i++ {
-		s := open(t, ctx, e.Via)
-		for j := 0; j < per; j++ {
-			s.create(&pb.WatchCreateRequest{Key: []byte("p/"), RangeEnd: []byte("p0")})
-			if r := s.next(); !r.Created {
-				t.Fatal(r)
-			}
-		}
-		ss = append(ss, s)
-	}
-	writer := proxytest.Client(t, e.Cluster.Members[2].ClientURL)
-	var (
-		mu   sync.Mutex
-		revs []int64
-	)
+	const per = 10
+	ss := openWatchers(t, ctx, e.Via, "p/", 10, per)
 	stop := make(chan struct{})
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for i := 0; ; i++ {
-			select {
-			case <-stop:
-				return
-			default:
-			}
-			pctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-			r, err := writer.Put(pctx, fmt.Sprint("p/", i%7), fmt.Sprint(i))
-			cancel()
-			if err == nil {
-				mu.Lock()
-				revs = append(revs, r.Header.Revision)
-				mu.Unlock()
-			}
-			time.Sleep(5 * time.Millisecond) // pace the writer: this is a load, not a wait for state
-		}
-	}()
+	written := writeUntil(ctx, proxytest.Client(t, e.Cluster.Members[2].ClientURL), "p/", stop)
 	cut := func(m int, heal bool) {
 		a := e.Cluster.Members[m].Etcd().Server
 		for i, other := range e.Cluster.Members {
@@ -678,10 +661,7 @@ func TestPartitionedMember(t *testing.T) {
 		cut(m, true)
 	}
 	close(stop)
-	<-done
-	mu.Lock()
-	want := revs
-	mu.Unlock()
+	want := written()
 	seesEveryWrite(t, ss, per, want)
 	moved := proxytest.Gauge(t, "etcdproxy_watch_upstream_reconnects_total") - reconnects
 	if moved == 0 {
