@@ -1,0 +1,42 @@
+package proxy
+
+import (
+	"context"
+	"slices"
+	"testing"
+
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	"go.etcd.io/etcd/api/v3/version"
+	"google.golang.org/grpc/metadata"
+)
+
+// TestClientAPIVersion: etcd sees the client's own client-api-version (or none), not the one clientv3 stamps on
+// the proxy's upstream calls; the proxy's own calls keep clientv3's.
+func TestClientAPIVersion(t *testing.T) {
+	key := rpctypes.MetadataClientAPIVersionKey
+	stamped := func(in metadata.MD) context.Context {
+		ctx := context.Background()
+		if in != nil {
+			ctx = metadata.NewIncomingContext(ctx, in)
+		}
+		return metadata.NewOutgoingContext(ctx, metadata.Pairs(key, version.APIVersion, "token", "t"))
+	}
+	for _, tc := range []struct {
+		name string
+		in   metadata.MD
+		want []string
+	}{
+		{"an older client", metadata.Pairs(key, "3.5"), []string{"3.5"}},
+		{"a client of the same version", metadata.Pairs(key, version.APIVersion), []string{version.APIVersion}},
+		{"a client that sends none", metadata.Pairs("token", "t"), nil},
+		{"the proxy's own call", nil, []string{version.APIVersion}},
+	} {
+		out, _ := metadata.FromOutgoingContext(clientAPIVersion(stamped(tc.in)))
+		if got := out.Get(key); !slices.Equal(got, tc.want) {
+			t.Errorf("%s: etcd would see %q, want %q", tc.name, got, tc.want)
+		}
+		if got := out.Get("token"); len(got) != 1 {
+			t.Errorf("%s: other metadata lost: %v", tc.name, out)
+		}
+	}
+}
