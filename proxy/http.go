@@ -18,11 +18,11 @@ type healthBody struct {
 }
 
 // HTTPHandler serves the proxy's HTTP endpoints: /health (200 with {"health":"true"} while the etcd cluster has a
-// leader, 503 with a reason otherwise, as etcd's own /health), /metrics (Prometheus), and /debug/pprof/ when
-// pprof is true.
+// leader, 503 with a reason otherwise, as etcd's own /health), /metrics (the proxy's Prometheus metrics), the same
+// two under /proxy/ (where etcd grpc-proxy serves its own), and /debug/pprof/ when pprof is true.
 func (p *Proxy) HTTPHandler(pprofOn bool) http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("/health", func(w http.ResponseWriter, r *http.Request) {
+	health := func(w http.ResponseWriter, r *http.Request) {
 		body := healthBody{Health: "true"}
 		code := http.StatusOK
 		if !p.HasLeader() {
@@ -32,8 +32,13 @@ func (p *Proxy) HTTPHandler(pprofOn bool) http.Handler {
 		w.Header().Set("Content-Type", "application/json")
 		w.WriteHeader(code)
 		_ = json.NewEncoder(w).Encode(body)
-	})
+	}
+	mux.HandleFunc("/health", health)
 	mux.Handle("/metrics", promhttp.Handler())
+	// etcd grpc-proxy serves its own health and metrics under /proxy/ (its /metrics relays an etcd member's); the
+	// same paths answer here, so that probes and scrapes written for it keep working.
+	mux.HandleFunc("/proxy/health", health)
+	mux.Handle("/proxy/metrics", promhttp.Handler())
 	if pprofOn {
 		mux.HandleFunc("/debug/pprof/", pprof.Index)
 		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)

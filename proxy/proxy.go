@@ -46,11 +46,13 @@ type Config struct {
 	MaxSendBytes int
 	// MaxConcurrentStreams bounds the concurrent streams of one client connection; 0 means gRPC's default.
 	MaxConcurrentStreams uint32
-	// KeepaliveMinTime is the minimum interval a client must wait between pings.
+	// KeepaliveMinTime is the minimum interval a client must wait between pings; 0 or less means gRPC's default
+	// (5 minutes), as etcd grpc-proxy applies only positive values.
 	KeepaliveMinTime time.Duration
-	// KeepaliveInterval is how often the server pings an idle client (0 disables).
+	// KeepaliveInterval is how often the server pings an idle client; 0 or less means gRPC's default (2 hours).
 	KeepaliveInterval time.Duration
-	// KeepaliveTimeout is how long the server waits for a ping's answer before closing the connection.
+	// KeepaliveTimeout is how long the server waits for a ping's answer before closing the connection; 0 or less
+	// means gRPC's default (20 seconds).
 	KeepaliveTimeout time.Duration
 	// Leader tunes the leader tracker; the zero value is the production setting.
 	Leader leader.Options
@@ -107,8 +109,10 @@ func New(cfg Config) *Proxy {
 		grpc.ChainStreamInterceptor(recoverStream(lg), p.endOnShutdown),
 		grpc.ChainUnaryInterceptor(p.overrides.Unary...),
 		grpc.ChainStreamInterceptor(p.overrides.Stream...),
-		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: cfg.KeepaliveMinTime}),
-		grpc.KeepaliveParams(keepalive.ServerParameters{Time: cfg.KeepaliveInterval, Timeout: cfg.KeepaliveTimeout}),
+		// gRPC takes 0 as its default; a negative value would reach it as given.
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: max(0, cfg.KeepaliveMinTime)}),
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: max(0, cfg.KeepaliveInterval),
+			Timeout: max(0, cfg.KeepaliveTimeout)}),
 	}
 	if cfg.MaxConcurrentStreams > 0 {
 		opts = append(opts, grpc.MaxConcurrentStreams(cfg.MaxConcurrentStreams))

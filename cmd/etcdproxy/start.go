@@ -8,6 +8,7 @@ import (
 	"math"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -15,6 +16,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/etcdproxy/etcdproxy/internal/embedetcd"
 	"github.com/etcdproxy/etcdproxy/overrides/kvcache"
 	"github.com/etcdproxy/etcdproxy/proxy"
@@ -69,7 +71,7 @@ Clients (etcdctl, clientv3, Kubernetes) use it exactly as they would use etcd.
 
 With --embedded-etcd, etcdproxy first starts a single-member etcd in --data-dir on loopback and proxies to it:
 one command gives a working endpoint, for trying it out and for development.`,
-		Args: cobra.NoArgs,
+		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if cmd.Flags().Changed("endpoints") && f.embeddedEtcd {
 				return errors.New("--endpoints and --embedded-etcd exclude each other: the embedded etcd is the upstream")
@@ -87,9 +89,9 @@ one command gives a working endpoint, for trying it out and for development.`,
 	fs.IntVar(&f.maxSendBytes, "max-send-bytes", 0, "upstream message send limit in bytes; 0 (the default) leaves the limit to etcd's --max-request-bytes, so an oversized request gets etcd's own error (etcd grpc-proxy defaults to 1.5 MiB and answers requests between its limit and etcd's with a different, client-side error)")
 	fs.IntVar(&f.maxRecvBytes, "max-recv-bytes", math.MaxInt32, "upstream message receive limit in bytes")
 	fs.Uint32Var(&f.maxConcurrentStreams, "max-concurrent-streams", math.MaxUint32, "maximum concurrent streams that each client can open at a time (applied to the proxy's gRPC server)")
-	fs.DurationVar(&f.grpcKeepAliveMinTime, "grpc-keepalive-min-time", 5*time.Second, "minimum interval duration that a client should wait before pinging proxy")
-	fs.DurationVar(&f.grpcKeepAliveInterval, "grpc-keepalive-interval", 2*time.Hour, "frequency duration of server-to-client ping to check if a connection is alive (0 to disable)")
-	fs.DurationVar(&f.grpcKeepAliveTimeout, "grpc-keepalive-timeout", 20*time.Second, "additional duration of wait before closing a non-responsive connection (0 to disable)")
+	fs.DurationVar(&f.grpcKeepAliveMinTime, "grpc-keepalive-min-time", 5*time.Second, "minimum interval duration that a client should wait before pinging proxy (0 or less: gRPC's default, 5m, as with etcd grpc-proxy)")
+	fs.DurationVar(&f.grpcKeepAliveInterval, "grpc-keepalive-interval", 2*time.Hour, "frequency duration of server-to-client ping to check if a connection is alive (0 or less: gRPC's default, 2h, as with etcd grpc-proxy)")
+	fs.DurationVar(&f.grpcKeepAliveTimeout, "grpc-keepalive-timeout", 20*time.Second, "additional duration of wait before closing a non-responsive connection (0 or less: gRPC's default, 20s, as with etcd grpc-proxy)")
 	fs.DurationVar(&f.dialKeepAliveTime, "dial-keepalive-time", 0, "keepalive time for the proxy's connections to etcd (0 disables)")
 	fs.DurationVar(&f.dialKeepAliveTimeout, "dial-keepalive-timeout", 20*time.Second, "keepalive timeout for the proxy's connections to etcd")
 	fs.BoolVar(&f.permitWithoutStream, "permit-without-stream", false, "let the proxy send keepalive pings to etcd even with no active RPCs")
@@ -101,7 +103,7 @@ one command gives a working endpoint, for trying it out and for development.`,
 	fs.StringVar(&f.password, "password", "", "password of --user (or give it as username:password)")
 	fs.Int64Var(&f.kvCacheBytes, "kv-cache-bytes", 64<<20, "size of the cache of serializable reads, in bytes of cached responses; 0 turns the cache off")
 	fs.DurationVar(&f.kvCacheTTL, "kv-cache-ttl", 30*time.Second, "longest life of a cached read; the cache is kept coherent by a watch, this is a backstop")
-	fs.StringVar(&f.metricsAddr, "metrics-addr", "", "also serve /metrics and /health (and /debug/pprof with --enable-pprof) on this address; they are always served on --listen-addr too")
+	fs.StringVar(&f.metricsAddr, "metrics-addr", "", "also serve /metrics and /health (and /debug/pprof with --enable-pprof) on this URL (http://host:port, as etcd grpc-proxy takes it; host:port works too); they are always served on --listen-addr too")
 	fs.BoolVar(&f.enablePprof, "enable-pprof", false, "serve runtime profiling data at /debug/pprof/")
 	fs.BoolVar(&f.embeddedEtcd, "embedded-etcd", false, "start a single-member etcd in --data-dir on loopback and proxy to it")
 	fs.StringVar(&f.embeddedEtcdClientURL, "embedded-etcd-client-url", "http://127.0.0.1:23791", "client URL of the embedded etcd (with --embedded-etcd)")
@@ -187,7 +189,11 @@ func runStart(f *startFlags) error {
 	served := make(chan error, 2)
 	go func() { served <- p.Serve(l) }()
 	if f.metricsAddr != "" {
-		ml, err := net.Listen("tcp", f.metricsAddr)
+		addr, err := metricsListenAddr(f.metricsAddr)
+		if err != nil {
+			return fmt.Errorf("--metrics-addr: %w", err)
+		}
+		ml, err := net.Listen("tcp", addr)
 		if err != nil {
 			return fmt.Errorf("--metrics-addr: %w", err)
 		}
@@ -201,6 +207,11 @@ func runStart(f *startFlags) error {
 	}
 	lg.Info("serving the etcd v3 API", zap.String("listen-addr", l.Addr().String()),
 		zap.String("advertise-client-url", f.advertiseClientURL), zap.Strings("endpoints", endpoints))
+	// Under systemd (Type=notify), tell it the proxy serves, as etcd grpc-proxy does; without NOTIFY_SOCKET this
+	// does nothing.
+	if _, err := daemon.SdNotify(false, daemon.SdNotifyReady); err != nil {
+		lg.Warn("could not notify systemd that the proxy is ready", zap.Error(err))
+	}
 
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
@@ -246,4 +257,37 @@ func newLogger(debug bool) (*zap.Logger, error) {
 		cfg.Level = zap.NewAtomicLevelAt(zapcore.DebugLevel)
 	}
 	return cfg.Build()
+}
+
+// noArgs refuses positional arguments with a hint: etcd grpc-proxy ignores them, so `--debug false` there silently
+// means --debug; here it is an error that says how to write it.
+func noArgs(_ *cobra.Command, args []string) error {
+	if len(args) == 0 {
+		return nil
+	}
+	return fmt.Errorf("unexpected argument %q: start takes flags only; give a boolean flag's value with '=' "+
+		"(--debug=false)", args[0])
+}
+
+// metricsListenAddr returns the host:port to listen on for --metrics-addr. etcd grpc-proxy takes a URL
+// (http://0.0.0.0:6633); a bare host:port is accepted too. https needs TLS towards clients, not supported yet.
+func metricsListenAddr(v string) (string, error) {
+	if !strings.Contains(v, "://") {
+		return v, nil
+	}
+	u, err := url.Parse(v)
+	if err != nil {
+		return "", err
+	}
+	switch {
+	case u.Scheme == "https":
+		return "", fmt.Errorf("%q: https needs TLS towards clients, which etcdproxy does not serve yet; use http://", v)
+	case u.Scheme != "http":
+		return "", fmt.Errorf("%q: scheme %q not supported; use http://host:port", v, u.Scheme)
+	case u.Host == "":
+		return "", fmt.Errorf("%q: no host:port", v)
+	case u.Path != "" && u.Path != "/":
+		return "", fmt.Errorf("%q: a path is not supported; the endpoints are /metrics and /health", v)
+	}
+	return u.Host, nil
 }

@@ -1,0 +1,174 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/etcdproxy/etcdproxy/internal/embedetcd"
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+func TestMetricsListenAddr(t *testing.T) {
+	for _, c := range []struct {
+		in, want, err string
+	}{
+		{in: "http://127.0.0.1:6633", want: "127.0.0.1:6633"}, // etcd grpc-proxy's form
+		{in: "http://0.0.0.0:6633/", want: "0.0.0.0:6633"},
+		{in: "127.0.0.1:6633", want: "127.0.0.1:6633"}, // host:port, as --listen-addr
+		{in: ":6633", want: ":6633"},
+		{in: "https://127.0.0.1:6633", err: "https needs TLS"},
+		{in: "unix://metrics.sock", err: `scheme "unix" not supported`},
+		{in: "http://", err: "no host:port"},
+		{in: "http://127.0.0.1:6633/metrics", err: "a path is not supported"},
+	} {
+		got, err := metricsListenAddr(c.in)
+		switch {
+		case c.err != "" && (err == nil || !strings.Contains(err.Error(), c.err)):
+			t.Errorf("metricsListenAddr(%q) = %q, %v; want an error containing %q", c.in, got, err, c.err)
+		case c.err == "" && (err != nil || got != c.want):
+			t.Errorf("metricsListenAddr(%q) = %q, %v; want %q", c.in, got, err, c.want)
+		}
+	}
+}
+
+func TestStrayArgument(t *testing.T) {
+	cmd := newStartCommand()
+	cmd.SetArgs([]string{"--debug", "false"})
+	cmd.SetOut(io.Discard)
+	cmd.SetErr(io.Discard)
+	err := cmd.Execute()
+	if err == nil || !strings.Contains(err.Error(), `unexpected argument "false"`) ||
+		!strings.Contains(err.Error(), "--debug=false") {
+		t.Fatalf("start --debug false: %v; want an error naming the argument and the --flag=value form", err)
+	}
+}
+
+// TestBinary runs the built binary as an operator would with etcd grpc-proxy's flags: in front of an embedded etcd,
+// metrics on an http:// URL, under a systemd notify socket. It must tell systemd it is ready, serve the etcd API,
+// health and metrics on both addresses, and exit 0 on SIGTERM.
+func TestBinary(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs the binary")
+	}
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "etcdproxy")
+	build := exec.Command("go", "build", "-o", bin, ".")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	ports, err := embedetcd.FreePorts(4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	listen := fmt.Sprintf("127.0.0.1:%d", ports[0])
+	metrics := fmt.Sprintf("127.0.0.1:%d", ports[1])
+
+	// A systemd notify socket (unixgram), as systemd gives a Type=notify service.
+	sock := filepath.Join(dir, "notify.sock")
+	notify, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer notify.Close()
+
+	cmd := exec.Command(bin, "start", "--embedded-etcd", "--data-dir", filepath.Join(dir, "data"),
+		"--embedded-etcd-client-url", fmt.Sprintf("http://127.0.0.1:%d", ports[2]),
+		"--embedded-etcd-peer-url", fmt.Sprintf("http://127.0.0.1:%d", ports[3]),
+		"--listen-addr", listen, "--metrics-addr", "http://"+metrics)
+	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+sock)
+	var logs strings.Builder
+	cmd.Stdout, cmd.Stderr = &logs, &logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	waited := false
+	defer func() {
+		if !waited {
+			_ = cmd.Process.Kill()
+			<-exited
+		}
+	}()
+
+	// systemd hears READY=1 once the proxy serves.
+	buf := make([]byte, 256)
+	_ = notify.SetReadDeadline(time.Now().Add(30 * time.Second))
+	n, err := notify.Read(buf)
+	if err != nil {
+		t.Fatalf("no systemd notification within 30s: %v\nlogs:\n%s", err, logs.String())
+	}
+	if got := string(buf[:n]); got != "READY=1" {
+		t.Fatalf("systemd notification %q, want READY=1", got)
+	}
+
+	c, err := clientv3.New(clientv3.Config{Endpoints: []string{listen}, DialTimeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := c.Put(ctx, "k", "v"); err != nil {
+		t.Fatalf("put through the proxy: %v", err)
+	}
+	if r, err := c.Get(ctx, "k", clientv3.WithSerializable()); err != nil || len(r.Kvs) != 1 || string(r.Kvs[0].Value) != "v" {
+		t.Fatalf("get through the proxy: %v, %v", r, err)
+	}
+
+	for _, addr := range []string{listen, metrics} {
+		for _, path := range []string{"/health", "/proxy/health", "/metrics", "/proxy/metrics"} {
+			deadline := time.Now().Add(10 * time.Second)
+			for {
+				code, body, err := get("http://" + addr + path)
+				if err == nil && code == http.StatusOK {
+					if strings.HasSuffix(path, "metrics") && !strings.Contains(body, "etcdproxy_") {
+						t.Errorf("GET %s%s: no etcdproxy_ metric in the answer", addr, path)
+					}
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("GET %s%s: %d, %v", addr, path, code, err)
+				}
+				time.Sleep(100 * time.Millisecond)
+			}
+		}
+	}
+
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-exited:
+		waited = true
+		if err != nil {
+			t.Fatalf("exit after SIGTERM: %v\nlogs:\n%s", err, logs.String())
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatalf("still running 15s after SIGTERM\nlogs:\n%s", logs.String())
+	}
+}
+
+func get(url string) (int, string, error) {
+	c := http.Client{Timeout: 5 * time.Second}
+	resp, err := c.Get(url)
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return 0, "", err
+	}
+	return resp.StatusCode, string(b), nil
+}
