@@ -64,11 +64,14 @@ var (
 	mProxyMsS  = metric{name: "proxy CPU ms/s", better: lowerBetter}
 	mClientMsS = metric{name: "client CPU ms/s", better: lowerBetter}
 	mErrCode   = metric{name: "error code", text: true}
+	mClientCPU = metric{name: "bench client CPU µs/op", better: neutral}
+	mCacheHit  = metric{name: "etcdproxy cache hits %", better: neutral}
 )
 
 // metricOrder is the order of a workload's rows, whatever order the targets measured them in.
 var metricOrder = []metric{mCreateMs, mUpWatch, mUpStreams, mOps, mAttempts, mP50, mP99, mErrors, mLost, mDup,
-	mUnanswer, mRenewals, mErrCode, mEtcdCPU, mProxyCPU, mProxyMsS, mClientMsS, mProxyRSS, mEtcdRSS}
+	mUnanswer, mRenewals, mErrCode, mCacheHit, mEtcdCPU, mProxyCPU, mClientCPU, mProxyMsS, mClientMsS, mProxyRSS,
+	mEtcdRSS}
 
 func metricRank(m metric) int {
 	i := slices.IndexFunc(metricOrder, func(x metric) bool { return x.name == m.name })
@@ -451,8 +454,13 @@ const howToRead = `## How to read this
   and watch streams are etcd's own gauges (etcd_debugging_mvcc_watcher_total, etcd_debugging_mvcc_watch_stream_total)
   once every watcher is created, minus their value before: how much of the fan-out reaches etcd. Lost and
   duplicated events are counted per watcher by revision and must be 0.
-- The serializable get "hot" key set fits any cache; the "cold" one is read cyclically, so that no LRU cache
-  smaller than the key set ever hits.
+- **bench client CPU** is the benchmark process's own CPU per op (its gRPC clients; unary workloads). On this
+  machine the clients, etcd and the proxy share the same cores, so it bounds what any proxy can show: with the
+  proxy's own CPU at zero, a cached read could reach at most (client + direct etcd CPU) / client times direct
+  etcd's ops/s.
+- The serializable get "hot" key set fits any cache. The "cold" workload reads, in each round, a fresh stretch of
+  keys that no earlier round read, split between the clients, so every read is a first read and a cache cannot
+  answer it: **etcdproxy cache hits %** (its hit and miss counters over the window) shows it.
 - LeaseGrant with etcd down runs last: etcd is killed (SIGKILL), and N clients loop LeaseGrant with a 2 s deadline
   each. Fewer attempts and less CPU are better: a proxy that answers Unavailable at once makes clients spin.
 - Go micro-benchmarks of the hot paths (unary forwarding, the watch stream pump; etcd and etcdproxy in-process):

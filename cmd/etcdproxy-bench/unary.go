@@ -41,7 +41,9 @@ func (b *bench) unaryWorkloads() []workload {
 	p := b.plan
 	putKeys := keys("bench/put/", p.putKeys)
 	hotKeys := keys("bench/hot/", p.hotKeys)
-	coldKeys := keys("bench/cold/", p.coldKeys)
+	// The cold key set has a fresh stretch of p.coldKeys keys per round, so that no round reads a key an earlier
+	// round read (and that a cache which kept it could answer).
+	coldKeys := keys("bench/cold/", p.coldKeys*p.rounds)
 	var once sync.Once
 	var preloadErr error
 	preload := func(ctx context.Context) error {
@@ -58,32 +60,40 @@ func (b *bench) unaryWorkloads() []workload {
 			name:   fmt.Sprintf("put C=%d", clients),
 			rounds: p.rounds,
 			run: func(ctx context.Context, t *target, round int) (*measurement, error) {
-				return b.closedLoop(ctx, t, clients, func(ctx context.Context, cc *grpc.ClientConn, rng *rand.Rand, _ int) error {
+				return b.closedLoop(ctx, t, clients, func(ctx context.Context, cc *grpc.ClientConn, rng *rand.Rand, _, _ int) error {
 					_, err := pb.NewKVClient(cc).Put(ctx, &pb.PutRequest{Key: putKeys[rng.IntN(len(putKeys))], Value: value})
 					return err
 				})
 			},
 		}
 	}
-	get := func(name string, serializable bool, ks [][]byte, cyclic bool) workload {
+	get := func(name string, serializable bool, ks [][]byte, cold bool) workload {
 		return workload{
 			name:   name,
 			rounds: p.rounds,
 			setup:  preload,
 			run: func(ctx context.Context, t *target, round int) (*measurement, error) {
 				const clients = 16
-				return b.closedLoop(ctx, t, clients, func(ctx context.Context, cc *grpc.ClientConn, rng *rand.Rand, seq int) error {
+				// Cold: the round's own stretch of the key set, split between the clients; each client walks
+				// its part in order, so no key is read twice in the round unless a client wraps around its part
+				// (the cache hit row shows whether etcdproxy's cache ever answered).
+				stretch := ks
+				if cold {
+					n := len(ks) / p.rounds
+					stretch = ks[(round%p.rounds)*n : (round%p.rounds+1)*n]
+				}
+				part := len(stretch) / clients
+				m, err := b.closedLoop(ctx, t, clients, func(ctx context.Context, cc *grpc.ClientConn, rng *rand.Rand, c, i int) error {
 					var k []byte
-					if cyclic {
-						// Each client walks its own stretch of the key set; a least-recently-used cache smaller than
-						// the set never hits.
-						k = ks[seq%len(ks)]
+					if cold {
+						k = stretch[c*part+i%part]
 					} else {
-						k = ks[rng.IntN(len(ks))]
+						k = stretch[rng.IntN(len(stretch))]
 					}
 					_, err := pb.NewKVClient(cc).Range(ctx, &pb.RangeRequest{Key: k, Serializable: serializable})
 					return err
 				})
+				return m, err
 			},
 		}
 	}
@@ -92,7 +102,7 @@ func (b *bench) unaryWorkloads() []workload {
 		put(16),
 		get(fmt.Sprintf("get linearizable C=16 (%d keys)", p.hotKeys), false, hotKeys, false),
 		get(fmt.Sprintf("get serializable hot C=16 (%d keys)", p.hotKeys), true, hotKeys, false),
-		get(fmt.Sprintf("get serializable cold C=16 (%d keys)", p.coldKeys), true, coldKeys, true),
+		get(fmt.Sprintf("get serializable cold C=16 (%d fresh keys per round)", p.coldKeys), true, coldKeys, true),
 	}
 }
 
@@ -114,11 +124,12 @@ func (b *bench) preload(ctx context.Context, ks [][]byte) error {
 	return nil
 }
 
-// closedLoop runs op in a loop on clients clients, each with its own connection and random source. seq counts a
-// client's ops from a random start. Only ops started inside the window count; the CPU of etcd and the proxy is
-// measured over the same window.
+// closedLoop runs op in a loop on clients clients, each with its own connection and random source; op gets the
+// client's index and the number of ops it started before. Only ops started inside the window count; the CPU of
+// etcd, of the proxy and of this process (the clients), and etcdproxy's cache hits and misses, are measured over
+// the same window.
 func (b *bench) closedLoop(ctx context.Context, t *target, clients int,
-	op func(ctx context.Context, cc *grpc.ClientConn, rng *rand.Rand, seq int) error) (*measurement, error) {
+	op func(ctx context.Context, cc *grpc.ClientConn, rng *rand.Rand, client, seq int) error) (*measurement, error) {
 	conns, err := b.pool(t, clients)
 	if err != nil {
 		return nil, err
@@ -136,14 +147,13 @@ func (b *bench) closedLoop(ctx context.Context, t *target, clients int,
 			defer wg.Done()
 			rng := rand.New(rand.NewPCG(uint64(c), uint64(start.UnixNano())))
 			lats[c] = make([]time.Duration, 0, 1<<14)
-			base := rng.IntN(1 << 30)
 			for i := range maxOpsPerClient {
 				t0 := time.Now()
 				if t0.After(end) || ctx.Err() != nil {
 					return
 				}
 				octx, cancel := context.WithTimeout(ctx, opTimeout)
-				err := op(octx, conns[c], rng, base+i)
+				err := op(octx, conns[c], rng, c, i)
 				cancel()
 				d := time.Since(t0)
 				if t0.Before(warmEnd) {
@@ -161,9 +171,11 @@ func (b *bench) closedLoop(ctx context.Context, t *target, clients int,
 		}()
 	}
 	time.Sleep(time.Until(warmEnd))
+	cache0, cacheErr0 := b.cacheCounters(ctx, t)
 	pr := b.startProbe(t)
 	wg.Wait()
 	u := pr.stop()
+	cache1, cacheErr1 := b.cacheCounters(ctx, t)
 	if ctx.Err() != nil {
 		return nil, ctx.Err()
 	}
@@ -188,9 +200,32 @@ func (b *bench) closedLoop(ctx context.Context, t *target, clients int,
 	m.add(mOps, float64(len(all))/b.plan.window.Seconds())
 	latencyMetrics(m, all)
 	u.addCPU(m, float64(len(all)), false)
+	m.add(mClientCPU, float64(u.selfCPU.Microseconds())/float64(len(all)))
+	if cacheErr0 == nil && cacheErr1 == nil {
+		hits, misses := cache1[cacheHits]-cache0[cacheHits], cache1[cacheMisses]-cache0[cacheMisses]
+		if hits+misses > 0 {
+			m.add(mCacheHit, 100*hits/(hits+misses))
+		}
+	}
 	m.add(mErrors, float64(nerr))
 	if nerr > 0 {
 		m.note = fmt.Sprintf("%d errors, first: %v", nerr, first)
 	}
 	return m, nil
+}
+
+// etcdproxy's read cache counters (the ops of the window include the warmup's last ones, which is why the hit rate
+// of a hot workload can read slightly below 100).
+const (
+	cacheHits   = "etcdproxy_kvcache_hits_total"
+	cacheMisses = "etcdproxy_kvcache_misses_total"
+)
+
+// cacheCounters scrapes etcdproxy's cache counters from its HTTP endpoint (served on its gRPC port); other targets
+// have none.
+func (b *bench) cacheCounters(ctx context.Context, t *target) (map[string]float64, error) {
+	if t.name != etcdproxy {
+		return nil, errors.New("no cache counters")
+	}
+	return scrapeMetrics(ctx, "http://"+t.addr+"/metrics", cacheHits, cacheMisses)
 }
