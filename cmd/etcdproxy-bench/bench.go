@@ -197,7 +197,7 @@ type workload struct {
 func (b *bench) workloads() []workload {
 	ws := b.unaryWorkloads()
 	ws = append(ws, b.watchWorkloads()...)
-	ws = append(ws, b.keepAliveWorkload())
+	ws = append(ws, b.keepAliveWorkload(), b.expiryWorkload())
 	// Last: it kills etcd.
 	ws = append(ws, b.etcdDownWorkload())
 	return ws

@@ -45,31 +45,35 @@ func (m metric) label() string {
 }
 
 var (
-	mOps       = metric{name: "ops/s", better: higherBetter}
-	mP50       = metric{name: "p50 ms", better: lowerBetter}
-	mP99       = metric{name: "p99 ms", better: lowerBetter}
-	mErrors    = metric{name: "errors", better: lowerBetter, agg: sum}
-	mEtcdCPU   = metric{name: "etcd CPU µs/op", better: lowerBetter}
-	mProxyCPU  = metric{name: "proxy CPU µs/op", better: lowerBetter}
-	mProxyRSS  = metric{name: "proxy peak RSS MB", better: lowerBetter}
-	mEtcdRSS   = metric{name: "etcd peak RSS MB", better: lowerBetter}
-	mCreateMs  = metric{name: "create all ms", better: lowerBetter}
-	mUpWatch   = metric{name: "etcd watchers", better: lowerBetter}
-	mUpStreams = metric{name: "etcd watch streams", better: lowerBetter}
-	mLost      = metric{name: "events lost (must be 0)", better: lowerBetter, agg: sum}
-	mDup       = metric{name: "events duplicated (must be 0)", better: lowerBetter, agg: sum}
-	mRenewals  = metric{name: "etcd renewals/s", better: neutral}
-	mUnanswer  = metric{name: "keepalives unanswered", better: lowerBetter, agg: sum}
-	mAttempts  = metric{name: "attempts/s per client", better: lowerBetter}
-	mProxyMsS  = metric{name: "proxy CPU ms/s", better: lowerBetter}
-	mClientMsS = metric{name: "client CPU ms/s", better: lowerBetter}
-	mErrCode   = metric{name: "error code", text: true}
-	mClientCPU = metric{name: "bench client CPU µs/op", better: neutral}
-	mCacheHit  = metric{name: "etcdproxy cache hits %", better: neutral}
+	mOps        = metric{name: "ops/s", better: higherBetter}
+	mP50        = metric{name: "p50 ms", better: lowerBetter}
+	mP99        = metric{name: "p99 ms", better: lowerBetter}
+	mErrors     = metric{name: "errors", better: lowerBetter, agg: sum}
+	mEtcdCPU    = metric{name: "etcd CPU µs/op", better: lowerBetter}
+	mProxyCPU   = metric{name: "proxy CPU µs/op", better: lowerBetter}
+	mProxyRSS   = metric{name: "proxy peak RSS MB", better: lowerBetter}
+	mEtcdRSS    = metric{name: "etcd peak RSS MB", better: lowerBetter}
+	mCreateMs   = metric{name: "create all ms", better: lowerBetter}
+	mUpWatch    = metric{name: "etcd watchers", better: lowerBetter}
+	mUpStreams  = metric{name: "etcd watch streams", better: lowerBetter}
+	mLost       = metric{name: "events lost (must be 0)", better: lowerBetter, agg: sum}
+	mDup        = metric{name: "events duplicated (must be 0)", better: lowerBetter, agg: sum}
+	mRenewals   = metric{name: "etcd renewals/s", better: neutral}
+	mUnanswer   = metric{name: "keepalives unanswered", better: lowerBetter, agg: sum}
+	mAttempts   = metric{name: "attempts/s per client", better: lowerBetter}
+	mProxyMsS   = metric{name: "proxy CPU ms/s", better: lowerBetter}
+	mClientMsS  = metric{name: "client CPU ms/s", better: lowerBetter}
+	mErrCode    = metric{name: "error code", text: true}
+	mClientCPU  = metric{name: "bench client CPU µs/op", better: neutral}
+	mCacheHit   = metric{name: "etcdproxy cache hits %", better: neutral}
+	mExpiryP50  = metric{name: "expiry after last keepalive p50 s", better: lowerBetter}
+	mExpiryMax  = metric{name: "expiry after last keepalive max s", better: lowerBetter}
+	mNotExpired = metric{name: "leases not expired within 3×TTL (must be 0)", better: lowerBetter, agg: sum}
 )
 
 // metricOrder is the order of a workload's rows, whatever order the targets measured them in.
-var metricOrder = []metric{mCreateMs, mUpWatch, mUpStreams, mOps, mAttempts, mP50, mP99, mErrors, mLost, mDup,
+var metricOrder = []metric{mCreateMs, mUpWatch, mUpStreams, mOps, mAttempts, mP50, mP99, mExpiryP50, mExpiryMax,
+	mNotExpired, mErrors, mLost, mDup,
 	mUnanswer, mRenewals, mErrCode, mCacheHit, mEtcdCPU, mProxyCPU, mClientCPU, mProxyMsS, mClientMsS, mProxyRSS,
 	mEtcdRSS}
 
@@ -461,6 +465,10 @@ const howToRead = `## How to read this
 - The serializable get "hot" key set fits any cache. The "cold" workload reads, in each round, a fresh stretch of
   keys that no earlier round read, split between the clients, so every read is a first read and a cache cannot
   answer it: **etcdproxy cache hits %** (its hit and miss counters over the window) shows it.
+- Lease expiry: leases (TTL 3 s) granted straight at etcd, each with a key, are kept alive through the target
+  (5 keepalives 500 ms apart), then the client goes away; a watch straight at etcd times each key's deletion from
+  the lease's last keepalive request. etcd itself expires a lease TTL after its last renewal, give or take its
+  500 ms expiry check; a proxy that renews leases on its own keeps them longer.
 - LeaseGrant with etcd down runs last: etcd is killed (SIGKILL), and N clients loop LeaseGrant with a 2 s deadline
   each. Fewer attempts and less CPU are better: a proxy that answers Unavailable at once makes clients spin.
 - Go micro-benchmarks of the hot paths (unary forwarding, the watch stream pump; etcd and etcdproxy in-process):
