@@ -42,10 +42,10 @@ func (x *index) add(e *entry) {
 	x.ranges[e] = struct{}{}
 }
 
-// remove takes e out of the index. Called with x.mu held.
-func (x *index) remove(e *entry) {
+// remove takes e out of the index and reports whether it was there. Called with x.mu held.
+func (x *index) remove(e *entry) bool {
 	if x.byCacheKey[e.key] != e {
-		return // replaced already
+		return false // replaced or invalidated already
 	}
 	delete(x.byCacheKey, e.key)
 	if e.end == "" {
@@ -55,16 +55,21 @@ func (x *index) remove(e *entry) {
 				delete(x.byKey, e.start)
 			}
 		}
-		return
+		return true
 	}
 	delete(x.ranges, e)
+	return true
 }
 
-// evicted is ccache's OnDelete callback.
+// evicted is ccache's OnDelete callback. ccache calls it for every entry it drops: evicted to stay within size,
+// deleted by an invalidation, or replaced. The last two are out of the index already, so an entry still in it was
+// evicted.
 func (x *index) evicted(item *ccache.Item[*entry]) {
 	x.mu.Lock()
 	defer x.mu.Unlock()
-	x.remove(item.Value())
+	if x.remove(item.Value()) {
+		evictions.Inc()
+	}
 }
 
 // covering returns the entries whose range holds key, and takes them out of the index.

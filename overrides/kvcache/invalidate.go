@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -39,11 +40,89 @@ type invalidator struct {
 	gen      atomic.Uint64
 	pos      int64         // every write up to pos has been applied to the cache
 	advanced chan struct{} // closed (and replaced) whenever pos advances or the watch stops
+
+	// Attribution of invalidations to their source (mu protects these too): a write through this proxy
+	// ("local") or any other ("remote"). The watch may apply a local write before the write's response reaches
+	// the proxy, so an invalidation applied while local writes are in flight waits in pending until each of them
+	// has reported its revision.
+	writeSeq  uint64              // sequence numbers of local writes, in start order
+	inFlight  map[uint64]struct{} // local writes started and not yet ended
+	localRevs map[int64]struct{}  // revisions of ended local writes that the watch has not reached
+	pending   []pendingInvalidation
+}
+
+// pendingInvalidation is n invalidations at revision rev, applied while the local writes up to seq were in flight.
+type pendingInvalidation struct {
+	rev int64
+	n   int
+	seq uint64
+}
+
+// maxPending bounds the invalidations that wait for attribution; past it the oldest are counted as remote.
+const maxPending = 10000
+
+// beginWrite registers a local write about to be forwarded; its endWrite must follow.
+func (inv *invalidator) beginWrite() uint64 {
+	inv.mu.Lock()
+	defer inv.mu.Unlock()
+	inv.writeSeq++
+	inv.inFlight[inv.writeSeq] = struct{}{}
+	return inv.writeSeq
+}
+
+// endWrite ends the local write seq, which wrote at revision rev (0: it failed or wrote nothing), and settles the
+// invalidations that waited for it.
+func (inv *invalidator) endWrite(seq uint64, rev int64) {
+	inv.mu.Lock()
+	defer inv.mu.Unlock()
+	delete(inv.inFlight, seq)
+	if rev > inv.pos {
+		inv.localRevs[rev] = struct{}{}
+	}
+	oldest := inv.writeSeq + 1 // the oldest local write still in flight
+	for s := range inv.inFlight {
+		oldest = min(oldest, s)
+	}
+	kept := inv.pending[:0]
+	for _, p := range inv.pending {
+		switch {
+		case rev > 0 && p.rev == rev:
+			invalidations.WithLabelValues("local").Add(float64(p.n))
+		case p.seq < oldest: // every write that could have made it has reported another revision
+			invalidations.WithLabelValues("remote").Add(float64(p.n))
+		default:
+			kept = append(kept, p)
+		}
+	}
+	clear(inv.pending[len(kept):])
+	inv.pending = kept
+}
+
+// attribute counts n invalidations made by the events of revision rev. Called with inv.mu held.
+func (inv *invalidator) attribute(rev int64, n int) {
+	switch {
+	case n == 0:
+	case hasKey(inv.localRevs, rev):
+		invalidations.WithLabelValues("local").Add(float64(n))
+	case len(inv.inFlight) > 0:
+		if len(inv.pending) == maxPending {
+			invalidations.WithLabelValues("remote").Add(float64(inv.pending[0].n))
+			inv.pending = slices.Delete(inv.pending, 0, 1)
+		}
+		inv.pending = append(inv.pending, pendingInvalidation{rev: rev, n: n, seq: inv.writeSeq})
+	default:
+		invalidations.WithLabelValues("remote").Add(float64(n))
+	}
+}
+
+func hasKey[K comparable, V any](m map[K]V, k K) bool {
+	_, ok := m[k]
+	return ok
 }
 
 func newInvalidator(cc grpc.ClientConnInterface, kv *KV, lg *zap.Logger) *invalidator {
 	inv := &invalidator{watch: pb.NewWatchClient(cc), kv: kv, logger: lg, done: make(chan struct{}),
-		advanced: make(chan struct{})}
+		advanced: make(chan struct{}), inFlight: map[uint64]struct{}{}, localRevs: map[int64]struct{}{}}
 	inv.ctx, inv.cancel = context.WithCancel(context.Background())
 	return inv
 }
@@ -134,15 +213,26 @@ func (inv *invalidator) apply(resp *pb.WatchResponse) {
 	inv.mu.Lock()
 	defer inv.mu.Unlock()
 	rev := resp.Header.GetRevision()
+	n, at := 0, int64(0) // invalidations made by the events of revision at
 	for _, ev := range resp.Events {
+		if ev.Kv.ModRevision != at {
+			inv.attribute(at, n)
+			n, at = 0, ev.Kv.ModRevision
+		}
 		for _, e := range inv.kv.index.covering(string(ev.Kv.Key)) {
 			inv.kv.cache.Delete(e.key)
-			invalidations.Inc()
+			n++
 		}
 		rev = max(rev, ev.Kv.ModRevision)
 	}
+	inv.attribute(at, n)
 	if rev > inv.pos {
 		inv.pos = rev
+		for r := range inv.localRevs {
+			if r <= rev {
+				delete(inv.localRevs, r)
+			}
+		}
 		close(inv.advanced)
 		inv.advanced = make(chan struct{})
 	}

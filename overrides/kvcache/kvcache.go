@@ -161,29 +161,63 @@ func (k *KV) Range(ctx context.Context, req *pb.RangeRequest) (*pb.RangeResponse
 
 // Put forwards the write and returns once the cache has seen it.
 func (k *KV) Put(ctx context.Context, req *pb.PutRequest) (*pb.PutResponse, error) {
-	resp, err := k.KVServer.Put(ctx, req)
-	if err == nil {
-		k.watch.await(ctx, resp.Header.GetRevision())
-	}
-	return resp, err
+	return write(ctx, k, func() (*pb.PutResponse, error) { return k.KVServer.Put(ctx, req) },
+		func(*pb.PutResponse) bool { return true })
 }
 
 // DeleteRange forwards the write and returns once the cache has seen it.
 func (k *KV) DeleteRange(ctx context.Context, req *pb.DeleteRangeRequest) (*pb.DeleteRangeResponse, error) {
-	resp, err := k.KVServer.DeleteRange(ctx, req)
-	if err == nil {
-		k.watch.await(ctx, resp.Header.GetRevision())
-	}
-	return resp, err
+	return write(ctx, k, func() (*pb.DeleteRangeResponse, error) { return k.KVServer.DeleteRange(ctx, req) },
+		func(r *pb.DeleteRangeResponse) bool { return r.Deleted > 0 })
 }
 
 // Txn forwards the transaction; one that wrote (in either branch, at any depth) returns once the cache has seen it.
 func (k *KV) Txn(ctx context.Context, req *pb.TxnRequest) (*pb.TxnResponse, error) {
-	resp, err := k.KVServer.Txn(ctx, req)
-	if err == nil && writes(req) {
-		k.watch.await(ctx, resp.Header.GetRevision())
+	if !writes(req) {
+		return k.KVServer.Txn(ctx, req)
+	}
+	return write(ctx, k, func() (*pb.TxnResponse, error) { return k.KVServer.Txn(ctx, req) },
+		func(r *pb.TxnResponse) bool { return wrote(req, r) })
+}
+
+// write runs call, a write through the proxy, and returns once the cache has seen its revision. wrote reports
+// whether a successful call changed a key (for the attribution of invalidations to this proxy's writes).
+func write[R interface{ GetHeader() *pb.ResponseHeader }](ctx context.Context, k *KV, call func() (R, error),
+	wrote func(R) bool) (R, error) {
+	seq := k.watch.beginWrite()
+	resp, err := call()
+	var rev int64
+	if err == nil && wrote(resp) {
+		rev = resp.GetHeader().GetRevision()
+	}
+	k.watch.endWrite(seq, rev)
+	if err == nil {
+		k.watch.await(ctx, resp.GetHeader().GetRevision())
 	}
 	return resp, err
+}
+
+// wrote reports whether the branch of r that ran (with its nested Txns) changed a key, as resp reports.
+func wrote(r *pb.TxnRequest, resp *pb.TxnResponse) bool {
+	ops := r.Failure
+	if resp.Succeeded {
+		ops = r.Success
+	}
+	for i, op := range ops {
+		if i >= len(resp.Responses) {
+			return true // not etcd's shape: assume it wrote
+		}
+		out := resp.Responses[i]
+		switch {
+		case op.GetRequestPut() != nil:
+			return true
+		case op.GetRequestDeleteRange() != nil && out.GetResponseDeleteRange().GetDeleted() > 0:
+			return true
+		case op.GetRequestTxn() != nil && out.GetResponseTxn() != nil && wrote(op.GetRequestTxn(), out.GetResponseTxn()):
+			return true
+		}
+	}
+	return false
 }
 
 // writes reports whether a Txn may write: any Put or DeleteRange in either branch, nested Txns included.
@@ -212,9 +246,7 @@ func NewLease(base pb.LeaseServer, kv *KV) *Lease { return &Lease{LeaseServer: b
 
 // LeaseRevoke forwards the call and returns once the cache has seen its revision.
 func (l *Lease) LeaseRevoke(ctx context.Context, req *pb.LeaseRevokeRequest) (*pb.LeaseRevokeResponse, error) {
-	resp, err := l.LeaseServer.LeaseRevoke(ctx, req)
-	if err == nil {
-		l.kv.watch.await(ctx, resp.Header.GetRevision())
-	}
-	return resp, err
+	// The response does not tell whether the lease had keys: count it as a write.
+	return write(ctx, l.kv, func() (*pb.LeaseRevokeResponse, error) { return l.LeaseServer.LeaseRevoke(ctx, req) },
+		func(*pb.LeaseRevokeResponse) bool { return true })
 }

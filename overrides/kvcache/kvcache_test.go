@@ -12,6 +12,7 @@ import (
 
 	"github.com/etcdproxy/etcdproxy/internal/embedetcd"
 	"github.com/etcdproxy/etcdproxy/internal/proxytest"
+	"github.com/etcdproxy/etcdproxy/proxy"
 	"go.etcd.io/etcd/api/v3/authpb"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.uber.org/goleak"
@@ -395,4 +396,85 @@ func TestPermissionRevoked(t *testing.T) {
 	proxytest.Eventually(t, 5*time.Second, func() bool { return read() != nil },
 		"alice still read a1 through the cache 5s after her permission was revoked elsewhere")
 	t.Logf("a permission revoked elsewhere stopped being served after %v", time.Since(revoked).Round(time.Millisecond))
+}
+
+// TestInvalidationSources: an entry dropped because of a write through this proxy counts as a local
+// invalidation, one dropped because of a write made elsewhere as remote, whichever of the write's response and the
+// watch's event reaches the proxy first.
+func TestInvalidationSources(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{})
+	ctx := timeout(t, 30*time.Second)
+	source := func(s string) float64 {
+		return proxytest.Gauge(t, "etcdproxy_kvcache_invalidations_total", "source", s)
+	}
+	req := &pb.RangeRequest{Key: []byte("src/a"), Serializable: true}
+	cache := func() {
+		t.Helper()
+		proxytest.Eventually(t, 5*time.Second, func() bool {
+			before := hits(t)
+			get(t, ctx, e.Via, req)
+			return hits(t) == before+1
+		}, "src/a is not served from the cache")
+	}
+	kv := pb.NewKVClient(e.Via)
+	put(t, ctx, e.Direct, "src/a", "v0")
+	for i, w := range []func() error{
+		func() error {
+			_, err := kv.Put(ctx, &pb.PutRequest{Key: []byte("src/a"), Value: []byte("v1")})
+			return err
+		},
+		func() error { _, err := kv.DeleteRange(ctx, &pb.DeleteRangeRequest{Key: []byte("src/a")}); return err },
+		func() error { // the write inside a nested Txn, in the branch that runs
+			inner := &pb.TxnRequest{Success: []*pb.RequestOp{{Request: &pb.RequestOp_RequestPut{
+				RequestPut: &pb.PutRequest{Key: []byte("src/a"), Value: []byte("v3")}}}}}
+			_, err := kv.Txn(ctx, &pb.TxnRequest{Success: []*pb.RequestOp{{Request: &pb.RequestOp_RequestTxn{RequestTxn: inner}}}})
+			return err
+		},
+	} {
+		cache()
+		local0, remote0 := source("local"), source("remote")
+		if err := w(); err != nil {
+			t.Fatal(err)
+		}
+		if got := source("local") - local0; got != 1 {
+			t.Errorf("write %d through the proxy: %v local invalidations, want 1", i, got)
+		}
+		if got := source("remote") - remote0; got != 0 {
+			t.Errorf("write %d through the proxy: %v remote invalidations, want 0", i, got)
+		}
+	}
+
+	cache()
+	local0, remote0 := source("local"), source("remote")
+	put(t, ctx, e.Direct, "src/a", "v4")
+	proxytest.Eventually(t, 5*time.Second, func() bool { return source("remote")-remote0 == 1 },
+		"a write straight to etcd: %v remote invalidations, want 1", source("remote")-remote0)
+	if got := source("local") - local0; got != 0 {
+		t.Errorf("a write straight to etcd: %v local invalidations, want 0", got)
+	}
+}
+
+// TestEvictions: a cache over its size evicts entries, counts them, and its index keeps in step.
+func TestEvictions(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) { c.KVCache.MaxBytes = 4 << 10 }})
+	ctx := timeout(t, 30*time.Second)
+	const n = 200
+	for i := range n {
+		put(t, ctx, e.Direct, fmt.Sprintf("ev/%03d", i), "v")
+	}
+	before := proxytest.Gauge(t, "etcdproxy_kvcache_evictions_total")
+	for i := range n {
+		get(t, ctx, e.Via, &pb.RangeRequest{Key: []byte(fmt.Sprintf("ev/%03d", i)), Serializable: true})
+	}
+	proxytest.Eventually(t, 5*time.Second, func() bool {
+		return proxytest.Gauge(t, "etcdproxy_kvcache_evictions_total") > before
+	}, "no eviction counted after %d distinct reads into a 4 KiB cache", n)
+	if got := proxytest.Gauge(t, "etcdproxy_kvcache_entries"); got >= n {
+		t.Errorf("%v entries after %d reads into a 4 KiB cache", got, n)
+	}
+	// Evicted keys are read again from etcd, with the right value.
+	put(t, ctx, e.Direct, "ev/000", "new")
+	proxytest.Eventually(t, 5*time.Second, func() bool {
+		return value(get(t, ctx, e.Via, &pb.RangeRequest{Key: []byte("ev/000"), Serializable: true})) == "new"
+	}, "ev/000 still reads its old value")
 }

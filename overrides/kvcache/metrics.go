@@ -15,9 +15,14 @@ var (
 		Namespace: "etcdproxy", Subsystem: "kvcache", Name: "misses_total",
 		Help: "Cacheable Range requests forwarded to etcd (not cached, expired, invalidated, or the cache not live).",
 	})
-	invalidations = prometheus.NewCounter(prometheus.CounterOpts{
+	invalidations = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "etcdproxy", Subsystem: "kvcache", Name: "invalidations_total",
-		Help: "Entries dropped because a key in their range was written (seen by the invalidation watch).",
+		Help: "Entries dropped because a key in their range was written, seen by the invalidation watch; source is " +
+			"local for a write made through this proxy, remote for any other.",
+	}, []string{"source"})
+	evictions = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "etcdproxy", Subsystem: "kvcache", Name: "evictions_total",
+		Help: "Entries ccache evicted to keep the cache within its size (invalidations and flushes not counted).",
 	})
 	flushes = prometheus.NewCounter(prometheus.CounterOpts{
 		Namespace: "etcdproxy", Subsystem: "kvcache", Name: "flushes_total",
@@ -48,5 +53,8 @@ var (
 )
 
 func init() {
-	prometheus.MustRegister(hits, misses, invalidations, flushes, entries, cacheLive, writeWait)
+	prometheus.MustRegister(hits, misses, invalidations, evictions, flushes, entries, cacheLive, writeWait)
+	for _, source := range []string{"local", "remote"} {
+		invalidations.WithLabelValues(source)
+	}
 }
