@@ -3,6 +3,7 @@ package kvcache
 import (
 	"fmt"
 	"testing"
+	"time"
 
 	"github.com/karlseguin/ccache/v3"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
@@ -57,5 +58,23 @@ func TestContains(t *testing.T) {
 		if got := contains(tc.start, tc.end, tc.key); got != tc.want {
 			t.Errorf("contains(%q, %q, %q) = %v", tc.start, tc.end, tc.key, got)
 		}
+	}
+}
+
+// TestKeepThenEvict: entries that ccache evicts as soon as it has them (a cache a few entries large, pruned whole)
+// leave the index too, so it never holds entries the cache has dropped.
+func TestKeepThenEvict(t *testing.T) {
+	k := &KV{index: newIndex(), opts: Options{TTL: time.Minute}}
+	k.cache = ccache.New(ccache.Configure[*entry]().MaxSize(5).ItemsToPrune(500).OnDelete(k.index.evicted))
+	defer k.cache.Stop()
+	for i := 0; i < 20000; i++ {
+		key := fmt.Sprint("k", i)
+		k.keep(&entry{key: key, start: key, resp: &pb.RangeResponse{}, size: 1})
+	}
+	k.cache.SyncUpdates()
+	k.cache.GC()
+	k.cache.SyncUpdates()
+	if got, cached := k.index.len(), k.cache.ItemCount(); got > cached {
+		t.Errorf("the index holds %d entries, the cache %d: the index kept entries ccache evicted", got, cached)
 	}
 }

@@ -152,11 +152,17 @@ func (k *KV) Range(ctx context.Context, req *pb.RangeRequest) (*pb.RangeResponse
 	}
 	e := &entry{key: key, resp: resp, start: string(req.Key), end: string(req.RangeEnd), gen: gen,
 		size: int64(proto.Size(resp) + len(key))}
-	k.watch.store(e, resp.Header.GetRevision(), func() {
-		k.cache.Set(key, e, k.opts.TTL)
-		k.index.add(e)
-	})
+	k.watch.store(e, resp.Header.GetRevision(), func() { k.keep(e) })
 	return resp, nil
+}
+
+// keep stores e: in the index first, then in ccache. ccache may evict e as soon as it has it (its worker prunes
+// from another goroutine, the whole list when a few large entries exceed the size), and an eviction takes e out
+// of the index only if e is in it already; the other order could index an entry ccache has dropped, for good.
+// Called under the invalidator's lock, so no invalidation runs between the two.
+func (k *KV) keep(e *entry) {
+	k.index.add(e)
+	k.cache.Set(e.key, e, k.opts.TTL)
 }
 
 // Put forwards the write and returns once the cache has seen it.
