@@ -25,6 +25,8 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zapgrpc"
+	"google.golang.org/grpc/grpclog"
 )
 
 // startFlags are the flags of `etcdproxy start`. Names and defaults follow `etcd grpc-proxy start`, except where a
@@ -85,7 +87,7 @@ one command gives a working endpoint, for trying it out and for development.`,
 	fs.StringVar(&f.listenAddr, "listen-addr", "127.0.0.1:23790", "listen address")
 	fs.StringVar(&f.advertiseClientURL, "advertise-client-url", "127.0.0.1:23790", "advertise address to register (must be reachable by client); logged at start, used for registration with --resolver-prefix once that is supported")
 	fs.StringVar(&f.dataDir, "data-dir", "default.proxy", "data directory for persistent data (the embedded etcd's data with --embedded-etcd)")
-	fs.BoolVar(&f.debug, "debug", false, "enable debug-level logging")
+	fs.BoolVar(&f.debug, "debug", false, "enable debug-level logging, gRPC's own logs included")
 	fs.IntVar(&f.maxSendBytes, "max-send-bytes", 0, "upstream message send limit in bytes; 0 (the default) leaves the limit to etcd's --max-request-bytes, so an oversized request gets etcd's own error (etcd grpc-proxy defaults to 1.5 MiB and answers requests between its limit and etcd's with a different, client-side error)")
 	fs.IntVar(&f.maxRecvBytes, "max-recv-bytes", math.MaxInt32, "upstream message receive limit in bytes")
 	fs.Uint32Var(&f.maxConcurrentStreams, "max-concurrent-streams", math.MaxUint32, "maximum concurrent streams that each client can open at a time (applied to the proxy's gRPC server)")
@@ -118,6 +120,10 @@ func runStart(f *startFlags) error {
 		return err
 	}
 	defer func() { _ = lg.Sync() }()
+	if f.debug {
+		// As etcd grpc-proxy does with --debug: gRPC's own logs go to the proxy's log. Done before any gRPC use.
+		grpclog.SetLoggerV2(zapgrpc.NewLogger(lg.Named("grpc")))
+	}
 
 	endpoints := f.endpoints
 	if f.embeddedEtcd {

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -54,8 +55,8 @@ func TestStrayArgument(t *testing.T) {
 }
 
 // TestBinary runs the built binary as an operator would with etcd grpc-proxy's flags: in front of an embedded etcd,
-// metrics on an http:// URL, under a systemd notify socket. It must tell systemd it is ready, serve the etcd API,
-// health and metrics on both addresses, and exit 0 on SIGTERM.
+// metrics on an http:// URL, --debug, under a systemd notify socket. It must tell systemd it is ready, serve the
+// etcd API, health and metrics on both addresses, log gRPC's own lines, and exit 0 on SIGTERM.
 func TestBinary(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds and runs the binary")
@@ -84,10 +85,10 @@ func TestBinary(t *testing.T) {
 	cmd := exec.Command(bin, "start", "--embedded-etcd", "--data-dir", filepath.Join(dir, "data"),
 		"--embedded-etcd-client-url", fmt.Sprintf("http://127.0.0.1:%d", ports[2]),
 		"--embedded-etcd-peer-url", fmt.Sprintf("http://127.0.0.1:%d", ports[3]),
-		"--listen-addr", listen, "--metrics-addr", "http://"+metrics)
+		"--listen-addr", listen, "--metrics-addr", "http://"+metrics, "--debug")
 	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+sock)
-	var logs strings.Builder
-	cmd.Stdout, cmd.Stderr = &logs, &logs
+	logs := &lockedBuffer{}
+	cmd.Stdout, cmd.Stderr = logs, logs
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -145,6 +146,10 @@ func TestBinary(t *testing.T) {
 		}
 	}
 
+	if !strings.Contains(logs.String(), `"logger":"grpc"`) {
+		t.Errorf("--debug: no gRPC log line in the proxy's log")
+	}
+
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
@@ -171,4 +176,22 @@ func get(url string) (int, string, error) {
 		return 0, "", err
 	}
 	return resp.StatusCode, string(b), nil
+}
+
+// lockedBuffer collects the process's output while the test reads it.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
