@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"io"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -43,17 +42,17 @@ type invalidator struct {
 
 	// Attribution of invalidations to their source (mu protects these too): a write through this proxy
 	// ("local") or any other ("remote"). The watch may apply a local write before the write's response reaches
-	// the proxy, so an invalidation applied while local writes are in flight waits in pending until each of them
-	// has reported its revision.
+	// the proxy, so an invalidation applied while local writes are in flight waits in pending until the write
+	// whose revision it is reports it (local), or every write that was in flight then has ended (remote).
 	writeSeq  uint64              // sequence numbers of local writes, in start order
 	inFlight  map[uint64]struct{} // local writes started and not yet ended
-	localRevs map[int64]struct{}  // revisions of ended local writes that the watch has not reached
-	pending   []pendingInvalidation
+	localRevs map[int64]struct{}  // revisions of ended local writes that the live watch has not reached
+	pending   map[int64]pendingInvalidation
+	queue     []int64 // revisions of pending, in the order applied (so by seq); settled ones are skipped
 }
 
-// pendingInvalidation is n invalidations at revision rev, applied while the local writes up to seq were in flight.
+// pendingInvalidation is n invalidations at one revision, applied while the local writes up to seq were in flight.
 type pendingInvalidation struct {
-	rev int64
 	n   int
 	seq uint64
 }
@@ -61,7 +60,7 @@ type pendingInvalidation struct {
 // maxPending bounds the invalidations that wait for attribution; past it the oldest are counted as remote.
 const maxPending = 10000
 
-// beginWrite registers a local write about to be forwarded; its endWrite must follow.
+// beginWrite registers a local write about to be forwarded; its endWrite must follow, whatever happens.
 func (inv *invalidator) beginWrite() uint64 {
 	inv.mu.Lock()
 	defer inv.mu.Unlock()
@@ -70,32 +69,42 @@ func (inv *invalidator) beginWrite() uint64 {
 	return inv.writeSeq
 }
 
-// endWrite ends the local write seq, which wrote at revision rev (0: it failed or wrote nothing), and settles the
-// invalidations that waited for it.
+// endWrite ends the local write seq, which wrote at revision rev (0: it failed, or did not say what it wrote), and
+// settles the invalidations that waited for it.
 func (inv *invalidator) endWrite(seq uint64, rev int64) {
 	inv.mu.Lock()
 	defer inv.mu.Unlock()
 	delete(inv.inFlight, seq)
-	if rev > inv.pos {
-		inv.localRevs[rev] = struct{}{}
+	if p, ok := inv.pending[rev]; ok && rev > 0 {
+		invalidations.WithLabelValues("local").Add(float64(p.n))
+		delete(inv.pending, rev)
+	} else if rev > inv.pos && inv.live.Load() {
+		inv.localRevs[rev] = struct{}{} // its events are still to come
 	}
 	oldest := inv.writeSeq + 1 // the oldest local write still in flight
 	for s := range inv.inFlight {
 		oldest = min(oldest, s)
 	}
-	kept := inv.pending[:0]
-	for _, p := range inv.pending {
-		switch {
-		case rev > 0 && p.rev == rev:
-			invalidations.WithLabelValues("local").Add(float64(p.n))
-		case p.seq < oldest: // every write that could have made it has reported another revision
-			invalidations.WithLabelValues("remote").Add(float64(p.n))
-		default:
-			kept = append(kept, p)
+	// Whatever waited only for writes that have all ended now is remote.
+	for len(inv.queue) > 0 {
+		p, ok := inv.pending[inv.queue[0]]
+		if ok && p.seq >= oldest {
+			break
 		}
+		inv.settleFront()
 	}
-	clear(inv.pending[len(kept):])
-	inv.pending = kept
+}
+
+// settleFront counts the oldest queued invalidation as remote, unless it was settled already. Called with inv.mu
+// held.
+func (inv *invalidator) settleFront() {
+	rev := inv.queue[0]
+	inv.queue[0] = 0
+	inv.queue = inv.queue[1:]
+	if p, ok := inv.pending[rev]; ok {
+		invalidations.WithLabelValues("remote").Add(float64(p.n))
+		delete(inv.pending, rev)
+	}
 }
 
 // attribute counts n invalidations made by the events of revision rev. Called with inv.mu held.
@@ -105,11 +114,14 @@ func (inv *invalidator) attribute(rev int64, n int) {
 	case hasKey(inv.localRevs, rev):
 		invalidations.WithLabelValues("local").Add(float64(n))
 	case len(inv.inFlight) > 0:
-		if len(inv.pending) == maxPending {
-			invalidations.WithLabelValues("remote").Add(float64(inv.pending[0].n))
-			inv.pending = slices.Delete(inv.pending, 0, 1)
+		for len(inv.pending) >= maxPending || len(inv.queue) >= 2*maxPending {
+			inv.settleFront()
 		}
-		inv.pending = append(inv.pending, pendingInvalidation{rev: rev, n: n, seq: inv.writeSeq})
+		p := inv.pending[rev]
+		if p.n == 0 {
+			inv.queue = append(inv.queue, rev)
+		}
+		inv.pending[rev] = pendingInvalidation{n: p.n + n, seq: inv.writeSeq}
 	default:
 		invalidations.WithLabelValues("remote").Add(float64(n))
 	}
@@ -122,7 +134,8 @@ func hasKey[K comparable, V any](m map[K]V, k K) bool {
 
 func newInvalidator(cc grpc.ClientConnInterface, kv *KV, lg *zap.Logger) *invalidator {
 	inv := &invalidator{watch: pb.NewWatchClient(cc), kv: kv, logger: lg, done: make(chan struct{}),
-		advanced: make(chan struct{}), inFlight: map[uint64]struct{}{}, localRevs: map[int64]struct{}{}}
+		advanced: make(chan struct{}), inFlight: map[uint64]struct{}{}, localRevs: map[int64]struct{}{},
+		pending: map[int64]pendingInvalidation{}}
 	inv.ctx, inv.cancel = context.WithCancel(context.Background())
 	return inv
 }
@@ -199,6 +212,7 @@ func (inv *invalidator) setLive(live bool, pos int64) {
 	inv.flushLocked()
 	inv.live.Store(live)
 	inv.pos = pos
+	clear(inv.localRevs) // a new watch starts after them, or none runs
 	close(inv.advanced)
 	inv.advanced = make(chan struct{})
 	if live {

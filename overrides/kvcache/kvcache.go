@@ -191,12 +191,19 @@ func (k *KV) Txn(ctx context.Context, req *pb.TxnRequest) (*pb.TxnResponse, erro
 func write[R interface{ GetHeader() *pb.ResponseHeader }](ctx context.Context, k *KV, call func() (R, error),
 	wrote func(R) bool) (R, error) {
 	seq := k.watch.beginWrite()
-	resp, err := call()
 	var rev int64
+	ended := false
+	defer func() {
+		if !ended { // call panicked
+			k.watch.endWrite(seq, 0)
+		}
+	}()
+	resp, err := call()
 	if err == nil && wrote(resp) {
 		rev = resp.GetHeader().GetRevision()
 	}
 	k.watch.endWrite(seq, rev)
+	ended = true
 	if err == nil {
 		k.watch.await(ctx, resp.GetHeader().GetRevision())
 	}
@@ -252,7 +259,8 @@ func NewLease(base pb.LeaseServer, kv *KV) *Lease { return &Lease{LeaseServer: b
 
 // LeaseRevoke forwards the call and returns once the cache has seen its revision.
 func (l *Lease) LeaseRevoke(ctx context.Context, req *pb.LeaseRevokeRequest) (*pb.LeaseRevokeResponse, error) {
-	// The response does not tell whether the lease had keys: count it as a write.
+	// The response does not tell whether the lease had keys: its header revision is then the last write's, which
+	// may have been made elsewhere. So the keys a revoke deletes count as remote invalidations.
 	return write(ctx, l.kv, func() (*pb.LeaseRevokeResponse, error) { return l.LeaseServer.LeaseRevoke(ctx, req) },
-		func(*pb.LeaseRevokeResponse) bool { return true })
+		func(*pb.LeaseRevokeResponse) bool { return false })
 }
