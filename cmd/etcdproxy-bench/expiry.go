@@ -105,7 +105,8 @@ func (b *bench) expiryRound(ctx context.Context, t *target, prefix string) (*mea
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			sctx, scancel := context.WithCancel(ctx)
+			// Bounded, so that a target that never answers cannot hold the round.
+			sctx, scancel := context.WithTimeout(ctx, expiryKeepAlives*keepAliveInterval+opTimeout)
 			defer scancel() // the client goes away
 			st, err := pb.NewLeaseClient(conns[i%len(conns)]).LeaseKeepAlive(sctx)
 			if err != nil {
@@ -155,19 +156,20 @@ func (b *bench) expiryRound(ctx context.Context, t *target, prefix string) (*mea
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
-	b.revokeLeases(ids) // those that did not expire; the others are gone already
-	if ctx.Err() != nil {
-		return nil, ctx.Err()
-	}
-
+	// What expired by now, before the revoke below deletes the keys of the leases that did not.
 	mu.Lock()
-	defer mu.Unlock()
 	var after []time.Duration
 	for i := range ids {
 		if at, ok := deleted[fmt.Sprintf("%s%d", prefix, i)]; ok {
 			after = append(after, at.Sub(last[i]))
 		}
 	}
+	mu.Unlock()
+	b.revokeLeases(ids)
+	if ctx.Err() != nil {
+		return nil, ctx.Err()
+	}
+
 	m := &measurement{}
 	m.add(mNotExpired, float64(len(ids)-len(after)))
 	if len(after) > 0 {

@@ -463,8 +463,9 @@ const howToRead = `## How to read this
   proxy's own CPU at zero, a cached read could reach at most (client + direct etcd CPU) / client times direct
   etcd's ops/s.
 - The serializable get "hot" key set fits any cache. The "cold" workload reads, in each round, a fresh stretch of
-  keys that no earlier round read, split between the clients, so every read is a first read and a cache cannot
-  answer it: **etcdproxy cache hits %** (its hit and miss counters over the window) shows it.
+  keys that no earlier round read, split between the 16 clients, each walking its share in order; a read is a first
+  read unless a client gets through its whole share within the round (only above about 20,000 ops/s here).
+  **etcdproxy cache hits %** (its hit and miss counters over the window) shows whether the cache answered any.
 - Lease expiry: leases (TTL 3 s) granted straight at etcd, each with a key, are kept alive through the target
   (5 keepalives 500 ms apart), then the client goes away; a watch straight at etcd times each key's deletion from
   the lease's last keepalive request. etcd itself expires a lease TTL after its last renewal, give or take its

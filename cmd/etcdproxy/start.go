@@ -78,6 +78,11 @@ one command gives a working endpoint, for trying it out and for development.`,
 			if cmd.Flags().Changed("endpoints") && f.embeddedEtcd {
 				return errors.New("--endpoints and --embedded-etcd exclude each other: the embedded etcd is the upstream")
 			}
+			if f.metricsAddr != "" {
+				if _, err := metricsListenAddr(f.metricsAddr); err != nil {
+					return fmt.Errorf("--metrics-addr: %w", err)
+				}
+			}
 			return runStart(f)
 		},
 	}
@@ -91,9 +96,9 @@ one command gives a working endpoint, for trying it out and for development.`,
 	fs.IntVar(&f.maxSendBytes, "max-send-bytes", 0, "upstream message send limit in bytes; 0 (the default) leaves the limit to etcd's --max-request-bytes, so an oversized request gets etcd's own error (etcd grpc-proxy defaults to 1.5 MiB and answers requests between its limit and etcd's with a different, client-side error)")
 	fs.IntVar(&f.maxRecvBytes, "max-recv-bytes", math.MaxInt32, "upstream message receive limit in bytes")
 	fs.Uint32Var(&f.maxConcurrentStreams, "max-concurrent-streams", math.MaxUint32, "maximum concurrent streams that each client can open at a time (applied to the proxy's gRPC server)")
-	fs.DurationVar(&f.grpcKeepAliveMinTime, "grpc-keepalive-min-time", 5*time.Second, "minimum interval duration that a client should wait before pinging proxy (0 or less: gRPC's default, 5m, as with etcd grpc-proxy)")
-	fs.DurationVar(&f.grpcKeepAliveInterval, "grpc-keepalive-interval", 2*time.Hour, "frequency duration of server-to-client ping to check if a connection is alive (0 or less: gRPC's default, 2h, as with etcd grpc-proxy)")
-	fs.DurationVar(&f.grpcKeepAliveTimeout, "grpc-keepalive-timeout", 20*time.Second, "additional duration of wait before closing a non-responsive connection (0 or less: gRPC's default, 20s, as with etcd grpc-proxy)")
+	fs.DurationVar(&f.grpcKeepAliveMinTime, "grpc-keepalive-min-time", 5*time.Second, "minimum interval duration that a client should wait before pinging proxy (0: gRPC's default, 5m, as with etcd grpc-proxy; a negative value counts as 0, where etcd grpc-proxy would hand it to gRPC)")
+	fs.DurationVar(&f.grpcKeepAliveInterval, "grpc-keepalive-interval", 2*time.Hour, "frequency duration of server-to-client ping to check if a connection is alive (0: gRPC's default, 2h, as with etcd grpc-proxy; a negative value counts as 0, where etcd grpc-proxy would hand it to gRPC)")
+	fs.DurationVar(&f.grpcKeepAliveTimeout, "grpc-keepalive-timeout", 20*time.Second, "additional duration of wait before closing a non-responsive connection (0: gRPC's default, 20s, as with etcd grpc-proxy; a negative value counts as 0, where etcd grpc-proxy would hand it to gRPC)")
 	fs.DurationVar(&f.dialKeepAliveTime, "dial-keepalive-time", 0, "keepalive time for the proxy's connections to etcd (0 disables)")
 	fs.DurationVar(&f.dialKeepAliveTimeout, "dial-keepalive-timeout", 20*time.Second, "keepalive timeout for the proxy's connections to etcd")
 	fs.BoolVar(&f.permitWithoutStream, "permit-without-stream", false, "let the proxy send keepalive pings to etcd even with no active RPCs")

@@ -195,3 +195,22 @@ func (l *lockedBuffer) String() string {
 	defer l.mu.Unlock()
 	return l.b.String()
 }
+
+// TestBadMetricsAddr: a --metrics-addr the proxy cannot serve is refused before anything starts (here, before
+// it would find its --listen-addr taken).
+func TestBadMetricsAddr(t *testing.T) {
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	cmd := newStartCommand()
+	cmd.SetArgs([]string{"--metrics-addr", "https://127.0.0.1:1", "--endpoints", "127.0.0.1:1",
+		"--listen-addr", taken.Addr().String()})
+	cmd.SetOut(io.Discard)
+	cmd.SetErr(io.Discard)
+	err = cmd.Execute()
+	if err == nil || !strings.Contains(err.Error(), "--metrics-addr") || !strings.Contains(err.Error(), "https") {
+		t.Fatalf("start --metrics-addr https://...: %v; want the --metrics-addr error first", err)
+	}
+}
