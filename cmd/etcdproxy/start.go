@@ -79,9 +79,11 @@ one command gives a working endpoint, for trying it out and for development.`,
 				return errors.New("--endpoints and --embedded-etcd exclude each other: the embedded etcd is the upstream")
 			}
 			if f.metricsAddr != "" {
-				if _, err := metricsListenAddr(f.metricsAddr); err != nil {
+				addr, err := metricsListenAddr(f.metricsAddr)
+				if err != nil {
 					return fmt.Errorf("--metrics-addr: %w", err)
 				}
+				f.metricsAddr = addr
 			}
 			return runStart(f)
 		},
@@ -200,11 +202,7 @@ func runStart(f *startFlags) error {
 	served := make(chan error, 2)
 	go func() { served <- p.Serve(l) }()
 	if f.metricsAddr != "" {
-		addr, err := metricsListenAddr(f.metricsAddr)
-		if err != nil {
-			return fmt.Errorf("--metrics-addr: %w", err)
-		}
-		ml, err := net.Listen("tcp", addr)
+		ml, err := net.Listen("tcp", f.metricsAddr) // host:port, checked by the command
 		if err != nil {
 			return fmt.Errorf("--metrics-addr: %w", err)
 		}

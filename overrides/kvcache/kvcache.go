@@ -192,19 +192,12 @@ func write[R interface{ GetHeader() *pb.ResponseHeader }](ctx context.Context, k
 	wrote func(R) bool) (R, error) {
 	seq := k.watch.beginWrite()
 	var rev int64
-	ended := false
-	defer func() {
-		if !ended { // call panicked
-			k.watch.endWrite(seq, 0)
-		}
-	}()
+	defer func() { k.watch.endWrite(seq, rev) }() // even if call panics
 	resp, err := call()
-	if err == nil && wrote(resp) {
-		rev = resp.GetHeader().GetRevision()
-	}
-	k.watch.endWrite(seq, rev)
-	ended = true
 	if err == nil {
+		if wrote(resp) {
+			rev = resp.GetHeader().GetRevision()
+		}
 		k.watch.await(ctx, resp.GetHeader().GetRevision())
 	}
 	return resp, err
