@@ -83,7 +83,7 @@ func (b *bench) unaryWorkloads() []workload {
 					stretch = ks[(round%p.rounds)*n : (round%p.rounds+1)*n]
 				}
 				part := len(stretch) / clients
-				m, err := b.closedLoop(ctx, t, clients, func(ctx context.Context, cc *grpc.ClientConn, rng *rand.Rand, c, i int) error {
+				return b.closedLoop(ctx, t, clients, func(ctx context.Context, cc *grpc.ClientConn, rng *rand.Rand, c, i int) error {
 					var k []byte
 					if cold {
 						k = stretch[c*part+i%part]
@@ -93,7 +93,6 @@ func (b *bench) unaryWorkloads() []workload {
 					_, err := pb.NewKVClient(cc).Range(ctx, &pb.RangeRequest{Key: k, Serializable: serializable})
 					return err
 				})
-				return m, err
 			},
 		}
 	}
