@@ -4,7 +4,7 @@ BUF     := $(GO) tool -modfile=tools/go.mod buf
 BUILD   := .build
 RUN_DIR ?= $(BUILD)/run
 
-.PHONY: all build run test generate api-diff lint bench bench-quick etcd-bin clean
+.PHONY: all build run test generate api-diff lint bench bench-quick bench-floor etcd-bin clean
 
 all: build
 
@@ -36,6 +36,12 @@ bench: build etcd-bin
 
 bench-quick: build etcd-bin
 	$(GO) run ./cmd/etcdproxy-bench -etcd $(BUILD)/etcd -etcdproxy bin/etcdproxy -quick
+
+## bench-floor: the quick benchmark with floorrelay, the thinnest gRPC-Go relay (raw bytes, no logic), in etcdproxy's
+## column: the floor of any gRPC-Go proxy on this machine, to read etcdproxy's ratios against. Prints, writes nothing.
+bench-floor: etcd-bin
+	$(GO) build -o $(BUILD)/floorrelay ./cmd/etcdproxy-bench/floorrelay
+	$(GO) run ./cmd/etcdproxy-bench -etcd $(BUILD)/etcd -etcdproxy $(BUILD)/floorrelay -quick
 
 ## etcd-bin: etcd itself (server and `etcd grpc-proxy`) at the version pinned in go.mod, for the benchmark.
 etcd-bin:
