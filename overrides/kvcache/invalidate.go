@@ -76,10 +76,13 @@ func (inv *invalidator) endWrite(seq uint64, rev int64) {
 	defer inv.mu.Unlock()
 	delete(inv.inFlight, seq)
 	if p, ok := inv.pending[rev]; ok && rev > 0 {
-		invalidations.WithLabelValues("local").Add(float64(p.n))
+		invalidatedLocal.Add(float64(p.n))
 		delete(inv.pending, rev)
 	} else if rev > inv.pos && inv.live.Load() {
 		inv.localRevs[rev] = struct{}{} // its events are still to come
+	}
+	if len(inv.queue) == 0 {
+		return // the common case: nothing waits, no need to find the oldest write in flight
 	}
 	oldest := inv.writeSeq + 1 // the oldest local write still in flight
 	for s := range inv.inFlight {
@@ -102,17 +105,18 @@ func (inv *invalidator) settleFront() {
 	inv.queue[0] = 0
 	inv.queue = inv.queue[1:]
 	if p, ok := inv.pending[rev]; ok {
-		invalidations.WithLabelValues("remote").Add(float64(p.n))
+		invalidatedRemote.Add(float64(p.n))
 		delete(inv.pending, rev)
 	}
 }
 
 // attribute counts n invalidations made by the events of revision rev. Called with inv.mu held.
 func (inv *invalidator) attribute(rev int64, n int) {
+	_, local := inv.localRevs[rev]
 	switch {
 	case n == 0:
-	case hasKey(inv.localRevs, rev):
-		invalidations.WithLabelValues("local").Add(float64(n))
+	case local:
+		invalidatedLocal.Add(float64(n))
 	case len(inv.inFlight) > 0:
 		for len(inv.pending) >= maxPending || len(inv.queue) >= 2*maxPending {
 			inv.settleFront()
@@ -123,13 +127,8 @@ func (inv *invalidator) attribute(rev int64, n int) {
 		}
 		inv.pending[rev] = pendingInvalidation{n: p.n + n, seq: inv.writeSeq}
 	default:
-		invalidations.WithLabelValues("remote").Add(float64(n))
+		invalidatedRemote.Add(float64(n))
 	}
-}
-
-func hasKey[K comparable, V any](m map[K]V, k K) bool {
-	_, ok := m[k]
-	return ok
 }
 
 func newInvalidator(cc grpc.ClientConnInterface, kv *KV, lg *zap.Logger) *invalidator {

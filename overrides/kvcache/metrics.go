@@ -20,7 +20,10 @@ var (
 		Help: "Entries dropped because a key in their range was written, seen by the invalidation watch; source is " +
 			"local for a write made through this proxy, remote for any other.",
 	}, []string{"source"})
-	evictions = prometheus.NewCounter(prometheus.CounterOpts{
+	// The two series, looked up once: they are counted on every invalidation.
+	invalidatedLocal  = invalidations.WithLabelValues("local")
+	invalidatedRemote = invalidations.WithLabelValues("remote")
+	evictions         = prometheus.NewCounter(prometheus.CounterOpts{
 		Namespace: "etcdproxy", Subsystem: "kvcache", Name: "evictions_total",
 		Help: "Entries ccache evicted to keep the cache within its size (invalidations and flushes not counted).",
 	})
@@ -54,7 +57,4 @@ var (
 
 func init() {
 	prometheus.MustRegister(hits, misses, invalidations, evictions, flushes, entries, cacheLive, writeWait)
-	for _, source := range []string{"local", "remote"} {
-		invalidations.WithLabelValues(source)
-	}
 }
