@@ -22,8 +22,15 @@ type broadcast struct {
 	// event's revision, or a progress notification's. An upstream watch is (re)created from rev itself, never
 	// from rev+1, which may be etcd's next revision, a start in the future that would block progress answers on
 	// the shared stream; deliver drops the replayed events at or below rev.
-	rev      int64
-	created  bool // the upstream watch is live on the current stream
+	rev int64
+	// start is the StartRevision of the next upstream create: 0 for a broadcast "from now" (etcd picks the
+	// revision, and rev is set from its created response), else a revision at or below etcd's current one.
+	start   int64
+	created bool // the upstream watch is live on the current stream
+	// synced: etcd counts the upstream watcher as synced (caught up with its store), so no compaction can end it
+	// and its events arrive one response per revision, in order with the stream's other synced watchers. True for
+	// a watch created from now, and once a progress answer or notification arrived since its (re)creation.
+	synced   bool
 	watchers map[*watcher]struct{}
 	// waiting are watchers whose created response waits for the upstream watch's first creation.
 	waiting []*watcher
@@ -31,8 +38,8 @@ type broadcast struct {
 
 func (bs *broadcasts) remove(b *broadcast) { delete(bs.all, b) }
 
-// attach hands w, which must receive every event from revision w.next on, to a broadcast of the range: one that
-// has not delivered past w.next-1, else a new one starting at w.next. Called with h.mu held.
+// attach hands w, which must receive every event from revision w.next on, to a broadcast of the range (see
+// watcher.canRide), else to a new one. Called with h.mu held.
 func (h *hub) attach(w *watcher) {
 	bs := h.ranges[w.rk]
 	if bs == nil {
@@ -44,37 +51,68 @@ func (h *hub) attach(w *watcher) {
 	// on the range exactly as it would; a progress round then lets it merge into the shared broadcast.
 	if !(h.authed && !w.announced) {
 		for b := range bs.all {
-			if b.rev <= w.next-1 && (best == nil || len(b.watchers) > len(best.watchers)) {
+			if w.canRide(b) && (best == nil || len(b.watchers) > len(best.watchers)) {
 				best = b
 			}
 		}
 	}
 	if best == nil {
-		rev := w.next - 1
-		if !w.announced {
-			// Never ask etcd for a watch that starts in the future (not even at its next revision): etcd answers
-			// no progress request on a stream holding one, and the upstream stream is shared. w skips what it
-			// does not want (w.next).
-			rev = min(rev, w.hdr.Revision)
-		}
-		best = &broadcast{bs: bs, id: h.nextID, rk: w.rk, rev: rev, watchers: map[*watcher]struct{}{}}
-		h.nextID++
-		bs.all[best] = struct{}{}
-		h.byID[best.id] = best
-		upstreamWatchers.Inc()
-		if h.connected {
-			h.createUpstream(best)
-		}
+		best = h.newBroadcast(bs, w)
 	}
 	w.b = best
-	if best.created || w.announced {
-		best.watchers[w] = struct{}{}
-		if !w.announced {
-			w.announce()
-		}
+	if !best.created {
+		best.waiting = append(best.waiting, w)
 		return
 	}
-	best.waiting = append(best.waiting, w)
+	w.startAfter(best.rev, nil)
+	best.watchers[w] = struct{}{}
+	if !w.announced {
+		w.announce()
+	}
+}
+
+// canRide says whether w can be served by b. A watcher being created rides only a broadcast whose upstream watch
+// etcd holds as synced, or one about to be created from now: joining a catch-up broadcast would expose it to that
+// watch's compaction (etcd compacts no watcher from now) and to its batched catch-up responses. A watcher that
+// starts at a revision etcd already has gets a broadcast of its own from that revision, so that etcd applies its
+// compaction rule to it. A watcher resuming after it lagged rides any broadcast that has not passed it.
+func (w *watcher) canRide(b *broadcast) bool {
+	fromNow := !b.created && b.start == 0
+	switch {
+	case w.announced:
+		return !fromNow && b.rev <= w.next-1
+	case w.startRev == 0:
+		return fromNow || b.synced
+	case w.startRev > w.known:
+		return fromNow || (b.synced && b.rev <= w.next-1)
+	default:
+		return false
+	}
+}
+
+// newBroadcast starts a broadcast of bs for w. Called with h.mu held.
+func (h *hub) newBroadcast(bs *broadcasts, w *watcher) *broadcast {
+	b := &broadcast{bs: bs, id: h.nextID, rk: w.rk, watchers: map[*watcher]struct{}{}}
+	h.nextID++
+	switch {
+	case w.announced:
+		b.rev = w.next - 1
+		b.start = max(b.rev, 1)
+	case w.startRev == 0 || w.startRev > w.known:
+		// From now, as etcd would hold the watcher: synced at once. A watcher from a future revision skips
+		// what comes before it; had etcd passed that revision by the time it created the watch, the watcher
+		// moves to a broadcast from its own start (broadcast.confirm).
+	default:
+		b.rev = w.next - 1
+		b.start = w.next
+	}
+	bs.all[b] = struct{}{}
+	h.byID[b.id] = b
+	upstreamWatchers.Inc()
+	if h.connected {
+		h.createUpstream(b)
+	}
+	return b
 }
 
 // detach takes w off its broadcast, dropping the broadcast when nobody is left on it. Called with h.mu held.
@@ -96,15 +134,29 @@ func (h *hub) detach(w *watcher) {
 	}
 }
 
-// confirm runs when the upstream watch is created: waiting watchers are announced and start receiving.
-func (b *broadcast) confirm() {
-	for _, w := range b.waiting {
+// confirm runs when the upstream watch is created (hdr is etcd's created header): waiting watchers are
+// announced and start receiving.
+func (b *broadcast) confirm(hdr *pb.ResponseHeader) {
+	b.created = true
+	if b.start == 0 {
+		b.rev, b.synced = hdr.Revision, true
+	}
+	waiting := b.waiting
+	b.waiting = nil
+	for _, w := range waiting {
+		if !w.announced && w.startRev > 0 && w.next-1 < b.rev {
+			// etcd passed a future start while the watch was being created: from its own start, then.
+			w.known = max(w.known, b.rev)
+			w.b = nil
+			b.bs.h.attach(w)
+			continue
+		}
+		w.startAfter(b.rev, hdr)
 		b.watchers[w] = struct{}{}
 		if !w.announced {
 			w.announce()
 		}
 	}
-	b.waiting = nil
 }
 
 // refused runs when etcd refused to create the upstream watch (permission denied, invalid token, ...): waiting
@@ -148,36 +200,43 @@ func (b *broadcast) ended(resp *pb.WatchResponse) {
 }
 
 // deliver fans an upstream response out to the watchers: events (filtered per watcher) or a progress notification
-// (to watchers that asked for them).
+// (to watchers that asked for them). A response etcd fragmented (only for a broadcast of fragmenting watchers,
+// whose filters etcd applies) is passed on part by part; the broadcast's revision moves once the last part is in.
 func (b *broadcast) deliver(resp *pb.WatchResponse) {
 	h := b.bs.h
 	if len(resp.Events) == 0 {
-		// A progress notification: everything up to its revision has been delivered.
-		if rev := resp.Header.GetRevision(); rev > b.rev {
+		// A progress notification: everything up to its revision has been delivered, and etcd holds the
+		// watcher as synced (it notifies no other).
+		rev := resp.Header.GetRevision()
+		if rev > b.rev {
 			b.rev = rev
 		}
-		for w := range b.watchers {
-			if w.progressNotify {
-				w.cs.enqueueEvents(w, &pb.WatchResponse{Header: resp.Header, WatchId: w.id})
+		b.synced = true
+		if h.clock == nil {
+			for w := range b.watchers {
+				if w.progressNotify && w.startRev <= rev {
+					w.cs.enqueueEvents(w, &pb.WatchResponse{Header: resp.Header, WatchId: w.id})
+				}
 			}
 		}
 		b.bs.mergeInto(b)
 		return
 	}
-	// An upstream watch starts at b.rev, not after it (see hub.createUpstream): what it replays is not news.
+	// An upstream watch is re-created from b.rev, not after it (see hub.createUpstream): what it replays is not
+	// news.
 	events := resp.Events
 	for len(events) > 0 && events[0].Kv.ModRevision <= b.rev {
 		events = events[1:]
-	}
-	if len(events) == 0 {
-		return
 	}
 	for w := range b.watchers {
 		evs := filtered(events, w)
 		if len(evs) == 0 {
 			continue
 		}
-		if !w.cs.enqueueEvents(w, &pb.WatchResponse{Header: resp.Header, WatchId: w.id, Events: evs}) {
+		out := &pb.WatchResponse{Header: resp.Header, WatchId: w.id, Events: evs, Fragment: resp.Fragment}
+		// The rest of a fragmented response goes to a watcher that has its first part, whatever the queue
+		// holds: the client reassembles the parts, and a watcher resumes only at a revision boundary.
+		if !w.cs.enqueueEvents(w, out) {
 			// A slow client: take this watcher off the broadcast; it resumes from its first undelivered event
 			// once its stream has drained (clientStream.resume).
 			delete(b.watchers, w)
@@ -188,8 +247,13 @@ func (b *broadcast) deliver(resp *pb.WatchResponse) {
 		}
 	}
 	eventsFannedOut.Add(float64(len(events)))
-	if rev := events[len(events)-1].Kv.ModRevision; rev > b.rev {
-		b.rev = rev
+	if resp.Fragment {
+		return
+	}
+	if len(events) > 0 {
+		if rev := events[len(events)-1].Kv.ModRevision; rev > b.rev {
+			b.rev = rev
+		}
 	}
 	if len(b.watchers) == 0 && len(b.waiting) == 0 {
 		h.cancelUpstream(b)
@@ -198,15 +262,15 @@ func (b *broadcast) deliver(resp *pb.WatchResponse) {
 	b.bs.mergeInto(b)
 }
 
-// mergeInto merges b with another created broadcast of the range that has delivered exactly as far: the watchers
+// mergeInto merges b with another synced broadcast of the range that has delivered exactly as far: the watchers
 // of the smaller move to the larger, whose future events they need and nothing else, and the smaller's upstream
 // watch is cancelled.
 func (bs *broadcasts) mergeInto(b *broadcast) {
-	if !b.created {
+	if !b.synced {
 		return
 	}
 	for o := range bs.all {
-		if o == b || !o.created || o.rev != b.rev || len(o.waiting) > 0 || len(b.waiting) > 0 {
+		if o == b || !o.synced || o.rev != b.rev || len(o.waiting) > 0 || len(b.waiting) > 0 {
 			continue
 		}
 		from, to := o, b

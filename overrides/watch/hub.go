@@ -45,13 +45,21 @@ type hub struct {
 	kick       chan struct{}        // wakes the sender; capacity 1
 	connected  bool
 	lastHeader *pb.ResponseHeader
+	// Progress notifications (progress.go): the clock's upstream watch, whether one of its ticks waits for a
+	// progress answer, and how many announced client watchers want notifications.
+	clock     *broadcast
+	tick      bool
+	notifying int
 }
 
-// rangeKey identifies the upstream watches a client watcher can share: same range, same prev_kv. Filters, progress
-// notification and fragmentation are applied per client watcher.
+// rangeKey identifies the upstream watches a client watcher can share: same range, same prev_kv. Filters and
+// progress notification are applied per client watcher, except for watchers that ask for fragments: etcd splits
+// what is left after filtering, so they share by filters and etcd applies them (see clientStream.create).
 type rangeKey struct {
-	key, end string
-	prevKV   bool
+	key, end        string
+	prevKV          bool
+	fragment        bool
+	noPut, noDelete bool
 }
 
 func newHub(ctx context.Context, w *Watch, c shared.Creds) *hub {
@@ -117,11 +125,19 @@ func (h *hub) serve() error {
 	h.outbox, h.creating, h.askedProg = nil, nil, false
 	for _, bs := range h.ranges {
 		for b := range bs.all {
+			if b.created || b.start != 0 {
+				// From where it stopped: a catch-up until etcd says otherwise.
+				b.start, b.synced = max(b.rev, 1), false
+			}
 			b.created = false
 			h.createUpstream(b)
 		}
 	}
-	if len(h.progress) > 0 {
+	if h.clock != nil {
+		h.clock.created = false
+		h.createUpstream(h.clock)
+	}
+	if len(h.progress) > 0 || h.tick {
 		h.askProgress()
 	}
 	h.mu.Unlock()
@@ -171,13 +187,18 @@ func (h *hub) sendLoop(ctx context.Context, stream grpc.BidiStreamingClient[pb.W
 	}
 }
 
-// createUpstream asks the upstream stream for b's watch, from b.rev (see broadcast.rev). Called with h.mu held.
+// createUpstream asks the upstream stream for b's watch, from b.start (see broadcast.start). Called with h.mu held.
 func (h *hub) createUpstream(b *broadcast) {
 	h.creating = append(h.creating, b)
-	h.send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{CreateRequest: &pb.WatchCreateRequest{
-		Key: []byte(b.rk.key), RangeEnd: rangeEndBytes(b.rk.end), StartRevision: max(b.rev, 1),
-		PrevKv: b.rk.prevKV, ProgressNotify: true, WatchId: b.id,
-	}}})
+	req := &pb.WatchCreateRequest{Key: []byte(b.rk.key), RangeEnd: rangeEndBytes(b.rk.end), StartRevision: b.start,
+		PrevKv: b.rk.prevKV, ProgressNotify: true, WatchId: b.id, Fragment: b.rk.fragment}
+	if b.rk.noPut {
+		req.Filters = append(req.Filters, pb.WatchCreateRequest_NOPUT)
+	}
+	if b.rk.noDelete {
+		req.Filters = append(req.Filters, pb.WatchCreateRequest_NODELETE)
+	}
+	h.send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{CreateRequest: req}})
 }
 
 // cancelUpstream drops b's upstream watch. Called with h.mu held.
@@ -189,10 +210,15 @@ func (h *hub) cancelUpstream(b *broadcast) {
 	}
 	upstreamWatchers.Dec()
 	if b.created {
-		h.send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CancelRequest{CancelRequest: &pb.WatchCancelRequest{WatchId: b.id}}})
+		h.cancel(b.id)
 	}
 	// A create still unanswered is answered later; route ignores ids it no longer knows, and the stray upstream
 	// watcher is cancelled then.
+}
+
+// cancel asks the upstream stream to cancel watch id. Called with h.mu held.
+func (h *hub) cancel(id int64) {
+	h.send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CancelRequest{CancelRequest: &pb.WatchCancelRequest{WatchId: id}}})
 }
 
 // askProgress sends a progress request upstream unless one is outstanding. Called with h.mu held.
@@ -243,8 +269,12 @@ func (h *hub) route(resp *pb.WatchResponse) {
 		if b == nil {
 			if !resp.Canceled {
 				// A watch we dropped while its create was in flight: cancel it now.
-				h.send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CancelRequest{CancelRequest: &pb.WatchCancelRequest{WatchId: resp.WatchId}}})
+				h.cancel(resp.WatchId)
 			}
+			return
+		}
+		if b == h.clock {
+			h.clockTicked(resp)
 			return
 		}
 		if resp.Canceled {
@@ -266,7 +296,14 @@ func (h *hub) created(resp *pb.WatchResponse) {
 	if h.byID[b.id] != b {
 		// Dropped while the create was in flight.
 		if !resp.Canceled {
-			h.send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CancelRequest{CancelRequest: &pb.WatchCancelRequest{WatchId: resp.WatchId}}})
+			h.cancel(resp.WatchId)
+		}
+		return
+	}
+	if b == h.clock {
+		b.created = !resp.Canceled
+		if resp.Canceled {
+			h.stopClock()
 		}
 		return
 	}
@@ -274,8 +311,7 @@ func (h *hub) created(resp *pb.WatchResponse) {
 		b.refused(resp)
 		return
 	}
-	b.created = true
-	b.confirm()
+	b.confirm(resp.Header)
 	if len(b.bs.all) > 1 {
 		// A progress answer brings every live broadcast of the range to the same revision: they merge then.
 		h.askProgress()
@@ -291,8 +327,8 @@ func (h *hub) progressAnswered(resp *pb.WatchResponse) {
 	rev := resp.Header.GetRevision()
 	for _, bs := range h.ranges {
 		for b := range bs.all {
-			if b.created && b.rev < rev {
-				b.rev = rev
+			if b.created {
+				b.rev, b.synced = max(b.rev, rev), true
 			}
 		}
 		if len(bs.all) > 1 {
@@ -302,6 +338,9 @@ func (h *hub) progressAnswered(resp *pb.WatchResponse) {
 				}
 			}
 		}
+	}
+	if h.tick {
+		h.notifyProgress(resp.Header)
 	}
 	waiting := h.progress
 	h.progress = nil
@@ -330,6 +369,31 @@ func (h *hub) requestProgress(cs *clientStream) {
 	}
 	h.progress = append(h.progress, cs)
 	h.askProgress()
+}
+
+// currentForCreate returns etcd's current revision for a watcher being created. An error other than etcd's refusal
+// of the caller's credentials (etcd unreachable, no leader) does not end the client's stream: the lookup is
+// retried, as the upstream watch would be, until it succeeds, the client goes away or the hub closes.
+func (h *hub) currentForCreate(ctx context.Context) (*pb.ResponseHeader, error) {
+	backoff := retryMin
+	for {
+		hdr, err := h.revs.current(ctx)
+		if err == nil {
+			return hdr, nil
+		}
+		if _, ok := authRefusal(err); ok || ctx.Err() != nil {
+			return nil, err
+		}
+		h.w.logger.Debug("reading etcd's revision for a new watcher failed; retrying", zap.Error(err))
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-h.ctx.Done():
+			return nil, shared.ErrClosed
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, retryMax)
+	}
 }
 
 // header returns the last header seen from etcd, for answers that need one when etcd cannot be asked. Called

@@ -41,10 +41,12 @@ type Options struct {
 	// QueueLen bounds the event responses queued for one client stream; a watcher whose events do not fit is
 	// detached and catches up later. 0 means 1024.
 	QueueLen int
-	// FragmentBytes is the size at which a response to a watcher that asked for fragments is split, as etcd
-	// splits at its --max-request-bytes plus 512 KiB of gRPC overhead. 0 means 2 MiB, etcd's default.
-	FragmentBytes int
 }
+
+// ctrlQueueLen bounds the control responses (created, canceled, progress) queued for one client stream: past it
+// the proxy stops reading the client's requests until the client reads, as etcd does with its control queue of
+// the same length, so a client that sends and never reads holds a bounded amount of the proxy's memory.
+const ctrlQueueLen = 16
 
 // Watch is the coalescing override of the Watch service.
 type Watch struct {
@@ -60,9 +62,6 @@ type Watch struct {
 func New(base pb.WatchServer, cc grpc.ClientConnInterface, lg *zap.Logger, opts Options) *Watch {
 	if opts.QueueLen <= 0 {
 		opts.QueueLen = 1024
-	}
-	if opts.FragmentBytes <= 0 {
-		opts.FragmentBytes = 2 << 20
 	}
 	w := &Watch{WatchServer: base, cc: cc, upstream: pb.NewWatchClient(cc), logger: lg, opts: opts}
 	w.hubs = shared.NewPool(func(ctx context.Context, c shared.Creds) *hub { return newHub(ctx, w, c) })
@@ -82,7 +81,8 @@ func (w *Watch) Watch(ss grpc.BidiStreamingServer[pb.WatchRequest, pb.WatchRespo
 	defer w.hubs.Leave(creds)
 	clientStreams.Inc()
 	defer clientStreams.Dec()
-	cs := &clientStream{h: h, ss: ss, watchers: map[int64]*watcher{}, notify: make(chan struct{}, 1)}
+	cs := &clientStream{h: h, ss: ss, watchers: map[int64]*watcher{}, notify: make(chan struct{}, 1),
+		room: make(chan struct{}, 1)}
 	defer cs.close()
 
 	received := make(chan error, 1)
@@ -102,7 +102,10 @@ func (w *Watch) Watch(ss grpc.BidiStreamingServer[pb.WatchRequest, pb.WatchRespo
 			return ss.Context().Err()
 		}
 		for _, it := range cs.take() {
-			if err := cs.send(it); err != nil {
+			if it.events {
+				clientEventResponses.Inc()
+			}
+			if err := ss.Send(it.resp); err != nil {
 				return err
 			}
 		}
@@ -125,17 +128,18 @@ type clientStream struct {
 
 	lagged atomic.Bool // lagging is not empty
 
-	// qmu protects queue and queuedEvents; it is taken under h.mu, never the other way round.
-	qmu          sync.Mutex
-	queue        []queued
-	queuedEvents int
-	notify       chan struct{} // capacity 1
+	// qmu protects queue, queuedEvents and queuedControl; it is taken under h.mu, never the other way round.
+	qmu           sync.Mutex
+	queue         []queued
+	queuedEvents  int
+	queuedControl int
+	notify        chan struct{} // capacity 1: the queue has something
+	room          chan struct{} // capacity 1: the control queue was emptied
 }
 
 type queued struct {
-	resp     *pb.WatchResponse
-	fragment bool
-	events   bool
+	resp   *pb.WatchResponse
+	events bool
 }
 
 // watcher is one client watcher.
@@ -145,10 +149,13 @@ type watcher struct {
 	rk             rangeKey
 	next           int64 // the first revision the client has not received
 	startRev       int64 // the start revision the client asked for (0: from now)
+	known          int64 // a revision etcd had when the watcher was created: a startRev above it is in the future
+	idFrom         int64 // for an id the proxy chose: the stream's next id before, restored if etcd refuses the watch
+	inFragments    bool  // the client has part of a fragmented response and not its last part
+	sent           bool  // an event was queued for the client since the last progress tick (progress.go)
 	noPut          bool
 	noDelete       bool
 	progressNotify bool
-	fragment       bool
 	hdr            *pb.ResponseHeader // for the created response
 	b              *broadcast         // nil while detached
 	announced      bool               // the client has its created response
@@ -156,27 +163,50 @@ type watcher struct {
 	resolved       chan struct{}      // closed once announced or refused
 }
 
-// enqueueEvents queues resp for w unless the stream already holds its share of event responses. Called with h.mu
-// held.
+// enqueueEvents queues resp for w unless the stream already holds its share of event responses (the rest of a
+// fragmented response is always queued). Called with h.mu held.
 func (cs *clientStream) enqueueEvents(w *watcher, resp *pb.WatchResponse) bool {
 	cs.qmu.Lock()
-	if cs.queuedEvents >= cs.h.w.opts.QueueLen {
+	if cs.queuedEvents >= cs.h.w.opts.QueueLen && !w.inFragments {
 		cs.qmu.Unlock()
 		return false
 	}
-	cs.queue = append(cs.queue, queued{resp: resp, fragment: w.fragment, events: true})
+	cs.queue = append(cs.queue, queued{resp: resp, events: true})
 	cs.queuedEvents++
 	cs.qmu.Unlock()
+	w.inFragments = resp.Fragment
+	w.sent = w.sent || len(resp.Events) > 0
 	cs.poke()
 	return true
 }
 
-// enqueueControl queues a control response (created, canceled, progress); they are few and never dropped.
+// enqueueControl queues a control response (created, canceled, progress). They are never dropped: each answers
+// a request of the client (bounded by waitRoom) or ends a watcher.
 func (cs *clientStream) enqueueControl(resp *pb.WatchResponse) {
 	cs.qmu.Lock()
 	cs.queue = append(cs.queue, queued{resp: resp})
+	cs.queuedControl++
 	cs.qmu.Unlock()
 	cs.poke()
+}
+
+// waitRoom returns once fewer than ctrlQueueLen control responses wait to be sent to the client.
+func (cs *clientStream) waitRoom() error {
+	for {
+		cs.qmu.Lock()
+		n := cs.queuedControl
+		cs.qmu.Unlock()
+		if n < ctrlQueueLen {
+			return nil
+		}
+		select {
+		case <-cs.room:
+		case <-cs.ss.Context().Done():
+			return cs.ss.Context().Err()
+		case <-cs.h.ctx.Done():
+			return shared.ErrClosed
+		}
+	}
 }
 
 func (cs *clientStream) poke() {
@@ -190,40 +220,12 @@ func (cs *clientStream) take() []queued {
 	cs.qmu.Lock()
 	defer cs.qmu.Unlock()
 	q := cs.queue
-	cs.queue, cs.queuedEvents = nil, 0
+	cs.queue, cs.queuedEvents, cs.queuedControl = nil, 0, 0
+	select {
+	case cs.room <- struct{}{}:
+	default:
+	}
 	return q
-}
-
-// send writes one response. A response to a watcher that asked for fragments is split by etcd's rule: only when
-// it has two events or more and its size reaches the limit; each fragment takes events while it stays under the
-// limit (and at least one), and every fragment but the last has Fragment set.
-func (cs *clientStream) send(it queued) error {
-	if it.events {
-		clientEventResponses.Inc()
-	}
-	limit := cs.h.w.opts.FragmentBytes
-	if !it.fragment || len(it.resp.Events) < 2 || proto.Size(it.resp) < limit {
-		return cs.ss.Send(it.resp)
-	}
-	evs := it.resp.Events
-	for len(evs) > 0 {
-		part := &pb.WatchResponse{Header: it.resp.Header, WatchId: it.resp.WatchId, Fragment: true}
-		n := 0
-		for n < len(evs) {
-			part.Events = evs[:n+1]
-			if n > 0 && proto.Size(part) >= limit {
-				part.Events = evs[:n]
-				break
-			}
-			n++
-		}
-		evs = evs[n:]
-		part.Fragment = len(evs) > 0
-		if err := cs.ss.Send(part); err != nil {
-			return err
-		}
-	}
-	return nil
 }
 
 // lag records that w was detached because the stream fell behind. Called with h.mu held.
@@ -237,6 +239,9 @@ func (cs *clientStream) forget(w *watcher) {
 	if cs.watchers[w.id] == w {
 		delete(cs.watchers, w.id)
 		clientWatchers.Dec()
+		if w.announced && w.progressNotify {
+			cs.h.notifyLeft()
+		}
 	}
 }
 
@@ -270,14 +275,35 @@ func (cs *clientStream) progress(rev int64) progressVerdict {
 	return verdict
 }
 
+// startAfter moves the start of a watcher from now to rev, if rev is later than the revision of its created
+// header: the watcher's upstream watch starts after rev, and etcd had rev after the create request arrived. hdr,
+// if given, is etcd's header at rev.
+func (w *watcher) startAfter(rev int64, hdr *pb.ResponseHeader) {
+	if w.announced || w.startRev != 0 || rev <= w.hdr.Revision {
+		return
+	}
+	if hdr == nil || hdr.Revision != rev {
+		hdr = proto.CloneOf(w.hdr)
+		hdr.Revision = rev
+	}
+	w.hdr, w.next = hdr, rev+1
+}
+
 func (w *watcher) announce() {
 	w.announced = true
+	if w.progressNotify {
+		w.cs.h.notifyJoined(w)
+	}
 	w.cs.enqueueControl(&pb.WatchResponse{Header: w.hdr, WatchId: w.id, Created: true})
 	close(w.resolved)
 }
 
-// refuse answers w's create with etcd's refusal of the upstream watch, and w is gone.
+// refuse answers w's create with etcd's refusal of the upstream watch, and w is gone; like etcd, the refused create
+// uses up no watch id. Called with h.mu held.
 func (w *watcher) refuse(resp *pb.WatchResponse) {
+	if w.idFrom >= 0 {
+		w.cs.nextID = w.idFrom
+	}
 	w.cs.enqueueControl(&pb.WatchResponse{Header: resp.Header, WatchId: -1, Created: true, Canceled: true,
 		CancelReason: resp.CancelReason})
 	close(w.resolved)
@@ -286,6 +312,9 @@ func (w *watcher) refuse(resp *pb.WatchResponse) {
 // receive handles the client's requests in order until it half-closes (nil) or fails.
 func (cs *clientStream) receive() error {
 	for {
+		if err := cs.waitRoom(); err != nil {
+			return err
+		}
 		req, err := cs.ss.Recv()
 		if errors.Is(err, io.EOF) {
 			return nil
@@ -322,7 +351,20 @@ func (cs *clientStream) receive() error {
 // created responses keep the order of the requests, as with etcd.
 func (cs *clientStream) create(req *pb.WatchCreateRequest) error {
 	ctx := cs.ss.Context()
-	hdr, err := cs.h.revs.current(ctx)
+	if req.StartRevision < 0 {
+		// etcd refuses a negative start before it looks at the caller's credentials.
+		hdr, err := cs.h.revs.current(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			hdr = cs.h.header()
+		}
+		cs.enqueueControl(&pb.WatchResponse{Header: hdr, WatchId: -1, Created: true, Canceled: true,
+			CancelReason: rpctypes.ErrCompacted.Error()})
+		return nil
+	}
+	hdr, err := cs.h.currentForCreate(ctx)
 	if err != nil {
 		if reason, ok := authRefusal(err); ok {
 			// etcd checks the caller's credentials before anything else and refuses the watch with this reason.
@@ -332,14 +374,10 @@ func (cs *clientStream) create(req *pb.WatchCreateRequest) error {
 		}
 		return err
 	}
-	if req.StartRevision < 0 {
-		cs.enqueueControl(&pb.WatchResponse{Header: hdr, WatchId: -1, Created: true, Canceled: true,
-			CancelReason: rpctypes.ErrCompacted.Error()})
-		return nil
-	}
 	key, end := normalize(req.Key, req.RangeEnd)
-	w := &watcher{cs: cs, rk: rangeKey{key: key, end: end, prevKV: req.PrevKv}, next: req.StartRevision, startRev: req.StartRevision,
-		progressNotify: req.ProgressNotify, fragment: req.Fragment, hdr: hdr, resolved: make(chan struct{})}
+	w := &watcher{cs: cs, rk: rangeKey{key: key, end: end, prevKV: req.PrevKv}, next: req.StartRevision,
+		startRev: req.StartRevision, known: hdr.Revision, idFrom: -1, progressNotify: req.ProgressNotify,
+		hdr: hdr, resolved: make(chan struct{})}
 	if w.next == 0 {
 		w.next = hdr.Revision + 1
 	}
@@ -350,6 +388,12 @@ func (cs *clientStream) create(req *pb.WatchCreateRequest) error {
 		case pb.WatchCreateRequest_NODELETE:
 			w.noDelete = true
 		}
+	}
+	if req.Fragment {
+		// etcd fragments a response after filtering it, at a size only etcd knows (its --max-request-bytes plus
+		// 512 KiB): a fragmenting watcher shares only with watchers of the same filters, on an upstream watch
+		// that asks etcd for the same fragments, which are passed on as they are.
+		w.rk.fragment, w.rk.noPut, w.rk.noDelete = true, w.noPut, w.noDelete
 	}
 	h := cs.h
 	h.mu.Lock()
@@ -362,6 +406,7 @@ func (cs *clientStream) create(req *pb.WatchCreateRequest) error {
 		}
 		w.id = req.WatchId
 	} else {
+		w.idFrom = cs.nextID
 		for cs.watchers[cs.nextID] != nil {
 			cs.nextID++
 		}

@@ -1,0 +1,342 @@
+package watch_test
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/etcdproxy/etcdproxy/internal/proxytest"
+	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
+	"go.etcd.io/etcd/server/v3/embed"
+	"go.etcd.io/etcd/server/v3/etcdserver/api/v3rpc"
+)
+
+// The tests of this file are differential: the same requests on a stream straight to etcd and on one through the
+// proxy, both served by the same member, give the same responses.
+
+// twin is a pair of client Watch streams: d straight to etcd, v through the proxy.
+type twin struct{ d, v *stream }
+
+func openTwin(t *testing.T, ctx context.Context, e *proxytest.Env) twin {
+	return twin{open(t, ctx, e.Direct), open(t, ctx, e.Via)}
+}
+
+func (p twin) send(r *pb.WatchRequest) {
+	p.d.send(r)
+	p.v.send(r)
+}
+
+func (p twin) create(r *pb.WatchCreateRequest) {
+	p.send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{CreateRequest: r}})
+}
+
+// same receives one response from each side and compares them.
+func (p twin) same(t *testing.T, what string) *pb.WatchResponse {
+	t.Helper()
+	d, v := p.d.next(), p.v.next()
+	same(t, what, d, v)
+	return d
+}
+
+func (p twin) quiet(d time.Duration) {
+	p.d.quiet(d)
+	p.v.quiet(d)
+}
+
+func compact(t *testing.T, ctx context.Context, e *proxytest.Env, rev int64) {
+	t.Helper()
+	if _, err := pb.NewKVClient(e.Direct).Compact(ctx, &pb.CompactionRequest{Revision: rev}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestFromNowSurvivesCompaction: etcd never compacts a watcher from now (start_revision 0), not even one created an
+// instant before the compaction; nor one that shares the proxy's upstream watch with another client's catch-up
+// watcher from an old revision, which the compaction may end.
+func TestFromNowSurvivesCompaction(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{})
+	ctx := timeout(t, 60*time.Second)
+	for i := 0; i < 10; i++ {
+		key := fmt.Sprintf("now/%d", i)
+		put(t, ctx, e.Direct, key, "old")
+		// Another client catches up on the key from revision 1 (through the proxy only: its fate is etcd's race
+		// between the compaction and the catch-up, direct or not).
+		other := open(t, ctx, e.Via)
+		other.create(&pb.WatchCreateRequest{Key: []byte(key), StartRevision: 1})
+		other.next()
+		p := openTwin(t, ctx, e)
+		p.create(&pb.WatchCreateRequest{Key: []byte(key)})
+		p.same(t, "created from now")
+		// A write and a compaction at its revision, within etcd's 100 ms sync period of the creation.
+		compact(t, ctx, e, put(t, ctx, e.Direct, key, "a"))
+		p.same(t, "the write before the compaction")
+		put(t, ctx, e.Direct, key, "b")
+		p.same(t, "the write after the compaction, on a live watcher")
+	}
+}
+
+// TestFromNowOneResponsePerRevision: watchers from now on one stream get one response per revision, in revision
+// order across the watchers, from their first write on (etcd's TestV3WatchFromCurrentRevision and
+// TestWatchMultiWatcher).
+func TestFromNowOneResponsePerRevision(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{})
+	ctx := timeout(t, 60*time.Second)
+	for i := 0; i < 5; i++ {
+		a, b := fmt.Sprintf("ord/%d/a", i), fmt.Sprintf("ord/%d/b", i)
+		p := openTwin(t, ctx, e)
+		p.create(&pb.WatchCreateRequest{Key: []byte(a)})
+		p.same(t, "created a")
+		p.create(&pb.WatchCreateRequest{Key: []byte(b)})
+		p.same(t, "created b")
+		for j := 0; j < 3; j++ {
+			put(t, ctx, e.Direct, b, fmt.Sprint(j))
+			put(t, ctx, e.Direct, a, fmt.Sprint(j))
+		}
+		for j := 0; j < 6; j++ {
+			p.same(t, fmt.Sprintf("round %d, response %d", i, j))
+		}
+	}
+}
+
+// TestCompactedStart: a watch from a compacted revision gets etcd's compacted response, even while another client
+// watches the same range from now through the proxy.
+func TestCompactedStart(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{})
+	ctx := timeout(t, 60*time.Second)
+	live := open(t, ctx, e.Via)
+	live.create(&pb.WatchCreateRequest{Key: []byte("cmp")})
+	live.next()
+	first := put(t, ctx, e.Direct, "elsewhere", "1")
+	rev := put(t, ctx, e.Direct, "elsewhere", "2")
+	rev = put(t, ctx, e.Direct, "elsewhere", "3")
+	compact(t, ctx, e, rev)
+	p := openTwin(t, ctx, e)
+	p.create(&pb.WatchCreateRequest{Key: []byte("cmp"), StartRevision: first})
+	p.same(t, "created from a compacted revision")
+	if r := p.same(t, "compacted"); !r.Canceled || r.CompactRevision != rev {
+		t.Fatalf("etcd answered %v; the test expects its compacted response", r)
+	}
+	// Cancelling it is answered, and a watch from the compaction's revision on is served.
+	p.send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CancelRequest{CancelRequest: &pb.WatchCancelRequest{WatchId: 0}}})
+	p.same(t, "cancel of the compacted watcher")
+	p.create(&pb.WatchCreateRequest{Key: []byte("cmp"), StartRevision: rev})
+	p.same(t, "created at the compacted revision")
+	put(t, ctx, e.Direct, "cmp", "x")
+	p.same(t, "its event")
+}
+
+// TestRefusedCreateUsesNoID: etcd spends no watch id on a create it refuses, so the next watcher of the stream gets
+// the id the refused one would have had.
+func TestRefusedCreateUsesNoID(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{})
+	ctx := timeout(t, 60*time.Second)
+	p := openTwin(t, ctx, e)
+	p.create(&pb.WatchCreateRequest{Key: []byte("a")})
+	p.same(t, "created 0")
+	p.create(&pb.WatchCreateRequest{Key: []byte("b"), RangeEnd: []byte("a")})
+	p.same(t, "refused: empty range")
+	p.create(&pb.WatchCreateRequest{Key: []byte("a"), StartRevision: -1})
+	p.same(t, "refused: negative start")
+	p.create(&pb.WatchCreateRequest{Key: []byte("b")})
+	p.same(t, "created 1")
+}
+
+// TestRefusedCreateUsesNoIDWithAuth: the same for a create refused for lack of permission.
+func TestRefusedCreateUsesNoIDWithAuth(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{})
+	ctx := timeout(t, 60*time.Second)
+	proxytest.EnableAuth(t, ctx, e.Direct, "r", proxytest.User{Name: "al", Password: "a", ReadFrom: "a"})
+	as := proxytest.As(t, ctx, e.Direct, "al", "a")
+	p := twin{open(t, as, e.Direct), open(t, as, e.Via)}
+	p.create(&pb.WatchCreateRequest{Key: []byte("b")})
+	p.same(t, "refused: permission denied")
+	p.create(&pb.WatchCreateRequest{Key: []byte("a")})
+	p.same(t, "created 0")
+}
+
+// withProgressInterval sets etcd's progress notification interval (process-wide: the members run in-process) for
+// the test.
+func withProgressInterval(t *testing.T, d time.Duration) {
+	old := v3rpc.GetProgressReportInterval()
+	v3rpc.SetProgressReportInterval(d)
+	t.Cleanup(func() { v3rpc.SetProgressReportInterval(old) })
+}
+
+// TestProgressNotify: a progress-notify watcher gets a notification when an interval passed with no event sent to
+// it (filtered events count as none), and a watcher that starts in the future gets none.
+func TestProgressNotify(t *testing.T) {
+	withProgressInterval(t, 300*time.Millisecond)
+	e := proxytest.Start(t, proxytest.Options{})
+	ctx := timeout(t, 60*time.Second)
+	cur := put(t, ctx, e.Direct, "pn/a", "0")
+
+	future := openTwin(t, ctx, e)
+	future.create(&pb.WatchCreateRequest{Key: []byte("pn/a"), StartRevision: cur + 1000, ProgressNotify: true})
+	future.same(t, "created in the future")
+	future.quiet(time.Second)
+
+	// A NOPUT watcher of a key written every 100 ms: every event is filtered, so etcd notifies it each interval.
+	// (It is compared by count and revision range: the notifications' timing is etcd's ticker's.)
+	d, v := open(t, ctx, e.Direct), open(t, ctx, e.Via)
+	for _, s := range []*stream{d, v} {
+		s.create(&pb.WatchCreateRequest{Key: []byte("pn/a"), ProgressNotify: true,
+			Filters: []pb.WatchCreateRequest_FilterType{pb.WatchCreateRequest_NOPUT}})
+		if r := s.next(); !r.Created {
+			t.Fatalf("created: %v", r)
+		}
+	}
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(100 * time.Millisecond):
+			}
+			if _, err := pb.NewKVClient(e.Direct).Put(ctx, &pb.PutRequest{Key: []byte("pn/a"), Value: []byte("x")}); err != nil {
+				return
+			}
+		}
+	}()
+	window, closeWindow := context.WithTimeout(ctx, 2*time.Second)
+	defer closeWindow()
+	count := func(s *stream, name string, n *int) {
+		for {
+			select {
+			case r := <-s.resp:
+				if len(r.Events) != 0 || r.WatchId != 0 || r.Canceled {
+					t.Errorf("%s: %v, want progress notifications only", name, r)
+				}
+				*n++
+			case <-window.Done():
+				return
+			}
+		}
+	}
+	var nd, nv int
+	counted := make(chan struct{})
+	go func() { defer close(counted); count(v, "proxy", &nv) }()
+	count(d, "direct", &nd)
+	<-counted
+	close(stop)
+	<-done
+	if nd == 0 {
+		t.Fatal("etcd sent the filtered watcher no progress notification: the test does not exercise it")
+	}
+	if nv < nd-1 || nv > nd+1 {
+		t.Errorf("in 2s, etcd sent %d progress notifications to a watcher whose events are all filtered; the proxy %d", nd, nv)
+	}
+}
+
+// TestFragmentAtEtcdsLimit: etcd fragments at its own --max-request-bytes plus 512 KiB, after filtering; the proxy
+// splits exactly where etcd does, whatever etcd's limit.
+func TestFragmentAtEtcdsLimit(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{Configure: func(c *embed.Config) { c.MaxRequestBytes = 3 << 20 }})
+	ctx := timeout(t, 60*time.Second)
+	value := string(bytes.Repeat([]byte{'o'}, 20<<10))
+	p := openTwin(t, ctx, e)
+	p.create(&pb.WatchCreateRequest{Key: []byte("fr/"), RangeEnd: []byte("fr0"), Fragment: true, PrevKv: true})
+	p.same(t, "created, fragmenting")
+	p.create(&pb.WatchCreateRequest{Key: []byte("fr/"), RangeEnd: []byte("fr0"), Fragment: true,
+		Filters: []pb.WatchCreateRequest_FilterType{pb.WatchCreateRequest_NOPUT}})
+	p.same(t, "created, fragmenting deletes only")
+	p.create(&pb.WatchCreateRequest{Key: []byte("fr/"), RangeEnd: []byte("fr0")})
+	p.same(t, "created, not fragmenting")
+	// 120 puts of 20 KiB in one Txn: a 2.4 MiB response, under etcd's 3.5 MiB limit: not split. 80 more; then
+	// one delete of all 200, with previous values: 4 MiB, split for the watcher that wants previous values.
+	for _, n := range []int{120, 80} {
+		txn := &pb.TxnRequest{}
+		for i := 0; i < n; i++ {
+			txn.Success = append(txn.Success, &pb.RequestOp{Request: &pb.RequestOp_RequestPut{RequestPut: &pb.PutRequest{
+				Key: []byte(fmt.Sprintf("fr/%d/%03d", n, i)), Value: []byte(value)}}})
+		}
+		if _, err := pb.NewKVClient(e.Direct).Txn(ctx, txn); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := pb.NewKVClient(e.Direct).DeleteRange(ctx, &pb.DeleteRangeRequest{Key: []byte("fr/"), RangeEnd: []byte("fr0")}); err != nil {
+		t.Fatal(err)
+	}
+	// Whole responses: two puts for watchers 0 and 2, the delete for all three. etcd serves the watchers of a
+	// stream that fire on the same revision in no fixed order: compare per watcher.
+	collect := func(s *stream) map[int64][]*pb.WatchResponse {
+		got := map[int64][]*pb.WatchResponse{}
+		for whole := 0; whole < 7; {
+			r := s.next()
+			got[r.WatchId] = append(got[r.WatchId], r)
+			if !r.Fragment {
+				whole++
+			}
+		}
+		return got
+	}
+	d, v := collect(p.d), collect(p.v)
+	parts := 0
+	for id := int64(0); id < 3; id++ {
+		if len(d[id]) != len(v[id]) {
+			t.Errorf("watcher %d: etcd sent %d responses, the proxy %d", id, len(d[id]), len(v[id]))
+			continue
+		}
+		for i := range d[id] {
+			same(t, fmt.Sprintf("watcher %d, response %d", id, i), d[id][i], v[id][i])
+			if d[id][i].Fragment {
+				parts++
+			}
+		}
+	}
+	if parts == 0 {
+		t.Fatal("etcd fragmented nothing: the test does not exercise fragments")
+	}
+	p.quiet(200 * time.Millisecond)
+}
+
+// TestClientThatNeverReads: a client that keeps sending creates and cancels and never reads is stopped by flow
+// control, as with etcd, instead of growing the proxy's queues.
+func TestClientThatNeverReads(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{})
+	ctx := timeout(t, 60*time.Second)
+	sent := func(target string) (func() int64, context.CancelFunc) {
+		ctx, cancel := context.WithCancel(ctx)
+		cc := proxytest.Conn(t, target)
+		ws, err := pb.NewWatchClient(cc).Watch(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var n atomic.Int64
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			for i := int64(0); ctx.Err() == nil; i++ {
+				req := &pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{CreateRequest: &pb.WatchCreateRequest{
+					Key: bytes.Repeat([]byte{'k'}, 256)}}}
+				if i%2 == 1 {
+					req = &pb.WatchRequest{RequestUnion: &pb.WatchRequest_CancelRequest{CancelRequest: &pb.WatchCancelRequest{WatchId: i / 2}}}
+				}
+				if ws.Send(req) != nil {
+					return
+				}
+				n.Add(1)
+			}
+		}()
+		return n.Load, func() { cancel(); <-done }
+	}
+	for _, side := range []struct{ name, target string }{{"etcd", e.Cluster.Members[0].ClientURL}, {"proxy", e.ProxyAddr}} {
+		n, stop := sent(side.target)
+		// Sends go through until the server stops reading and the stream's flow-control window is full; after
+		// that, none does.
+		var before int64
+		proxytest.Eventually(t, 30*time.Second, func() bool {
+			b := n()
+			time.Sleep(time.Second)
+			before = n()
+			return before == b && before > 0
+		}, "%s: the client's sends never stopped going through", side.name)
+		t.Logf("%s: %d requests went through before flow control stopped the client", side.name, before)
+		stop()
+	}
+}
