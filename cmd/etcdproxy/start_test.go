@@ -56,14 +56,19 @@ func TestStrayArgument(t *testing.T) {
 
 // TestBinary runs the built binary as an operator would with etcd grpc-proxy's flags: in front of an embedded etcd,
 // metrics on an http:// URL, --debug, under a systemd notify socket. It must tell systemd it is ready, serve the
-// etcd API, health and metrics on both addresses, log gRPC's own lines, and exit 0 on SIGTERM.
+// etcd API, health and metrics on both addresses, log gRPC's own lines, and exit 0 on SIGTERM. Under -race the
+// binary is built with the race detector too, and a race it reports (exit code 66) fails the test.
 func TestBinary(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds and runs the binary")
 	}
 	dir := t.TempDir()
 	bin := filepath.Join(dir, "etcdproxy")
-	build := exec.Command("go", "build", "-o", bin, ".")
+	args := []string{"build", "-o", bin}
+	if raceEnabled {
+		args = append(args, "-race")
+	}
+	build := exec.Command("go", append(args, ".")...)
 	if out, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("go build: %v\n%s", err, out)
 	}
@@ -156,6 +161,9 @@ func TestBinary(t *testing.T) {
 	select {
 	case err := <-exited:
 		waited = true
+		if strings.Contains(logs.String(), "WARNING: DATA RACE") {
+			t.Fatalf("the race detector reported a race in the binary (exit: %v)\nlogs:\n%s", err, logs.String())
+		}
 		if err != nil {
 			t.Fatalf("exit after SIGTERM: %v\nlogs:\n%s", err, logs.String())
 		}
