@@ -35,18 +35,22 @@ func Dial(cfg clientv3.Config) (*clientv3.Client, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
 	}
-	if cfg.MaxCallSendMsgSize <= 0 {
-		cfg.MaxCallSendMsgSize = math.MaxInt32
-	}
 	if cfg.MaxCallRecvMsgSize <= 0 {
 		cfg.MaxCallRecvMsgSize = math.MaxInt32
+	}
+	send := cfg.MaxCallSendMsgSize
+	if send <= 0 {
+		// No limit of our own. clientv3 refuses a send limit above the receive limit, which an operator gives only
+		// with both set; its own wrappers (the proxy's own calls) then get the receive limit for both.
+		send = math.MaxInt32
+		cfg.MaxCallSendMsgSize = cfg.MaxCallRecvMsgSize
 	}
 	// clientv3 applies its size limits as call options of its own API wrappers only; the typed stubs the proxy
 	// makes on ActiveConnection (gen/, the overrides' upstream streams) would keep gRPC-Go's 4 MiB receive limit.
 	// As default call options of the connection they bound every call on it.
 	cfg.DialOptions = append(cfg.DialOptions,
 		grpc.WithDefaultCallOptions(grpc.WaitForReady(true),
-			grpc.MaxCallSendMsgSize(cfg.MaxCallSendMsgSize), grpc.MaxCallRecvMsgSize(cfg.MaxCallRecvMsgSize)),
+			grpc.MaxCallSendMsgSize(send), grpc.MaxCallRecvMsgSize(cfg.MaxCallRecvMsgSize)),
 		grpc.WithChainUnaryInterceptor(keepClientAPIVersionUnary),
 		grpc.WithChainStreamInterceptor(keepClientAPIVersionStream))
 	return clientv3.New(cfg)
