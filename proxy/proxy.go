@@ -73,9 +73,10 @@ type Proxy struct {
 	health    *health.Server
 	healthed  chan struct{} // closed when serveHealth returns
 
-	// mu protects muxes.
+	// mu protects muxes and shut.
 	mu    sync.Mutex
-	muxes []cmux.CMux
+	muxes []cmux.CMux // of every Serve running, each fully built before it is added
+	shut  bool        // Shutdown has started: a Serve from then on serves nothing
 	// closing is cancelled when Shutdown starts: it ends the streams that never end by themselves.
 	closing    context.Context
 	endStreams context.CancelFunc
@@ -141,20 +142,31 @@ func (p *Proxy) Steady() bool {
 
 // Serve serves on l until Shutdown: gRPC (HTTP/2 with content-type application/grpc) and, on the same port, the
 // HTTP endpoints of HTTPHandler.
+// Serve called after Shutdown closes l and returns nil.
 func (p *Proxy) Serve(l net.Listener) error {
+	// The multiplexer is built (its matchers registered) before Shutdown can see it: Shutdown reads what the
+	// matchers add.
 	m := cmux.New(l)
-	p.mu.Lock()
-	p.muxes = append(p.muxes, m)
-	p.mu.Unlock()
 	grpcL := m.MatchWithWriters(cmux.HTTP2MatchHeaderFieldSendSettings("content-type", "application/grpc"))
 	httpL := m.Match(cmux.Any())
+	p.mu.Lock()
+	if p.shut {
+		p.mu.Unlock()
+		_ = l.Close()
+		return nil
+	}
+	p.muxes = append(p.muxes, m)
+	p.mu.Unlock()
 	errc := make(chan error, 3)
 	go func() { errc <- p.server.Serve(grpcL) }()
 	go func() { errc <- p.http.Serve(httpL) }()
 	go func() { errc <- m.Serve() }()
 	err := <-errc
-	if p.closing.Err() != nil {
-		return nil // Shutdown
+	p.mu.Lock()
+	shut := p.shut
+	p.mu.Unlock()
+	if shut {
+		return nil // Shutdown, whichever of the three saw it first
 	}
 	return err
 }
@@ -164,6 +176,7 @@ func (p *Proxy) Serve(l net.Listener) error {
 // ends every call still open and returns.
 func (p *Proxy) Shutdown(ctx context.Context) {
 	p.mu.Lock()
+	p.shut = true
 	for _, m := range p.muxes {
 		m.Close()
 	}

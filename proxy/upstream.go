@@ -19,7 +19,8 @@ import (
 //     retries as it would against etcd, so a failure is not retried twice over and an error such as an invalid
 //     auth token reaches the client at once instead of after up to 100 hidden retries.
 //   - Message size limits default to math.MaxInt32 on both directions, so etcd's own limits decide and an
-//     oversized request gets etcd's own error.
+//     oversized request gets etcd's own error. They are the connection's default call options, so that every
+//     stub on it keeps them, not only clientv3's own wrappers.
 //   - Every upstream call waits for a ready connection until the client's deadline (gRPC wait-for-ready) instead of
 //     failing at once with Unavailable while no etcd member is reachable: fail slow. A client that retries on
 //     Unavailable (clientv3 re-sending LeaseGrant, say) would otherwise spin against the proxy and burn both; with
@@ -34,16 +35,24 @@ func Dial(cfg clientv3.Config) (*clientv3.Client, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
 	}
-	cfg.DialOptions = append(cfg.DialOptions,
-		grpc.WithDefaultCallOptions(grpc.WaitForReady(true)),
-		grpc.WithChainUnaryInterceptor(keepClientAPIVersionUnary),
-		grpc.WithChainStreamInterceptor(keepClientAPIVersionStream))
-	if cfg.MaxCallSendMsgSize <= 0 {
-		cfg.MaxCallSendMsgSize = math.MaxInt32
-	}
 	if cfg.MaxCallRecvMsgSize <= 0 {
 		cfg.MaxCallRecvMsgSize = math.MaxInt32
 	}
+	send := cfg.MaxCallSendMsgSize
+	if send <= 0 {
+		// No limit of our own. clientv3 refuses a send limit above the receive limit, which an operator gives only
+		// with both set; its own wrappers (the proxy's own calls) then get the receive limit for both.
+		send = math.MaxInt32
+		cfg.MaxCallSendMsgSize = cfg.MaxCallRecvMsgSize
+	}
+	// clientv3 applies its size limits as call options of its own API wrappers only; the typed stubs the proxy
+	// makes on ActiveConnection (gen/, the overrides' upstream streams) would keep gRPC-Go's 4 MiB receive limit.
+	// As default call options of the connection they bound every call on it.
+	cfg.DialOptions = append(cfg.DialOptions,
+		grpc.WithDefaultCallOptions(grpc.WaitForReady(true),
+			grpc.MaxCallSendMsgSize(send), grpc.MaxCallRecvMsgSize(cfg.MaxCallRecvMsgSize)),
+		grpc.WithChainUnaryInterceptor(keepClientAPIVersionUnary),
+		grpc.WithChainStreamInterceptor(keepClientAPIVersionStream))
 	return clientv3.New(cfg)
 }
 

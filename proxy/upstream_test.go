@@ -7,6 +7,7 @@ import (
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	"go.etcd.io/etcd/api/v3/version"
+	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc/metadata"
 )
 
@@ -38,5 +39,19 @@ func TestClientAPIVersion(t *testing.T) {
 		if got := out.Get("token"); len(got) != 1 {
 			t.Errorf("%s: other metadata lost: %v", tc.name, out)
 		}
+	}
+}
+
+// TestDialRecvLimitAlone: a receive limit without a send limit (etcdproxy start --max-recv-bytes=N, --max-send-bytes
+// left at 0) is a valid configuration; clientv3 used to refuse it, the proxy's "no send limit" being above N.
+func TestDialRecvLimitAlone(t *testing.T) {
+	c, err := Dial(clientv3.Config{Endpoints: []string{"127.0.0.1:1"}, MaxCallRecvMsgSize: 3 << 20})
+	if err != nil {
+		t.Fatalf("Dial with only a receive limit: %v", err)
+	}
+	c.Close()
+	if _, err := Dial(clientv3.Config{Endpoints: []string{"127.0.0.1:1"}, MaxCallSendMsgSize: 4 << 20,
+		MaxCallRecvMsgSize: 3 << 20}); err == nil {
+		t.Error("Dial with a send limit above the receive limit: no error (clientv3, and etcd grpc-proxy, refuse it)")
 	}
 }

@@ -95,8 +95,8 @@ one command gives a working endpoint, for trying it out and for development.`,
 	fs.StringVar(&f.advertiseClientURL, "advertise-client-url", "127.0.0.1:23790", "advertise address to register (must be reachable by client); logged at start, used for registration with --resolver-prefix once that is supported")
 	fs.StringVar(&f.dataDir, "data-dir", "default.proxy", "data directory for persistent data (the embedded etcd's data with --embedded-etcd)")
 	fs.BoolVar(&f.debug, "debug", false, "enable debug-level logging, gRPC's own logs included")
-	fs.IntVar(&f.maxSendBytes, "max-send-bytes", 0, "upstream message send limit in bytes; 0 (the default) leaves the limit to etcd's --max-request-bytes, so an oversized request gets etcd's own error (etcd grpc-proxy defaults to 1.5 MiB and answers requests between its limit and etcd's with a different, client-side error)")
-	fs.IntVar(&f.maxRecvBytes, "max-recv-bytes", math.MaxInt32, "upstream message receive limit in bytes")
+	fs.IntVar(&f.maxSendBytes, "max-send-bytes", 0, "largest message in bytes the proxy sends to etcd, and so the largest request it accepts from a client (a larger one gets ResourceExhausted from the proxy); 0 (the default) leaves the limit to etcd's --max-request-bytes, so an oversized request gets etcd's own error (etcd grpc-proxy defaults to 1.5 MiB and answers requests between its limit and etcd's with a different, client-side error)")
+	fs.IntVar(&f.maxRecvBytes, "max-recv-bytes", math.MaxInt32, "largest message in bytes the proxy receives from etcd, and so the largest response it sends to a client (a larger one gets ResourceExhausted); 0 means the default")
 	fs.Uint32Var(&f.maxConcurrentStreams, "max-concurrent-streams", math.MaxUint32, "maximum concurrent streams that each client can open at a time (applied to the proxy's gRPC server)")
 	fs.DurationVar(&f.grpcKeepAliveMinTime, "grpc-keepalive-min-time", 5*time.Second, "minimum interval duration that a client should wait before pinging proxy (0: gRPC's default, 5m, as with etcd grpc-proxy; a negative value counts as 0, where etcd grpc-proxy would hand it to gRPC)")
 	fs.DurationVar(&f.grpcKeepAliveInterval, "grpc-keepalive-interval", 2*time.Hour, "frequency duration of server-to-client ping to check if a connection is alive (0: gRPC's default, 2h, as with etcd grpc-proxy; a negative value counts as 0, where etcd grpc-proxy would hand it to gRPC)")
@@ -184,10 +184,14 @@ func runStart(f *startFlags) error {
 		defer internal.Close()
 	}
 
+	// --max-send-bytes and --max-recv-bytes bound the client side too: a request the proxy could not send upstream
+	// is refused as it arrives (not read whole first), and no response is sent that it could not have received.
 	p := proxy.New(proxy.Config{
 		Upstream:             upstream,
 		Internal:             internal,
 		Logger:               lg,
+		MaxRecvBytes:         f.maxSendBytes,
+		MaxSendBytes:         f.maxRecvBytes,
 		MaxConcurrentStreams: f.maxConcurrentStreams,
 		KeepaliveMinTime:     f.grpcKeepAliveMinTime,
 		KeepaliveInterval:    f.grpcKeepAliveInterval,

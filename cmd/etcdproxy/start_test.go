@@ -17,6 +17,8 @@ import (
 
 	"github.com/etcdproxy/etcdproxy/internal/embedetcd"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 func TestMetricsListenAddr(t *testing.T) {
@@ -55,15 +57,23 @@ func TestStrayArgument(t *testing.T) {
 }
 
 // TestBinary runs the built binary as an operator would with etcd grpc-proxy's flags: in front of an embedded etcd,
-// metrics on an http:// URL, --debug, under a systemd notify socket. It must tell systemd it is ready, serve the
-// etcd API, health and metrics on both addresses, log gRPC's own lines, and exit 0 on SIGTERM.
+// metrics on an http:// URL, --debug, message size limits, under a systemd notify socket. It must tell systemd it
+// is ready, serve the etcd API, apply the size limits, serve health and metrics on both addresses, log gRPC's own
+// lines, and exit 0 on SIGTERM. Under -race the
+// binary is built with the race detector too, and a race it reports (exit code 66) fails the test.
 func TestBinary(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds and runs the binary")
 	}
+	// Both under what the embedded etcd accepts (1.5 MiB requests, responses of any size): only the flags refuse.
+	const maxSend, maxRecv = 1 << 20, 3 << 20
 	dir := t.TempDir()
 	bin := filepath.Join(dir, "etcdproxy")
-	build := exec.Command("go", "build", "-o", bin, ".")
+	args := []string{"build", "-o", bin}
+	if raceEnabled {
+		args = append(args, "-race")
+	}
+	build := exec.Command("go", append(args, ".")...)
 	if out, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("go build: %v\n%s", err, out)
 	}
@@ -85,7 +95,8 @@ func TestBinary(t *testing.T) {
 	cmd := exec.Command(bin, "start", "--embedded-etcd", "--data-dir", filepath.Join(dir, "data"),
 		"--embedded-etcd-client-url", fmt.Sprintf("http://127.0.0.1:%d", ports[2]),
 		"--embedded-etcd-peer-url", fmt.Sprintf("http://127.0.0.1:%d", ports[3]),
-		"--listen-addr", listen, "--metrics-addr", "http://"+metrics, "--debug")
+		"--listen-addr", listen, "--metrics-addr", "http://"+metrics, "--debug",
+		"--max-send-bytes", fmt.Sprint(maxSend), "--max-recv-bytes", fmt.Sprint(maxRecv))
 	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+sock)
 	logs := &lockedBuffer{}
 	cmd.Stdout, cmd.Stderr = logs, logs
@@ -127,6 +138,23 @@ func TestBinary(t *testing.T) {
 		t.Fatalf("get through the proxy: %v, %v", r, err)
 	}
 
+	// --max-send-bytes: a request over it is refused as it arrives (etcd would take it); --max-recv-bytes: so is a
+	// response over it (here 4 values of 900 KiB in one Range).
+	_, err = c.Put(ctx, "big", strings.Repeat("x", maxSend+100<<10))
+	if status.Code(err) != codes.ResourceExhausted ||
+		!strings.Contains(err.Error(), fmt.Sprint("received message larger than max (", maxSend+100<<10+9, " vs. ", maxSend, ")")) {
+		t.Errorf("put over --max-send-bytes: %v; want ResourceExhausted from the proxy's server, with the limit", err)
+	}
+	for i := 0; i < 4; i++ {
+		if _, err := c.Put(ctx, fmt.Sprint("big/", i), strings.Repeat("x", 900<<10)); err != nil {
+			t.Fatalf("put under --max-send-bytes: %v", err)
+		}
+	}
+	_, err = c.Get(ctx, "big/", clientv3.WithPrefix())
+	if status.Code(err) != codes.ResourceExhausted || !strings.Contains(err.Error(), fmt.Sprint("vs. ", maxRecv, ")")) {
+		t.Errorf("get of 3.6 MiB over --max-recv-bytes: %v; want ResourceExhausted with the limit", err)
+	}
+
 	for _, addr := range []string{listen, metrics} {
 		for _, path := range []string{"/health", "/proxy/health", "/metrics", "/proxy/metrics"} {
 			deadline := time.Now().Add(10 * time.Second)
@@ -156,6 +184,9 @@ func TestBinary(t *testing.T) {
 	select {
 	case err := <-exited:
 		waited = true
+		if strings.Contains(logs.String(), "WARNING: DATA RACE") {
+			t.Fatalf("the race detector reported a race in the binary (exit: %v)\nlogs:\n%s", err, logs.String())
+		}
 		if err != nil {
 			t.Fatalf("exit after SIGTERM: %v\nlogs:\n%s", err, logs.String())
 		}

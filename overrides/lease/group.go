@@ -48,7 +48,17 @@ const (
 func (g *group) send(r *request) {
 	g.sendMu.Lock()
 	defer g.sendMu.Unlock()
+	g.sendLocked(r)
+}
+
+// sendLocked is send with sendMu held. A request of a client whose stream has ended, or that etcd has refused a
+// request of, is dropped.
+func (g *group) sendLocked(r *request) {
 	g.mu.Lock()
+	if r.c.ended() {
+		g.mu.Unlock()
+		return
+	}
 	st := g.stream
 	if st == nil {
 		g.queued = append(g.queued, r)
@@ -97,20 +107,18 @@ func (g *group) serve() (bool, error) {
 	keepaliveUpstreamStreams.Inc()
 	defer keepaliveUpstreamStreams.Dec()
 
+	// The queued requests go first, before sendMu is let go: a client's later request must not overtake its
+	// earlier ones (etcd answers a client's requests in the order it sent them).
 	g.sendMu.Lock()
 	g.mu.Lock()
 	g.stream = stream
 	queued := g.queued
 	g.queued = nil
 	g.mu.Unlock()
-	g.sendMu.Unlock()
 	for _, r := range queued {
-		select {
-		case <-r.c.done: // the client is gone: nobody waits for this reply
-		default:
-			g.send(r)
-		}
+		g.sendLocked(r)
 	}
+	g.sendMu.Unlock()
 
 	answered, err := g.receive(stream)
 
@@ -164,8 +172,9 @@ func (g *group) receive(stream grpc.BidiStreamingClient[pb.LeaseKeepAliveRequest
 
 // recover decides, after the upstream stream failed with err, what becomes of the requests it left unanswered
 // (now at the head of queued). An error that etcd returned for a request (permission denied, invalid token, ...)
-// belongs to the oldest of them: its client's stream ends with it. A failure of the stream itself belongs to
-// nobody: every unanswered request is re-sent on the next stream.
+// belongs to the oldest of them: its client's stream ends with it, after the replies etcd sent before it, and no
+// other request of that client is sent (etcd would have read nothing more from the stream). A failure of the
+// stream itself belongs to nobody: every unanswered request is re-sent on the next stream.
 func (g *group) recover(err error) {
 	if streamFailure(err) {
 		return
@@ -175,11 +184,22 @@ func (g *group) recover(err error) {
 	if len(g.queued) == 0 {
 		return
 	}
-	select {
-	case g.queued[0].c.fail <- err:
-	default:
+	c := g.queued[0].c
+	if c.ended() {
+		// The client's stream has ended: nobody waits for the error.
+		g.queued = g.queued[1:]
+		return
 	}
-	g.queued = g.queued[1:]
+	c.err = err
+	close(c.failed)
+	kept := g.queued[:0]
+	for _, r := range g.queued {
+		if r.c != c {
+			kept = append(kept, r)
+		}
+	}
+	clear(g.queued[len(kept):])
+	g.queued = kept
 }
 
 // streamFailure reports whether err ended the stream for a reason of its own rather than because of one request.

@@ -8,7 +8,8 @@
 //     for an expired or revoked lease, as etcd answers). The proxy never renews a lease on its own, so a lease lives
 //     no longer than its TTL after the last client heartbeat.
 //   - A client that half-closes still gets the replies to what it sent, then its stream ends cleanly.
-//   - An error etcd returns for a client's request ends that client's stream with etcd's status. A failure of the
+//   - An error etcd returns for a client's request ends that client's stream with etcd's status, after the replies
+//     etcd sent before it; the client's later requests are not sent, as etcd reads nothing more. A failure of the
 //     shared stream itself (member gone, no leader on that member, timeout) is not a client's: the proxy reopens
 //     the upstream stream, possibly on another member, and re-sends the unanswered requests.
 //   - Auth: etcd checks a renewal against the caller's token (put permission on the lease's keys), so streams are
@@ -63,10 +64,10 @@ func (l *Lease) LeaseKeepAlive(ss grpc.BidiStreamingServer[pb.LeaseKeepAliveRequ
 	defer keepaliveClientStreams.Dec()
 
 	c := &client{
-		out:   make(chan reply, maxOutstanding),
-		slots: make(chan struct{}, maxOutstanding),
-		fail:  make(chan error, 1),
-		done:  make(chan struct{}),
+		out:    make(chan reply, maxOutstanding),
+		slots:  make(chan struct{}, maxOutstanding),
+		failed: make(chan struct{}),
+		done:   make(chan struct{}),
 	}
 	defer close(c.done)
 	received := make(chan error, 1)
@@ -92,8 +93,21 @@ func (l *Lease) LeaseKeepAlive(ss grpc.BidiStreamingServer[pb.LeaseKeepAliveRequ
 			if len(c.slots) == 0 {
 				return nil
 			}
-		case err := <-c.fail:
-			return err
+		case <-c.failed:
+			// etcd answered the client's earlier requests before it refused this one, and ends its stream after the
+			// replies: they are in c.out already (the group routes replies in order, then the failure), so they go
+			// first, as from etcd.
+			for {
+				select {
+				case r := <-c.out:
+					if err := ss.Send(r.resp); err != nil {
+						return err
+					}
+					keepaliveLatency.Observe(time.Since(r.received).Seconds())
+				default:
+					return c.err
+				}
+			}
 		case <-g.ctx.Done():
 			return shared.ErrClosed
 		case <-ss.Context().Done():
@@ -106,8 +120,24 @@ func (l *Lease) LeaseKeepAlive(ss grpc.BidiStreamingServer[pb.LeaseKeepAliveRequ
 type client struct {
 	out   chan reply    // replies for the client; never full, see slots
 	slots chan struct{} // one token per outstanding request
-	fail  chan error    // an error etcd returned for one of the client's requests
-	done  chan struct{} // closed when the client's stream has ended
+	// failed is closed by the client's group, under its mu, when etcd refused one of the client's requests; err,
+	// written before, is etcd's error. From then on none of the client's requests is sent: etcd would have ended
+	// the stream and read nothing more from it.
+	failed chan struct{}
+	err    error
+	done   chan struct{} // closed when the client's stream has ended
+}
+
+// ended reports whether nothing the client sent should reach etcd any more. The group calls it under its mu.
+func (c *client) ended() bool {
+	select {
+	case <-c.failed:
+		return true
+	case <-c.done:
+		return true
+	default:
+		return false
+	}
 }
 
 type reply struct {
