@@ -70,7 +70,7 @@ func Apply(s *gen.Services, d Deps) *Set {
 	s.KV = leader.NewKV(s.KV, set.Leader)
 	s.Lease = leader.NewLease(s.Lease, set.Leader)
 	s.Lease = closing(set, lease.New(s.Lease, cc, d.Logger.Named("lease")))
-	s.Watch = closing(set, watch.New(s.Watch, cc, d.Logger.Named("watch"), d.Watch))
+	s.Watch = closing(set, watch.New(s.Watch, cc, set.Leader, d.Logger.Named("watch"), d.Watch))
 	if d.KVCache.MaxBytes > 0 {
 		set.KVCache = closing(set, kvcache.New(s.KV, internal, d.Logger.Named("kvcache"), d.KVCache))
 		s.KV = set.KVCache

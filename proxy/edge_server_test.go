@@ -52,9 +52,9 @@ func TestServeShutdownRace(t *testing.T) {
 
 // TestWatchNegativeRevisionBadToken checks a suspicion from issue #10: for a watch create with a negative
 // start_revision sent with an invalid token, etcd checks the revision first (the watcher is refused as compacted)
-// while the coalescer checks the caller's credentials first (refused for the token). Confirmed: that case is
-// skipped until the coalescer (overrides/watch, create) checks the revision first. The same create with a valid
-// token, and a valid revision with the bad token, are checked alongside.
+// while the coalescer checked the caller's credentials first (refused for the token). Confirmed, and fixed: the
+// coalescer checks the revision first. The same create with a valid token, and a valid revision with the bad
+// token, are checked alongside.
 func TestWatchNegativeRevisionBadToken(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
 	ctx := timeout(t, 30*time.Second)
@@ -83,25 +83,15 @@ func TestWatchNegativeRevisionBadToken(t *testing.T) {
 		direct context.Context
 		via    context.Context
 		rev    int64
-		known  string // a known difference: the case is skipped, naming it
 	}{
-		{"negative start_revision, invalid token", bogus, bogus, -1, "issue #10 (suspicion confirmed): etcd " +
-			"refuses it as compacted, the proxy for the token: overrides/watch checks credentials first"},
-		{"negative start_revision, valid token", proxytest.As(t, ctx, e.Direct, "bob", "b"), proxytest.As(t, ctx, e.Via, "bob", "b"), -1, ""},
-		{"start_revision 0, invalid token", bogus, bogus, 0, ""},
+		{"negative start_revision, invalid token", bogus, bogus, -1},
+		{"negative start_revision, valid token", proxytest.As(t, ctx, e.Direct, "bob", "b"), proxytest.As(t, ctx, e.Via, "bob", "b"), -1},
+		{"start_revision 0, invalid token", bogus, bogus, 0},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			direct, via := create(e.Direct, c.direct, c.rev), create(e.Via, c.via, c.rev)
-			if direct == via {
-				if c.known != "" {
-					t.Errorf("the known difference is gone (%s): drop the skip", c.known)
-				}
-				return
+			if direct, via := create(e.Direct, c.direct, c.rev), create(e.Via, c.via, c.rev); direct != via {
+				t.Errorf("direct: %s\n  proxy:  %s", direct, via)
 			}
-			if c.known != "" {
-				t.Skipf("known difference, %s:\n  direct: %s\n  proxy:  %s", c.known, direct, via)
-			}
-			t.Errorf("direct: %s\n  proxy:  %s", direct, via)
 		})
 	}
 }

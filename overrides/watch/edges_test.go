@@ -8,10 +8,15 @@ import (
 	"testing"
 	"time"
 
+	"github.com/etcdproxy/etcdproxy/internal/embedetcd"
 	"github.com/etcdproxy/etcdproxy/internal/proxytest"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.etcd.io/etcd/server/v3/etcdserver/api/v3rpc"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/status"
 )
 
 // The tests of this file are differential: the same requests on a stream straight to etcd and on one through the
@@ -339,4 +344,50 @@ func TestClientThatNeverReads(t *testing.T) {
 		t.Logf("%s: %d requests went through before flow control stopped the client", side.name, before)
 		stop()
 	}
+}
+
+// TestPlainWatchWithoutLeader: with quorum lost, etcd still serves a watch that did not ask for a leader, from the
+// member's own store, and refuses one that did; so does the proxy. When the leader is back, the plain watcher goes
+// on with no gap and no duplicate (the upstream stream becomes require-leader again).
+func TestPlainWatchWithoutLeader(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{
+		Members:   3,
+		Configure: func(c *embed.Config) { c.TickMs = 20; c.ElectionMs = 200 },
+		// The proxy talks to m0 only, the member left alone.
+		Upstream: func(c *embedetcd.Cluster) []string { return c.Endpoints()[:1] },
+	})
+	ctx := timeout(t, 90*time.Second)
+	first := put(t, ctx, e.Direct, "nl", "1")
+	put(t, ctx, e.Direct, "nl", "2")
+	for _, m := range e.Cluster.Members[1:] {
+		m.Stop()
+	}
+	proxytest.Eventually(t, 20*time.Second, func() bool { return !e.Proxy.HasLeader() },
+		"the proxy still sees a leader with quorum lost")
+
+	p := openTwin(t, ctx, e)
+	p.create(&pb.WatchCreateRequest{Key: []byte("nl"), StartRevision: first})
+	p.same(t, "created, no leader")
+	p.same(t, "the events from the member's store")
+
+	rl := clientv3.WithRequireLeader(ctx)
+	for name, cc := range map[string]*grpc.ClientConn{"etcd": e.Direct, "proxy": e.Via} {
+		ws, err := pb.NewWatchClient(cc).Watch(rl)
+		if err == nil {
+			_, err = ws.Recv()
+		}
+		if status.Convert(err).Message() != rpctypes.ErrNoLeader.Error() {
+			t.Errorf("%s: a require-leader watch with no leader ended with %v, want etcd's no-leader error", name, err)
+		}
+	}
+
+	for _, m := range e.Cluster.Members[1:] {
+		if err := m.Restart(30 * time.Second); err != nil {
+			t.Fatal(err)
+		}
+	}
+	proxytest.Eventually(t, 20*time.Second, e.Proxy.HasLeader, "the proxy saw no leader after quorum came back")
+	put(t, ctx, e.Direct, "nl", "3")
+	p.same(t, "the write after the leader came back")
+	p.quiet(300 * time.Millisecond)
 }

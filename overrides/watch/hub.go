@@ -88,6 +88,10 @@ func (h *hub) Run() {
 		if h.ctx.Err() != nil {
 			return
 		}
+		if errors.Is(err, errLeaderFound) {
+			backoff = retryMin
+			continue
+		}
 		h.w.logger.Debug("upstream watch stream ended; reopening", zap.Error(err))
 		upstreamReconnects.Inc()
 		if time.Since(start) > retryMax {
@@ -107,12 +111,34 @@ const (
 	retryMax = 2 * time.Second
 )
 
+// errLeaderFound ends a plain upstream stream when the cluster has a leader again.
+var errLeaderFound = errors.New("the cluster has a leader again: the upstream watch stream becomes require-leader")
+
 // serve opens one upstream stream, (re)creates every broadcast on it and routes its responses until it fails.
+//
+// The stream is require-leader while the cluster has a leader, so that a member that loses the cluster
+// (partitioned) ends it and the watches move to a member that has one. With no leader anywhere the proxy can see,
+// the stream is plain: etcd serves watchers that did not ask for a leader from its local store, and so does the
+// proxy (client streams that asked for one are ended by the leader override). It becomes require-leader again as
+// soon as the leader is back.
 func (h *hub) serve() error {
-	ctx, cancel := context.WithCancel(h.ctx)
-	defer cancel()
+	ctx, cancel := context.WithCancelCause(h.ctx)
+	defer cancel(nil)
 	md := h.md.Copy()
-	md.Set(rpctypes.MetadataRequireLeaderKey, rpctypes.MetadataHasLeader)
+	if h.w.leader.HasLeader() {
+		md.Set(rpctypes.MetadataRequireLeaderKey, rpctypes.MetadataHasLeader)
+	} else {
+		stop := context.AfterFunc(ctx, func() {})
+		defer stop()
+		found := h.w.leader.Found()
+		go func() {
+			select {
+			case <-found:
+				cancel(errLeaderFound)
+			case <-ctx.Done():
+			}
+		}()
+	}
 	stream, err := h.w.upstream.Watch(metadata.NewOutgoingContext(ctx, md))
 	if err != nil {
 		return err
@@ -153,6 +179,9 @@ func (h *hub) serve() error {
 	for {
 		resp, err := stream.Recv()
 		if err != nil {
+			if cause := context.Cause(ctx); errors.Is(cause, errLeaderFound) {
+				return cause
+			}
 			if errors.Is(err, io.EOF) {
 				err = errors.New("upstream watch stream closed")
 			}

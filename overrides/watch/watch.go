@@ -53,17 +53,27 @@ type Watch struct {
 	pb.WatchServer
 	cc       grpc.ClientConnInterface
 	upstream pb.WatchClient
+	leader   Leader
 	logger   *zap.Logger
 	opts     Options
 	hubs     *shared.Pool[*hub] // one per client credentials
 }
 
-// New wraps base; upstream watches are made on cc.
-func New(base pb.WatchServer, cc grpc.ClientConnInterface, lg *zap.Logger, opts Options) *Watch {
+// Leader is what the coalescer needs to know of the cluster's leader (leader.Tracker).
+type Leader interface {
+	// HasLeader reports whether the cluster has a leader, as far as the proxy knows.
+	HasLeader() bool
+	// Found returns a channel that is closed when the leader is found (at once if it is present).
+	Found() <-chan struct{}
+}
+
+// New wraps base; upstream watches are made on cc. Upstream streams are require-leader while ld says the cluster
+// has a leader, and plain while it has none (see hub.serve).
+func New(base pb.WatchServer, cc grpc.ClientConnInterface, ld Leader, lg *zap.Logger, opts Options) *Watch {
 	if opts.QueueLen <= 0 {
 		opts.QueueLen = 1024
 	}
-	w := &Watch{WatchServer: base, cc: cc, upstream: pb.NewWatchClient(cc), logger: lg, opts: opts}
+	w := &Watch{WatchServer: base, cc: cc, upstream: pb.NewWatchClient(cc), leader: ld, logger: lg, opts: opts}
 	w.hubs = shared.NewPool(func(ctx context.Context, c shared.Creds) *hub { return newHub(ctx, w, c) })
 	return w
 }
