@@ -215,4 +215,3 @@ func wrote(r *pb.TxnRequest, resp *pb.TxnResponse) bool {
 	}
 	return false
 }
-

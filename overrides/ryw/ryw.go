@@ -90,7 +90,7 @@ func (t *Tracker) Unary(ctx context.Context, req any, info *grpc.UnaryServerInfo
 		return resp, err
 	}
 	seq := t.cache.BeginWrite()
-	var done any // the reply, once the write succeeded
+	var done any                                        // the reply, once the write succeeded
 	defer func() { t.cache.EndWrite(seq, req, done) }() // even if the write panics
 	resp, err := handler(ctx, req)
 	if err != nil {

@@ -18,15 +18,15 @@ func TestEveryMethodReviewed(t *testing.T) {
 	reviewed := map[string]bool{
 		"/etcdserverpb.KV/Range": none, "/etcdserverpb.KV/RangeStream": none, "/etcdserverpb.KV/Put": writes,
 		"/etcdserverpb.KV/DeleteRange": writes, "/etcdserverpb.KV/Txn": writes,
-		"/etcdserverpb.KV/Compact": none, // current-revision answers do not change
-		"/etcdserverpb.Watch/Watch": none,
+		"/etcdserverpb.KV/Compact":       none, // current-revision answers do not change
+		"/etcdserverpb.Watch/Watch":      none,
 		"/etcdserverpb.Lease/LeaseGrant": none, "/etcdserverpb.Lease/LeaseRevoke": writes, // deletes the lease's keys
 		"/etcdserverpb.Lease/LeaseKeepAlive": none, "/etcdserverpb.Lease/LeaseTimeToLive": none,
 		"/etcdserverpb.Lease/LeaseLeases": none,
 		"/etcdserverpb.Cluster/MemberAdd": none, "/etcdserverpb.Cluster/MemberRemove": none,
 		"/etcdserverpb.Cluster/MemberUpdate": none, "/etcdserverpb.Cluster/MemberList": none,
 		"/etcdserverpb.Cluster/MemberPromote": none,
-		"/etcdserverpb.Maintenance/Alarm": none, "/etcdserverpb.Maintenance/Status": none,
+		"/etcdserverpb.Maintenance/Alarm":     none, "/etcdserverpb.Maintenance/Status": none,
 		"/etcdserverpb.Maintenance/Defragment": none, "/etcdserverpb.Maintenance/Hash": none,
 		"/etcdserverpb.Maintenance/HashKV": none, "/etcdserverpb.Maintenance/Snapshot": none,
 		"/etcdserverpb.Maintenance/MoveLeader": none, "/etcdserverpb.Maintenance/Downgrade": none,
@@ -39,10 +39,10 @@ func TestEveryMethodReviewed(t *testing.T) {
 		"/etcdserverpb.Auth/RoleAdd": none, "/etcdserverpb.Auth/RoleGet": none, "/etcdserverpb.Auth/RoleList": none,
 		"/etcdserverpb.Auth/RoleDelete": none, "/etcdserverpb.Auth/RoleGrantPermission": none,
 		"/etcdserverpb.Auth/RoleRevokePermission": none,
-		"/v3electionpb.Election/Campaign": writes, "/v3electionpb.Election/Proclaim": writes,
+		"/v3electionpb.Election/Campaign":         writes, "/v3electionpb.Election/Proclaim": writes,
 		"/v3electionpb.Election/Leader": none, "/v3electionpb.Election/Observe": none,
 		"/v3electionpb.Election/Resign": writes,
-		"/v3lockpb.Lock/Lock": writes, "/v3lockpb.Lock/Unlock": writes,
+		"/v3lockpb.Lock/Lock":           writes, "/v3lockpb.Lock/Unlock": writes,
 	}
 	srv := grpc.NewServer()
 	gen.NewServices(nil).Register(srv)
