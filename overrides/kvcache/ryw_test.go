@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/etcdproxy/etcdproxy/internal/embedetcd"
 	"github.com/etcdproxy/etcdproxy/internal/proxytest"
 	"github.com/etcdproxy/etcdproxy/proxy"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
@@ -260,5 +261,97 @@ func TestCatchUpHeaderAheadOfEvents(t *testing.T) {
 	}
 	if got := value(get(t, ctx, e.Via, req)); got != "new" {
 		t.Errorf("right after its Put through the proxy returned, cu/k reads %q through it", got)
+	}
+}
+
+// TestReadYourWritesLaggingMember: a client's serializable read right after its write through the proxy returns
+// the write, whichever member answers, with the read cache on or off: here the member that answers the read has not
+// applied the write (its backend is held, so its apply stalls while the other two commit), and the proxy does not
+// return its answer but waits for it to catch up. Variant "watch on lagging": the cache's invalidation watch too has
+// moved to the lagging member, reopened there below the write's revision (a suspicion: a miss stored there would
+// then be served as a hit).
+func TestReadYourWritesLaggingMember(t *testing.T) {
+	for _, tc := range []struct {
+		name             string
+		cache, moveWatch bool
+	}{{"cache off", false, false}, {"cache on", true, false}, {"watch on lagging", true, true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			var internal *clientv3.Client
+			e := proxytest.Start(t, proxytest.Options{Members: 3,
+				Upstream: func(c *embedetcd.Cluster) []string { return []string{c.Members[0].ClientURL} },
+				Proxy: func(c *proxy.Config) {
+					if !tc.cache {
+						c.KVCache.MaxBytes = 0
+					}
+					var err error
+					internal, err = proxy.Dial(clientv3.Config{Endpoints: c.Upstream.Endpoints(), DialTimeout: 5 * time.Second})
+					if err != nil {
+						t.Fatal(err)
+					}
+					t.Cleanup(func() { internal.Close() })
+					c.Internal = internal
+				}})
+			ctx := timeout(t, 60*time.Second)
+			lagging := e.Cluster.Members[2]
+			atLagging := proxytest.Conn(t, lagging.ClientURL)
+			req := &pb.RangeRequest{Key: []byte("ryw/k"), Serializable: true}
+			put(t, ctx, e.Direct, "ryw/k", "old")
+			proxytest.Eventually(t, 5*time.Second, func() bool { return value(get(t, ctx, atLagging, req)) == "old" },
+				"the third member never applied the first write")
+			if tc.cache {
+				cached(t, ctx, e.Via, req)
+			}
+			tx := lagging.Etcd().Server.Backend().BatchTx()
+			tx.Lock() // the member's apply stalls on its backend; its local reads still answer
+			var unlock sync.Once
+			t.Cleanup(func() { unlock.Do(tx.Unlock) })
+			put(t, ctx, e.Via, "ryw/k", "new")
+			if got := value(get(t, ctx, atLagging, req)); got != "old" {
+				t.Fatalf("the lagging member reads %q: it is not lagging", got)
+			}
+			if tc.moveWatch {
+				internal.SetEndpoints(lagging.ClientURL)
+			}
+			e.Upstream.SetEndpoints(lagging.ClientURL)
+			id := uint64(lagging.Etcd().Server.MemberID())
+			proxytest.Eventually(t, 10*time.Second, func() bool {
+				r, err := pb.NewMaintenanceClient(e.Via).Status(ctx, &pb.StatusRequest{})
+				return err == nil && r.Header.MemberId == id
+			}, "the proxy does not send calls to the lagging member")
+			if tc.moveWatch {
+				proxytest.Eventually(t, 10*time.Second, e.Proxy.Steady, "the cache's watch did not reopen")
+			}
+			rereads := func() float64 { return proxytest.Gauge(t, "etcdproxy_ryw_rereads_total") }
+			before := rereads()
+			answer := make(chan *pb.RangeResponse, 1)
+			go func() {
+				r, err := pb.NewKVClient(e.Via).Range(ctx, req)
+				if err != nil {
+					t.Error(err)
+				}
+				answer <- r
+			}()
+			var r *pb.RangeResponse
+			deadline := time.Now().Add(20 * time.Second)
+			for r == nil && time.Now().Before(deadline) {
+				select {
+				case r = <-answer:
+				case <-time.After(10 * time.Millisecond):
+					if rereads() > before {
+						unlock.Do(tx.Unlock) // the proxy held the answer back: let the member catch up
+					}
+				}
+			}
+			if r == nil {
+				t.Fatal("no answer in 20s")
+			}
+			if got := value(r); got != "new" {
+				t.Fatalf("right after its Put through the proxy returned, ryw/k reads %q through it (member %x)", got, r.Header.GetMemberId())
+			}
+			unlock.Do(tx.Unlock)
+			if got := value(get(t, ctx, e.Via, req)); got != "new" {
+				t.Errorf("the next read of ryw/k through the proxy reads %q", got)
+			}
+		})
 	}
 }

@@ -8,4 +8,9 @@ var retries = prometheus.NewCounterVec(prometheus.CounterOpts{
 		"(serializable) or, after those, as linearizable reads.",
 }, []string{"as"})
 
-func init() { prometheus.MustRegister(retries) }
+func init() {
+	prometheus.MustRegister(retries)
+	for _, as := range []string{"serializable", "linearizable"} {
+		retries.WithLabelValues(as) // reported from the start, at 0
+	}
+}
