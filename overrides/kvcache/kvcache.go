@@ -44,6 +44,11 @@ type Options struct {
 	// elsewhere may have invalidated; 0 means 1s, negative turns the poll off (then such a change is noticed
 	// only through the TTL). Each poll is one AuthStatus call, which etcd serves through raft.
 	AuthPoll time.Duration
+	// TokenCheck bounds how long an answer cached for a caller with a token is served without etcd seeing the
+	// token: from the time the read that filled it was sent (and never past a JWT token's expiry); 0 means 1s. It
+	// must not exceed etcd's --auth-token-ttl (simple tokens expire that long after their last use, and a refill
+	// is a use that renews them).
+	TokenCheck time.Duration
 }
 
 // KV is the caching override of the KV service.
@@ -66,6 +71,9 @@ func New(base pb.KVServer, cc grpc.ClientConnInterface, lg *zap.Logger, opts Opt
 	}
 	if opts.WriteWait <= 0 {
 		opts.WriteWait = time.Second
+	}
+	if opts.TokenCheck <= 0 {
+		opts.TokenCheck = time.Second
 	}
 	if opts.AuthPoll == 0 {
 		opts.AuthPoll = time.Second
@@ -109,19 +117,20 @@ type entry struct {
 	end   string
 	gen   uint64 // the invalidator's generation when stored
 	size  int64
+	ttl   time.Duration
 }
 
 // Size is the entry's weight against MaxBytes.
 func (e *entry) Size() int64 { return e.size }
 
 // cacheKey identifies a request and the credentials it is made with.
-func cacheKey(ctx context.Context, req *pb.RangeRequest) (string, bool) {
+func cacheKey(ctx context.Context, req *pb.RangeRequest) (string, shared.Creds, bool) {
 	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(req)
 	if err != nil {
-		return "", false
+		return "", shared.Creds{}, false
 	}
 	c := shared.CredsOf(ctx)
-	return c.Token + "\x00" + c.Authorization + "\x00" + string(b), true
+	return c.Token + "\x00" + c.Authorization + "\x00" + string(b), c, true
 }
 
 // cacheable reports whether req may be answered from the cache: a serializable read at the current revision.
@@ -134,7 +143,7 @@ func (k *KV) Range(ctx context.Context, req *pb.RangeRequest) (*pb.RangeResponse
 	if !cacheable(req) {
 		return k.KVServer.Range(ctx, req)
 	}
-	key, ok := cacheKey(ctx, req)
+	key, creds, ok := cacheKey(ctx, req)
 	if !ok {
 		return k.KVServer.Range(ctx, req)
 	}
@@ -146,12 +155,27 @@ func (k *KV) Range(ctx context.Context, req *pb.RangeRequest) (*pb.RangeResponse
 		}
 	}
 	misses.Inc()
+	sent := time.Now()
 	resp, err := k.KVServer.Range(ctx, req)
 	if err != nil || !live {
 		return resp, err
 	}
+	ttl := k.opts.TTL
+	if creds != (shared.Creds{}) {
+		if ttl = min(ttl, k.opts.TokenCheck-time.Since(sent)); ttl <= 0 {
+			return resp, nil
+		}
+		for _, tok := range []string{creds.Token, creds.Authorization} {
+			if exp, ok := jwtExpiry(tok); ok {
+				ttl = min(ttl, time.Until(exp))
+			}
+		}
+		if ttl <= 0 {
+			return resp, nil
+		}
+	}
 	e := &entry{key: key, resp: resp, start: string(req.Key), end: string(req.RangeEnd), gen: gen,
-		size: int64(proto.Size(resp) + len(key))}
+		size: int64(proto.Size(resp) + len(key)), ttl: ttl}
 	k.watch.store(e, resp.Header.GetRevision(), func() { k.keep(e) })
 	return resp, nil
 }
@@ -162,7 +186,7 @@ func (k *KV) Range(ctx context.Context, req *pb.RangeRequest) (*pb.RangeResponse
 // Called under the invalidator's lock, so no invalidation runs between the two.
 func (k *KV) keep(e *entry) {
 	k.index.add(e)
-	k.cache.Set(e.key, e, k.opts.TTL)
+	k.cache.Set(e.key, e, e.ttl)
 }
 
 // BeginWrite registers a write through the proxy about to be forwarded (ryw.Cache: the ryw interceptor calls it
