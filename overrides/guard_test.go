@@ -7,6 +7,7 @@ import (
 	"github.com/etcdproxy/etcdproxy/overrides/kvcache"
 	"github.com/etcdproxy/etcdproxy/overrides/leader"
 	"github.com/etcdproxy/etcdproxy/overrides/lease"
+	"github.com/etcdproxy/etcdproxy/overrides/ryw"
 	"github.com/etcdproxy/etcdproxy/overrides/watch"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 )
@@ -24,8 +25,8 @@ func TestOverridesShadowOnlyServiceMethods(t *testing.T) {
 		{(*leader.Lease)(nil), (*pb.LeaseServer)(nil), nil},
 		{(*lease.Lease)(nil), (*pb.LeaseServer)(nil), []string{"Close"}},
 		{(*watch.Watch)(nil), (*pb.WatchServer)(nil), []string{"Close"}},
-		{(*kvcache.KV)(nil), (*pb.KVServer)(nil), []string{"Close", "Live"}},
-		{(*kvcache.Lease)(nil), (*pb.LeaseServer)(nil), nil},
+		{(*kvcache.KV)(nil), (*pb.KVServer)(nil), []string{"Close", "Live", "BeginWrite", "EndWrite", "Await"}},
+		{(*ryw.KV)(nil), (*pb.KVServer)(nil), nil},
 		{(*kvcache.Auth)(nil), (*pb.AuthServer)(nil), nil},
 	} {
 		o, s := reflect.TypeOf(tc.override), reflect.TypeOf(tc.service).Elem()

@@ -10,6 +10,7 @@ import (
 	"github.com/etcdproxy/etcdproxy/overrides/kvcache"
 	"github.com/etcdproxy/etcdproxy/overrides/leader"
 	"github.com/etcdproxy/etcdproxy/overrides/lease"
+	"github.com/etcdproxy/etcdproxy/overrides/ryw"
 	"github.com/etcdproxy/etcdproxy/overrides/watch"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
@@ -71,10 +72,13 @@ func Apply(s *gen.Services, d Deps) *Set {
 	s.Lease = leader.NewLease(s.Lease, set.Leader)
 	s.Lease = closing(set, lease.New(s.Lease, cc, d.Logger.Named("lease")))
 	s.Watch = closing(set, watch.New(s.Watch, cc, set.Leader, d.Logger.Named("watch"), d.Watch))
+	writes := ryw.New()
+	set.Unary = append(set.Unary, writes.Unary)
+	s.KV = ryw.NewKV(s.KV, writes)
 	if d.KVCache.MaxBytes > 0 {
 		set.KVCache = closing(set, kvcache.New(s.KV, internal, d.Logger.Named("kvcache"), d.KVCache))
+		writes.KeepCoherent(set.KVCache)
 		s.KV = set.KVCache
-		s.Lease = kvcache.NewLease(s.Lease, set.KVCache)
 		s.Auth = kvcache.NewAuth(s.Auth, set.KVCache)
 	}
 	return set

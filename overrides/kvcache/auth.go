@@ -7,6 +7,8 @@ import (
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // Permissions change outside the keyspace, so the invalidation watch does not see them, yet a cached answer must
@@ -52,7 +54,10 @@ func (k *KV) authWatch(ctx context.Context, cc grpc.ClientConnInterface, done ch
 	}
 }
 
-// Auth flushes the cache after every auth change made through this proxy.
+// Auth flushes the cache after every Auth RPC that changes what a read may return, made through this proxy: every
+// one but Authenticate, AuthStatus and the Get/List calls (TestEveryAuthChangeFlushes). Granting a permission can
+// take a right away (it replaces the permission on the same range, READ by WRITE), and with JWT tokens any change
+// of the auth revision invalidates every token issued before it.
 type Auth struct {
 	pb.AuthServer
 	kv *KV
@@ -61,57 +66,79 @@ type Auth struct {
 // NewAuth wraps base; kv is the cache to flush.
 func NewAuth(base pb.AuthServer, kv *KV) *Auth { return &Auth{AuthServer: base, kv: kv} }
 
-func (a *Auth) changed(err error) {
-	if err == nil {
-		a.kv.watch.flush("an auth change went through the proxy")
+// changed flushes the cache unless etcd refused the change for sure (an error that does not leave its outcome open:
+// a timeout or a lost connection may still have applied it). Deferred, so that a panic flushes too.
+func (a *Auth) changed(err *error) {
+	switch status.Code(*err) {
+	case codes.InvalidArgument, codes.PermissionDenied, codes.FailedPrecondition, codes.NotFound,
+		codes.AlreadyExists, codes.Unauthenticated, codes.Unimplemented, codes.OutOfRange:
+		return
 	}
+	a.kv.watch.flush("an auth change went through the proxy")
 }
 
 // AuthEnable forwards the call, then flushes the cache.
-func (a *Auth) AuthEnable(ctx context.Context, r *pb.AuthEnableRequest) (*pb.AuthEnableResponse, error) {
-	resp, err := a.AuthServer.AuthEnable(ctx, r)
-	a.changed(err)
-	return resp, err
+func (a *Auth) AuthEnable(ctx context.Context, r *pb.AuthEnableRequest) (resp *pb.AuthEnableResponse, err error) {
+	defer a.changed(&err)
+	return a.AuthServer.AuthEnable(ctx, r)
 }
 
 // AuthDisable forwards the call, then flushes the cache.
-func (a *Auth) AuthDisable(ctx context.Context, r *pb.AuthDisableRequest) (*pb.AuthDisableResponse, error) {
-	resp, err := a.AuthServer.AuthDisable(ctx, r)
-	a.changed(err)
-	return resp, err
+func (a *Auth) AuthDisable(ctx context.Context, r *pb.AuthDisableRequest) (resp *pb.AuthDisableResponse, err error) {
+	defer a.changed(&err)
+	return a.AuthServer.AuthDisable(ctx, r)
+}
+
+// UserAdd forwards the call, then flushes the cache.
+func (a *Auth) UserAdd(ctx context.Context, r *pb.AuthUserAddRequest) (resp *pb.AuthUserAddResponse, err error) {
+	defer a.changed(&err)
+	return a.AuthServer.UserAdd(ctx, r)
 }
 
 // UserDelete forwards the call, then flushes the cache.
-func (a *Auth) UserDelete(ctx context.Context, r *pb.AuthUserDeleteRequest) (*pb.AuthUserDeleteResponse, error) {
-	resp, err := a.AuthServer.UserDelete(ctx, r)
-	a.changed(err)
-	return resp, err
+func (a *Auth) UserDelete(ctx context.Context, r *pb.AuthUserDeleteRequest) (resp *pb.AuthUserDeleteResponse, err error) {
+	defer a.changed(&err)
+	return a.AuthServer.UserDelete(ctx, r)
 }
 
 // UserChangePassword forwards the call, then flushes the cache.
-func (a *Auth) UserChangePassword(ctx context.Context, r *pb.AuthUserChangePasswordRequest) (*pb.AuthUserChangePasswordResponse, error) {
-	resp, err := a.AuthServer.UserChangePassword(ctx, r)
-	a.changed(err)
-	return resp, err
+func (a *Auth) UserChangePassword(ctx context.Context, r *pb.AuthUserChangePasswordRequest) (resp *pb.AuthUserChangePasswordResponse, err error) {
+	defer a.changed(&err)
+	return a.AuthServer.UserChangePassword(ctx, r)
+}
+
+// UserGrantRole forwards the call, then flushes the cache.
+func (a *Auth) UserGrantRole(ctx context.Context, r *pb.AuthUserGrantRoleRequest) (resp *pb.AuthUserGrantRoleResponse, err error) {
+	defer a.changed(&err)
+	return a.AuthServer.UserGrantRole(ctx, r)
 }
 
 // UserRevokeRole forwards the call, then flushes the cache.
-func (a *Auth) UserRevokeRole(ctx context.Context, r *pb.AuthUserRevokeRoleRequest) (*pb.AuthUserRevokeRoleResponse, error) {
-	resp, err := a.AuthServer.UserRevokeRole(ctx, r)
-	a.changed(err)
-	return resp, err
+func (a *Auth) UserRevokeRole(ctx context.Context, r *pb.AuthUserRevokeRoleRequest) (resp *pb.AuthUserRevokeRoleResponse, err error) {
+	defer a.changed(&err)
+	return a.AuthServer.UserRevokeRole(ctx, r)
+}
+
+// RoleAdd forwards the call, then flushes the cache.
+func (a *Auth) RoleAdd(ctx context.Context, r *pb.AuthRoleAddRequest) (resp *pb.AuthRoleAddResponse, err error) {
+	defer a.changed(&err)
+	return a.AuthServer.RoleAdd(ctx, r)
 }
 
 // RoleDelete forwards the call, then flushes the cache.
-func (a *Auth) RoleDelete(ctx context.Context, r *pb.AuthRoleDeleteRequest) (*pb.AuthRoleDeleteResponse, error) {
-	resp, err := a.AuthServer.RoleDelete(ctx, r)
-	a.changed(err)
-	return resp, err
+func (a *Auth) RoleDelete(ctx context.Context, r *pb.AuthRoleDeleteRequest) (resp *pb.AuthRoleDeleteResponse, err error) {
+	defer a.changed(&err)
+	return a.AuthServer.RoleDelete(ctx, r)
+}
+
+// RoleGrantPermission forwards the call, then flushes the cache.
+func (a *Auth) RoleGrantPermission(ctx context.Context, r *pb.AuthRoleGrantPermissionRequest) (resp *pb.AuthRoleGrantPermissionResponse, err error) {
+	defer a.changed(&err)
+	return a.AuthServer.RoleGrantPermission(ctx, r)
 }
 
 // RoleRevokePermission forwards the call, then flushes the cache.
-func (a *Auth) RoleRevokePermission(ctx context.Context, r *pb.AuthRoleRevokePermissionRequest) (*pb.AuthRoleRevokePermissionResponse, error) {
-	resp, err := a.AuthServer.RoleRevokePermission(ctx, r)
-	a.changed(err)
-	return resp, err
+func (a *Auth) RoleRevokePermission(ctx context.Context, r *pb.AuthRoleRevokePermissionRequest) (resp *pb.AuthRoleRevokePermissionResponse, err error) {
+	defer a.changed(&err)
+	return a.AuthServer.RoleRevokePermission(ctx, r)
 }

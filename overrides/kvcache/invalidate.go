@@ -221,11 +221,19 @@ func (inv *invalidator) setLive(live bool, pos int64) {
 	}
 }
 
-// apply invalidates the keys of an upstream response and advances pos.
+// apply invalidates the keys of an upstream response and advances pos: to its last event's revision, or to its
+// header revision if it has no event (a progress notification, which etcd sends only to a watcher that has been
+// sent every event up to it). Not to the header revision of a response with events: etcd's catch-up of a slow
+// (unsynced) watcher sends at most 1000 revisions of events per response, each with the store's current revision
+// in its header, the events beyond them held back for the next pass (watchable_store.go syncWatchers, moreRev).
+// The keyspace-wide watch sees an event at every revision, so its last event's revision is how far it has seen.
 func (inv *invalidator) apply(resp *pb.WatchResponse) {
 	inv.mu.Lock()
 	defer inv.mu.Unlock()
-	rev := resp.Header.GetRevision()
+	var rev int64
+	if len(resp.Events) == 0 {
+		rev = resp.Header.GetRevision()
+	}
 	n, at := 0, int64(0) // invalidations made by the events of revision at
 	for _, ev := range resp.Events {
 		if ev.Kv.ModRevision != at {

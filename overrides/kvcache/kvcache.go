@@ -1,9 +1,9 @@
 // Package kvcache overrides KV with a coherent cache of serializable reads (github.com/karlseguin/ccache/v3).
 //
-// Replaces: Range (serializable, current revision: served from the cache when it can vouch for an entry), Put,
-// DeleteRange, Txn and Lease.LeaseRevoke (forwarded, then held until the cache has seen their revision, so a client
-// reads its own writes through this proxy), and the Auth RPCs that can take a right away (forwarded, then the cache
-// is flushed). RangeStream and Compact fall through untouched.
+// Replaces: Range (serializable, current revision: served from the cache when it can vouch for an entry) and the
+// Auth RPCs that change rights (forwarded, then the cache is flushed). Every RPC that writes keys (ryw.KeyWriter)
+// is held, through the ryw interceptor and this cache's BeginWrite, EndWrite and Await, until the cache has seen
+// its revision, so a client reads its own writes through this proxy. RangeStream and Compact fall through.
 //
 // Guarantees:
 //   - Linearizable reads always go to etcd; so do reads at a historical revision (revision > 0), whose answer
@@ -44,6 +44,11 @@ type Options struct {
 	// elsewhere may have invalidated; 0 means 1s, negative turns the poll off (then such a change is noticed
 	// only through the TTL). Each poll is one AuthStatus call, which etcd serves through raft.
 	AuthPoll time.Duration
+	// TokenCheck bounds how long an answer cached for a caller with a token is served without etcd seeing the
+	// token: from the time the read that filled it was sent (and never past a JWT token's expiry); 0 means 1s. It
+	// must not exceed etcd's --auth-token-ttl (simple tokens expire that long after their last use, and a refill
+	// is a use that renews them).
+	TokenCheck time.Duration
 }
 
 // KV is the caching override of the KV service.
@@ -66,6 +71,9 @@ func New(base pb.KVServer, cc grpc.ClientConnInterface, lg *zap.Logger, opts Opt
 	}
 	if opts.WriteWait <= 0 {
 		opts.WriteWait = time.Second
+	}
+	if opts.TokenCheck <= 0 {
+		opts.TokenCheck = time.Second
 	}
 	if opts.AuthPoll == 0 {
 		opts.AuthPoll = time.Second
@@ -109,19 +117,20 @@ type entry struct {
 	end   string
 	gen   uint64 // the invalidator's generation when stored
 	size  int64
+	ttl   time.Duration
 }
 
 // Size is the entry's weight against MaxBytes.
 func (e *entry) Size() int64 { return e.size }
 
 // cacheKey identifies a request and the credentials it is made with.
-func cacheKey(ctx context.Context, req *pb.RangeRequest) (string, bool) {
+func cacheKey(ctx context.Context, req *pb.RangeRequest) (string, shared.Creds, bool) {
 	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(req)
 	if err != nil {
-		return "", false
+		return "", shared.Creds{}, false
 	}
 	c := shared.CredsOf(ctx)
-	return c.Token + "\x00" + c.Authorization + "\x00" + string(b), true
+	return c.Token + "\x00" + c.Authorization + "\x00" + string(b), c, true
 }
 
 // cacheable reports whether req may be answered from the cache: a serializable read at the current revision.
@@ -134,7 +143,7 @@ func (k *KV) Range(ctx context.Context, req *pb.RangeRequest) (*pb.RangeResponse
 	if !cacheable(req) {
 		return k.KVServer.Range(ctx, req)
 	}
-	key, ok := cacheKey(ctx, req)
+	key, creds, ok := cacheKey(ctx, req)
 	if !ok {
 		return k.KVServer.Range(ctx, req)
 	}
@@ -146,12 +155,27 @@ func (k *KV) Range(ctx context.Context, req *pb.RangeRequest) (*pb.RangeResponse
 		}
 	}
 	misses.Inc()
+	sent := time.Now()
 	resp, err := k.KVServer.Range(ctx, req)
 	if err != nil || !live {
 		return resp, err
 	}
+	ttl := k.opts.TTL
+	if creds != (shared.Creds{}) {
+		if ttl = min(ttl, k.opts.TokenCheck-time.Since(sent)); ttl <= 0 {
+			return resp, nil
+		}
+		for _, tok := range []string{creds.Token, creds.Authorization} {
+			if exp, ok := jwtExpiry(tok); ok {
+				ttl = min(ttl, time.Until(exp))
+			}
+		}
+		if ttl <= 0 {
+			return resp, nil
+		}
+	}
 	e := &entry{key: key, resp: resp, start: string(req.Key), end: string(req.RangeEnd), gen: gen,
-		size: int64(proto.Size(resp) + len(key))}
+		size: int64(proto.Size(resp) + len(key)), ttl: ttl}
 	k.watch.store(e, resp.Header.GetRevision(), func() { k.keep(e) })
 	return resp, nil
 }
@@ -162,46 +186,36 @@ func (k *KV) Range(ctx context.Context, req *pb.RangeRequest) (*pb.RangeResponse
 // Called under the invalidator's lock, so no invalidation runs between the two.
 func (k *KV) keep(e *entry) {
 	k.index.add(e)
-	k.cache.Set(e.key, e, k.opts.TTL)
+	k.cache.Set(e.key, e, e.ttl)
 }
 
-// Put forwards the write and returns once the cache has seen it.
-func (k *KV) Put(ctx context.Context, req *pb.PutRequest) (*pb.PutResponse, error) {
-	return write(ctx, k, func() (*pb.PutResponse, error) { return k.KVServer.Put(ctx, req) },
-		func(*pb.PutResponse) bool { return true })
-}
+// BeginWrite registers a write through the proxy about to be forwarded (ryw.Cache: the ryw interceptor calls it
+// for every RPC that writes keys). Its EndWrite must follow, whatever happens.
+func (k *KV) BeginWrite() uint64 { return k.watch.beginWrite() }
 
-// DeleteRange forwards the write and returns once the cache has seen it.
-func (k *KV) DeleteRange(ctx context.Context, req *pb.DeleteRangeRequest) (*pb.DeleteRangeResponse, error) {
-	return write(ctx, k, func() (*pb.DeleteRangeResponse, error) { return k.KVServer.DeleteRange(ctx, req) },
-		func(r *pb.DeleteRangeResponse) bool { return r.Deleted > 0 })
-}
-
-// Txn forwards the transaction; one that wrote (in either branch, at any depth) returns once the cache has seen it.
-func (k *KV) Txn(ctx context.Context, req *pb.TxnRequest) (*pb.TxnResponse, error) {
-	if !writes(req) {
-		return k.KVServer.Txn(ctx, req)
-	}
-	return write(ctx, k, func() (*pb.TxnResponse, error) { return k.KVServer.Txn(ctx, req) },
-		func(r *pb.TxnResponse) bool { return wrote(req, r) })
-}
-
-// write runs call, a write through the proxy, and returns once the cache has seen its revision. wrote reports
-// whether a successful call changed a key (for the attribution of invalidations to this proxy's writes).
-func write[R interface{ GetHeader() *pb.ResponseHeader }](ctx context.Context, k *KV, call func() (R, error),
-	wrote func(R) bool) (R, error) {
-	seq := k.watch.beginWrite()
+// EndWrite ends the write seq; resp is its reply, nil if it failed. A write whose reply says which revision it
+// wrote (Put, a DeleteRange that deleted, a Txn whose branch wrote) has its invalidations counted as local; others
+// (LeaseRevoke: its reply does not say whether the lease had keys, so its revision may be another write's; Election
+// and Lock calls) as remote.
+func (k *KV) EndWrite(seq uint64, req, resp any) {
 	var rev int64
-	defer func() { k.watch.endWrite(seq, rev) }() // even if call panics
-	resp, err := call()
-	if err == nil {
-		if wrote(resp) {
-			rev = resp.GetHeader().GetRevision()
+	switch r := resp.(type) {
+	case *pb.PutResponse:
+		rev = r.GetHeader().GetRevision()
+	case *pb.DeleteRangeResponse:
+		if r.Deleted > 0 {
+			rev = r.GetHeader().GetRevision()
 		}
-		k.watch.await(ctx, resp.GetHeader().GetRevision())
+	case *pb.TxnResponse:
+		if t, ok := req.(*pb.TxnRequest); ok && wrote(t, r) {
+			rev = r.GetHeader().GetRevision()
+		}
 	}
-	return resp, err
+	k.watch.endWrite(seq, rev)
 }
+
+// Await returns once the cache has seen every write up to rev (or has been flushed instead: see invalidator.await).
+func (k *KV) Await(ctx context.Context, rev int64) { k.watch.await(ctx, rev) }
 
 // wrote reports whether the branch of r that ran (with its nested Txns) changed a key, as resp reports.
 func wrote(r *pb.TxnRequest, resp *pb.TxnResponse) bool {
@@ -224,36 +238,4 @@ func wrote(r *pb.TxnRequest, resp *pb.TxnResponse) bool {
 		}
 	}
 	return false
-}
-
-// writes reports whether a Txn may write: any Put or DeleteRange in either branch, nested Txns included.
-func writes(r *pb.TxnRequest) bool {
-	for _, ops := range [][]*pb.RequestOp{r.Success, r.Failure} {
-		for _, op := range ops {
-			switch {
-			case op.GetRequestPut() != nil, op.GetRequestDeleteRange() != nil:
-				return true
-			case op.GetRequestTxn() != nil && writes(op.GetRequestTxn()):
-				return true
-			}
-		}
-	}
-	return false
-}
-
-// Lease holds LeaseRevoke until the cache has seen the deletion of the lease's keys.
-type Lease struct {
-	pb.LeaseServer
-	kv *KV
-}
-
-// NewLease wraps base; kv is the cache to keep coherent.
-func NewLease(base pb.LeaseServer, kv *KV) *Lease { return &Lease{LeaseServer: base, kv: kv} }
-
-// LeaseRevoke forwards the call and returns once the cache has seen its revision.
-func (l *Lease) LeaseRevoke(ctx context.Context, req *pb.LeaseRevokeRequest) (*pb.LeaseRevokeResponse, error) {
-	// The response does not tell whether the lease had keys: its header revision is then the last write's, which
-	// may have been made elsewhere. So the keys a revoke deletes count as remote invalidations.
-	return write(ctx, l.kv, func() (*pb.LeaseRevokeResponse, error) { return l.LeaseServer.LeaseRevoke(ctx, req) },
-		func(*pb.LeaseRevokeResponse) bool { return false })
 }
