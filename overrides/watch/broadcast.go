@@ -161,7 +161,9 @@ func (b *broadcast) confirm(hdr *pb.ResponseHeader) {
 
 // refused runs when etcd refused to create the upstream watch (permission denied, invalid token, ...): waiting
 // watchers that were never announced get etcd's refusal as their created response, as etcd would have answered
-// them; others end with it.
+// them. Others (the watch was re-created after an upstream reconnect, or for a slow watcher's catch-up) end with
+// it; but if the token itself is no longer valid, their client stream ends with Unavailable instead, so that the
+// client reconnects with fresh credentials, as it would on etcd, rather than losing its watchers.
 func (b *broadcast) refused(resp *pb.WatchResponse) {
 	h := b.bs.h
 	all := append(b.waiting, keys(b.watchers)...)
@@ -172,6 +174,10 @@ func (b *broadcast) refused(resp *pb.WatchResponse) {
 		w.cs.forget(w)
 		if !w.announced {
 			w.refuse(resp)
+			continue
+		}
+		if lostCredentials(resp.CancelReason) {
+			w.cs.abort()
 			continue
 		}
 		w.cs.enqueueControl(&pb.WatchResponse{Header: resp.Header, WatchId: w.id, Canceled: true, CancelReason: resp.CancelReason})

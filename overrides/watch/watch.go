@@ -32,6 +32,7 @@ import (
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 )
@@ -92,7 +93,7 @@ func (w *Watch) Watch(ss grpc.BidiStreamingServer[pb.WatchRequest, pb.WatchRespo
 	clientStreams.Inc()
 	defer clientStreams.Dec()
 	cs := &clientStream{h: h, ss: ss, watchers: map[int64]*watcher{}, notify: make(chan struct{}, 1),
-		room: make(chan struct{}, 1)}
+		room: make(chan struct{}, 1), aborted: make(chan struct{})}
 	defer cs.close()
 
 	received := make(chan error, 1)
@@ -110,6 +111,8 @@ func (w *Watch) Watch(ss grpc.BidiStreamingServer[pb.WatchRequest, pb.WatchRespo
 			return shared.ErrClosed
 		case <-ss.Context().Done():
 			return ss.Context().Err()
+		case <-cs.aborted:
+			return errCredentialsLost
 		}
 		for _, it := range cs.take() {
 			if it.events {
@@ -145,6 +148,25 @@ type clientStream struct {
 	queuedControl int
 	notify        chan struct{} // capacity 1: the queue has something
 	room          chan struct{} // capacity 1: the control queue was emptied
+
+	aborted   chan struct{} // closed when the stream must end with errCredentialsLost
+	abortOnce sync.Once
+}
+
+// errCredentialsLost ends a client stream whose watchers etcd refused to re-create (after an upstream reconnect,
+// or to resume a slow watcher) because the client's token is no longer valid. A client straight on etcd would be
+// reconnecting at that point; clientv3 reconnects on Unavailable and fetches a fresh token when it opens a stream,
+// then resumes its watchers from their last revision.
+var errCredentialsLost = status.Error(codes.Unavailable,
+	"etcdproxy: etcd no longer accepts this stream's auth token to resume its watches; reconnect")
+
+// abort ends the stream with errCredentialsLost.
+func (cs *clientStream) abort() { cs.abortOnce.Do(func() { close(cs.aborted) }) }
+
+// lostCredentials reports whether etcd refused a watch because of the token itself (expired, or older than the
+// latest auth change), which a client fixes by authenticating again.
+func lostCredentials(reason string) bool {
+	return reason == rpctypes.ErrGRPCInvalidAuthToken.Error() || reason == rpctypes.ErrGRPCAuthOldRevision.Error()
 }
 
 type queued struct {
