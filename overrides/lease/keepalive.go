@@ -77,10 +77,9 @@ func (l *Lease) LeaseKeepAlive(ss grpc.BidiStreamingServer[pb.LeaseKeepAliveRequ
 	for {
 		select {
 		case r := <-c.out:
-			if err := ss.Send(r.resp); err != nil {
+			if err := c.reply(ss, r); err != nil {
 				return err
 			}
-			keepaliveLatency.Observe(time.Since(r.received).Seconds())
 			<-c.slots
 			if halfClosed && len(c.slots) == 0 {
 				return nil
@@ -100,10 +99,9 @@ func (l *Lease) LeaseKeepAlive(ss grpc.BidiStreamingServer[pb.LeaseKeepAliveRequ
 			for {
 				select {
 				case r := <-c.out:
-					if err := ss.Send(r.resp); err != nil {
+					if err := c.reply(ss, r); err != nil {
 						return err
 					}
-					keepaliveLatency.Observe(time.Since(r.received).Seconds())
 				default:
 					return c.err
 				}
@@ -143,6 +141,15 @@ func (c *client) ended() bool {
 type reply struct {
 	resp     *pb.LeaseKeepAliveResponse
 	received time.Time
+}
+
+// reply sends r to the client and records how long the request took through the proxy.
+func (c *client) reply(ss grpc.BidiStreamingServer[pb.LeaseKeepAliveRequest, pb.LeaseKeepAliveResponse], r reply) error {
+	if err := ss.Send(r.resp); err != nil {
+		return err
+	}
+	keepaliveLatency.Observe(time.Since(r.received).Seconds())
+	return nil
 }
 
 // request is a client's keepalive request on its way through a group.

@@ -468,3 +468,35 @@ func TestExpiredTokenAfterReconnect(t *testing.T) {
 		}
 	}
 }
+
+// TestCreateWhileEtcdDown: a watch created while etcd is unreachable for longer than one revision lookup may take
+// (10 s) is not an error that ends the client's stream: the create waits for etcd, as the watch itself would on
+// etcd's own client connection, and is answered once etcd is back.
+func TestCreateWhileEtcdDown(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{})
+	ctx := timeout(t, 90*time.Second)
+	s := open(t, ctx, e.Via)
+	s.create(&pb.WatchCreateRequest{Key: []byte("early")})
+	s.next()
+	member := e.Cluster.Members[0]
+	member.Stop()
+	s.create(&pb.WatchCreateRequest{Key: []byte("down")})
+	// Longer than one lookup's bound: this is the length of the fault, not a wait for a state.
+	select {
+	case r := <-s.resp:
+		t.Fatalf("answered with etcd down: %v", r)
+	case err := <-s.err:
+		t.Fatalf("the client's stream ended while etcd was down: %v", err)
+	case <-time.After(12 * time.Second):
+	}
+	if err := member.Restart(30 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if r := s.next(); !r.Created || r.WatchId != 1 {
+		t.Fatalf("created once etcd was back: %v", r)
+	}
+	rev := put(t, ctx, e.Direct, "down", "v")
+	if r := s.next(); len(r.Events) != 1 || r.WatchId != 1 || r.Events[0].Kv.ModRevision != rev {
+		t.Fatalf("the put after etcd came back: %v", r)
+	}
+}
