@@ -2,6 +2,7 @@ package watch
 
 import (
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
+	"go.etcd.io/etcd/api/v3/mvccpb"
 )
 
 // broadcasts holds the broadcasts of one range (WatchBroadcasts in the seed's terms). Usually there is one; a
@@ -21,7 +22,8 @@ type broadcast struct {
 	// rev is the revision up to which every event of the range has been delivered to the watchers: the last
 	// event's revision, or a progress notification's. An upstream watch is (re)created from rev itself, never
 	// from rev+1, which may be etcd's next revision, a start in the future that would block progress answers on
-	// the shared stream; deliver drops the replayed events at or below rev.
+	// the shared stream; deliver drops the replayed events at or below rev. (A new catch-up broadcast for a
+	// client's own start revision n is created from n itself, with rev n-1: see newBroadcast.)
 	rev int64
 	// start is the StartRevision of the next upstream create: 0 for a broadcast "from now" (etcd picks the
 	// revision, and rev is set from its created response), else a revision at or below etcd's current one.
@@ -30,8 +32,13 @@ type broadcast struct {
 	// synced: etcd counts the upstream watcher as synced (caught up with its store), so no compaction can end it
 	// and its events arrive one response per revision, in order with the stream's other synced watchers. True for
 	// a watch created from now, and once a progress answer or notification arrived since its (re)creation.
-	synced   bool
-	watchers map[*watcher]struct{}
+	synced bool
+	parts  []*pb.WatchResponse // the parts of a fragmented response received so far (fragmenting broadcasts)
+	// confirmedAt is the number of progress requests sent on the stream before etcd confirmed the watch; progressOK
+	// says whether the last progress answer covers it (see hub.progressAnswered).
+	confirmedAt int64
+	progressOK  bool
+	watchers    map[*watcher]struct{}
 	// waiting are watchers whose created response waits for the upstream watch's first creation.
 	waiting []*watcher
 }
@@ -157,6 +164,9 @@ func (b *broadcast) confirm(hdr *pb.ResponseHeader) {
 			w.announce()
 		}
 	}
+	if len(b.watchers) == 0 && len(b.waiting) == 0 {
+		b.bs.h.cancelUpstream(b)
+	}
 }
 
 // refused runs when etcd refused to create the upstream watch (permission denied, invalid token, ...): waiting
@@ -228,44 +238,75 @@ func (b *broadcast) deliver(resp *pb.WatchResponse) {
 		b.bs.mergeInto(b)
 		return
 	}
-	// An upstream watch is re-created from b.rev, not after it (see hub.createUpstream): what it replays is not
-	// news.
-	events := resp.Events
-	for len(events) > 0 && events[0].Kv.ModRevision <= b.rev {
-		events = events[1:]
-	}
-	for w := range b.watchers {
-		evs := filtered(events, w)
-		if len(evs) == 0 {
-			continue
-		}
-		out := &pb.WatchResponse{Header: resp.Header, WatchId: w.id, Events: evs, Fragment: resp.Fragment}
-		// The rest of a fragmented response goes to a watcher that has its first part, whatever the queue
-		// holds: the client reassembles the parts, and a watcher resumes only at a revision boundary.
-		if !w.cs.enqueueEvents(w, out) {
-			// A slow client: take this watcher off the broadcast; it resumes from its first undelivered event
-			// once its stream has drained (clientStream.resume).
-			delete(b.watchers, w)
-			w.b = nil
-			w.next = evs[0].Kv.ModRevision
-			w.cs.lag(w)
-			slowDetaches.Inc()
-		}
-	}
-	eventsFannedOut.Add(float64(len(events)))
 	if resp.Fragment {
+		// etcd sends the parts of a fragmented response back to back; each client gets its parts back to back
+		// too, once the last is in (clientv3 drops the parts it holds when a response of another watch comes
+		// between them).
+		b.parts = append(b.parts, resp)
 		return
 	}
-	if len(events) > 0 {
-		if rev := events[len(events)-1].Kv.ModRevision; rev > b.rev {
-			b.rev = rev
+	if len(b.parts) > 0 {
+		b.deliverParts(append(b.parts, resp))
+		b.parts = nil
+	} else {
+		// An upstream watch is re-created from b.rev, not after it (see hub.createUpstream): what it replays is
+		// not news.
+		events := afterRev(resp.Events, b.rev)
+		for w := range b.watchers {
+			if evs := filtered(events, w); len(evs) > 0 {
+				b.send(w, &pb.WatchResponse{Header: resp.Header, WatchId: w.id, Events: evs})
+			}
 		}
+		eventsFannedOut.Add(float64(len(events)))
+	}
+	if evs := resp.Events; len(evs) > 0 {
+		b.rev = max(b.rev, evs[len(evs)-1].Kv.ModRevision)
 	}
 	if len(b.watchers) == 0 && len(b.waiting) == 0 {
 		h.cancelUpstream(b)
 		return
 	}
 	b.bs.mergeInto(b)
+}
+
+// deliverParts fans out the parts of a fragmented response (a fragmenting broadcast: etcd filtered them already).
+func (b *broadcast) deliverParts(parts []*pb.WatchResponse) {
+	for w := range b.watchers {
+		var out []*pb.WatchResponse
+		for _, p := range parts {
+			if evs := filtered(afterRev(p.Events, b.rev), w); len(evs) > 0 {
+				out = append(out, &pb.WatchResponse{Header: p.Header, WatchId: w.id, Events: evs, Fragment: true})
+			}
+		}
+		if len(out) > 0 {
+			out[len(out)-1].Fragment = false
+			b.send(w, out...)
+		}
+	}
+	for _, p := range parts {
+		eventsFannedOut.Add(float64(len(afterRev(p.Events, b.rev))))
+	}
+}
+
+// send queues resps (one response, or the parts of one) for w. A slow client's watcher is taken off the
+// broadcast instead; it resumes from its first undelivered event once its stream has drained (hub.resume).
+func (b *broadcast) send(w *watcher, resps ...*pb.WatchResponse) {
+	if w.cs.enqueueEvents(w, resps...) {
+		return
+	}
+	delete(b.watchers, w)
+	w.b = nil
+	w.next = resps[0].Events[0].Kv.ModRevision
+	w.cs.lag(w)
+	slowDetaches.Inc()
+}
+
+// afterRev returns the events of evs after revision rev (evs is in revision order).
+func afterRev(evs []*mvccpb.Event, rev int64) []*mvccpb.Event {
+	for len(evs) > 0 && evs[0].Kv.ModRevision <= rev {
+		evs = evs[1:]
+	}
+	return evs
 }
 
 // mergeInto merges b with another synced broadcast of the range that has delivered exactly as far: the watchers

@@ -33,18 +33,21 @@ type hub struct {
 	authed bool            // md is not empty: etcd checks permissions on what the hub asks
 	revs   *revisions
 
-	mu         sync.Mutex
-	ranges     map[rangeKey]*broadcasts
-	byID       map[int64]*broadcast // upstream watch id -> broadcast
-	nextID     int64                // next upstream watch id
-	creating   []*broadcast         // upstream creates sent on the current stream, not yet answered, oldest first
-	progress   []*clientStream      // client streams waiting for a progress answer
-	askedProg  bool                 // a progress request is outstanding on the current stream
-	askedAt    time.Time            // when it was sent
-	outbox     []*pb.WatchRequest   // requests for the current stream's sender
-	kick       chan struct{}        // wakes the sender; capacity 1
-	connected  bool
-	lastHeader *pb.ResponseHeader
+	mu        sync.Mutex
+	ranges    map[rangeKey]*broadcasts
+	byID      map[int64]*broadcast // upstream watch id -> broadcast
+	nextID    int64                // next upstream watch id
+	creating  []*broadcast         // upstream creates sent on the current stream, not yet answered, oldest first
+	progress  []*clientStream      // client streams waiting for a progress answer
+	askedProg bool                 // a progress request is outstanding on the current stream
+	// Progress requests sent on the current stream, and a lower bound of the index of the one the last answer
+	// answered (etcd answers in order, and drops some): an answer may predate a watch created after its request.
+	progSent, progAnswered int64
+	askedAt                time.Time          // when it was sent
+	outbox                 []*pb.WatchRequest // requests for the current stream's sender
+	kick                   chan struct{}      // wakes the sender; capacity 1
+	connected              bool
+	lastHeader             *pb.ResponseHeader
 	// Progress notifications (progress.go): the clock's upstream watch, whether one of its ticks waits for a
 	// progress answer, and how many announced client watchers want notifications.
 	clock     *broadcast
@@ -128,8 +131,6 @@ func (h *hub) serve() error {
 	if h.w.leader.HasLeader() {
 		md.Set(rpctypes.MetadataRequireLeaderKey, rpctypes.MetadataHasLeader)
 	} else {
-		stop := context.AfterFunc(ctx, func() {})
-		defer stop()
 		found := h.w.leader.Found()
 		go func() {
 			select {
@@ -141,6 +142,9 @@ func (h *hub) serve() error {
 	}
 	stream, err := h.w.upstream.Watch(metadata.NewOutgoingContext(ctx, md))
 	if err != nil {
+		if cause := context.Cause(ctx); errors.Is(cause, errLeaderFound) {
+			return cause
+		}
 		return err
 	}
 	upstreamStreams.Inc()
@@ -149,13 +153,14 @@ func (h *hub) serve() error {
 	h.mu.Lock()
 	h.connected = true
 	h.outbox, h.creating, h.askedProg = nil, nil, false
+	h.progSent, h.progAnswered = 0, 0
 	for _, bs := range h.ranges {
 		for b := range bs.all {
-			if b.created || b.start != 0 {
+			if b.created {
 				// From where it stopped: a catch-up until etcd says otherwise.
 				b.start, b.synced = max(b.rev, 1), false
 			}
-			b.created = false
+			b.created, b.parts = false, nil
 			h.createUpstream(b)
 		}
 	}
@@ -173,9 +178,14 @@ func (h *hub) serve() error {
 		h.mu.Unlock()
 	}()
 
+	// The stream's goroutines end before serve returns, so none of them can take what the hub queues for the next
+	// stream.
 	failed := make(chan error, 2)
-	go func() { failed <- h.sendLoop(ctx, stream) }()
-	go h.reaskProgress(ctx)
+	var helpers sync.WaitGroup
+	defer helpers.Wait()
+	defer cancel(nil)
+	helpers.Go(func() { failed <- h.sendLoop(ctx, stream) })
+	helpers.Go(func() { h.reaskProgress(ctx) })
 	for {
 		resp, err := stream.Recv()
 		if err != nil {
@@ -256,6 +266,7 @@ func (h *hub) askProgress() {
 		return
 	}
 	h.askedProg, h.askedAt = true, time.Now()
+	h.progSent++
 	h.send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_ProgressRequest{ProgressRequest: &pb.WatchProgressRequest{}}})
 }
 
@@ -340,6 +351,7 @@ func (h *hub) created(resp *pb.WatchResponse) {
 		b.refused(resp)
 		return
 	}
+	b.confirmedAt = h.progSent
 	b.confirm(resp.Header)
 	if len(b.bs.all) > 1 {
 		// A progress answer brings every live broadcast of the range to the same revision: they merge then.
@@ -347,17 +359,24 @@ func (h *hub) created(resp *pb.WatchResponse) {
 	}
 }
 
-// progressAnswered handles an upstream progress response: every created broadcast has delivered all events up to
-// its revision. Client streams whose watchers all ride created broadcasts get their answer now; those with a
-// watcher catching up inside the proxy wait for the next round; those etcd itself would not answer (see
-// clientStream.progress) get nothing, as from etcd.
+// progressAnswered handles an upstream progress response: every broadcast whose creation etcd had confirmed before
+// the answered request was sent has delivered all events up to its revision (a broadcast created later may not be
+// covered: etcd computed the answer before it held that watcher, though its created response can come first).
+// Client streams whose watchers all ride such broadcasts, and that asked before that request was sent, get their
+// answer now; those with a watcher catching up inside the proxy wait for the next round; those etcd itself would
+// not answer (see clientStream.progress) get nothing, as from etcd.
 func (h *hub) progressAnswered(resp *pb.WatchResponse) {
 	h.askedProg = false
+	h.progAnswered = min(h.progAnswered+1, h.progSent)
 	rev := resp.Header.GetRevision()
+	again := false
 	for _, bs := range h.ranges {
 		for b := range bs.all {
-			if b.created {
+			b.progressOK = b.created && b.confirmedAt < h.progAnswered
+			if b.progressOK {
 				b.rev, b.synced = max(b.rev, rev), true
+			} else if b.created && len(bs.all) > 1 {
+				again = true // it may merge after the next answer
 			}
 		}
 		if len(bs.all) > 1 {
@@ -377,14 +396,18 @@ func (h *hub) progressAnswered(resp *pb.WatchResponse) {
 		if cs.closed {
 			continue
 		}
-		switch cs.progress(rev) {
+		verdict := cs.progress(rev)
+		if verdict == progressAnswer && cs.progAfter >= h.progAnswered {
+			verdict = progressWait // the answer may be older than the client's request
+		}
+		switch verdict {
 		case progressAnswer:
 			cs.enqueueControl(&pb.WatchResponse{Header: resp.Header, WatchId: -1})
 		case progressWait:
 			h.progress = append(h.progress, cs)
 		}
 	}
-	if len(h.progress) > 0 {
+	if len(h.progress) > 0 || again {
 		h.askProgress()
 	}
 }
@@ -396,6 +419,7 @@ func (h *hub) requestProgress(cs *clientStream) {
 			return
 		}
 	}
+	cs.progAfter = h.progSent
 	h.progress = append(h.progress, cs)
 	h.askProgress()
 }

@@ -70,11 +70,11 @@ func (h *hub) notifyProgress(hdr *pb.ResponseHeader) {
 	h.tick = false
 	for _, bs := range h.ranges {
 		for b := range bs.all {
-			if !b.created {
+			if !b.progressOK {
 				continue
 			}
 			for w := range b.watchers {
-				if w.progressNotify && !w.sent && w.startRev <= hdr.Revision {
+				if w.progressNotify && !w.sent && w.startRev <= hdr.Revision && w.next-1 <= hdr.Revision {
 					w.cs.enqueueEvents(w, &pb.WatchResponse{Header: hdr, WatchId: w.id})
 				}
 				w.sent = false

@@ -138,6 +138,9 @@ type clientStream struct {
 	nextID   int64
 	lagging  []*watcher
 	closed   bool
+	// progAfter is the number of upstream progress requests sent before the stream's pending progress request
+	// arrived: only the answer to a later one answers it.
+	progAfter int64
 
 	lagged atomic.Bool // lagging is not empty
 
@@ -183,7 +186,6 @@ type watcher struct {
 	startRev       int64 // the start revision the client asked for (0: from now)
 	known          int64 // a revision etcd had when the watcher was created: a startRev above it is in the future
 	idFrom         int64 // for an id the proxy chose: the stream's next id before, restored if etcd refuses the watch
-	inFragments    bool  // the client has part of a fragmented response and not its last part
 	sent           bool  // an event was queued for the client since the last progress tick (progress.go)
 	noPut          bool
 	noDelete       bool
@@ -195,19 +197,20 @@ type watcher struct {
 	resolved       chan struct{}      // closed once announced or refused
 }
 
-// enqueueEvents queues resp for w unless the stream already holds its share of event responses (the rest of a
-// fragmented response is always queued). Called with h.mu held.
-func (cs *clientStream) enqueueEvents(w *watcher, resp *pb.WatchResponse) bool {
+// enqueueEvents queues resps for w, back to back (the parts of a fragmented response stay together), unless the
+// stream already holds its share of event responses. Called with h.mu held.
+func (cs *clientStream) enqueueEvents(w *watcher, resps ...*pb.WatchResponse) bool {
 	cs.qmu.Lock()
-	if cs.queuedEvents >= cs.h.w.opts.QueueLen && !w.inFragments {
+	if cs.queuedEvents >= cs.h.w.opts.QueueLen {
 		cs.qmu.Unlock()
 		return false
 	}
-	cs.queue = append(cs.queue, queued{resp: resp, events: true})
-	cs.queuedEvents++
+	for _, r := range resps {
+		cs.queue = append(cs.queue, queued{resp: r, events: true})
+		w.sent = w.sent || len(r.Events) > 0
+	}
+	cs.queuedEvents += len(resps)
 	cs.qmu.Unlock()
-	w.inFragments = resp.Fragment
-	w.sent = w.sent || len(resp.Events) > 0
 	cs.poke()
 	return true
 }
@@ -300,7 +303,7 @@ func (cs *clientStream) progress(rev int64) progressVerdict {
 		switch {
 		case w.dead, rev > 0 && w.startRev > rev:
 			return progressDrop
-		case w.b == nil || !w.b.created || !w.announced:
+		case w.b == nil || !w.b.created || !w.announced || (rev > 0 && !w.b.progressOK):
 			verdict = progressWait
 		}
 	}
