@@ -7,6 +7,7 @@ package leader
 import (
 	"context"
 
+	"github.com/etcdproxy/etcdproxy/overrides/internal/txn"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 )
 
@@ -50,7 +51,7 @@ func (k *KV) DeleteRange(ctx context.Context, req *pb.DeleteRangeRequest) (*pb.D
 // Txn forwards the call; like etcd, a Txn made only of serializable reads is served locally.
 func (k *KV) Txn(ctx context.Context, req *pb.TxnRequest) (*pb.TxnResponse, error) {
 	resp, err := k.KVServer.Txn(ctx, req)
-	k.mark(err, !txnSerializable(req))
+	k.mark(err, !txn.Local(req))
 	return resp, err
 }
 
@@ -59,19 +60,6 @@ func (k *KV) Compact(ctx context.Context, req *pb.CompactionRequest) (*pb.Compac
 	resp, err := k.KVServer.Compact(ctx, req)
 	k.mark(err, true)
 	return resp, err
-}
-
-// txnSerializable reports whether every operation of r is a serializable Range (etcd's test for a Txn it serves
-// without consensus).
-func txnSerializable(r *pb.TxnRequest) bool {
-	for _, ops := range [][]*pb.RequestOp{r.Success, r.Failure} {
-		for _, op := range ops {
-			if rr := op.GetRequestRange(); rr == nil || !rr.Serializable {
-				return false
-			}
-		}
-	}
-	return true
 }
 
 // Lease marks the leader present after LeaseGrant and LeaseRevoke.

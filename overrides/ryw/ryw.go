@@ -16,6 +16,7 @@ import (
 	"context"
 	"sync/atomic"
 
+	"github.com/etcdproxy/etcdproxy/overrides/internal/txn"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	"google.golang.org/grpc"
@@ -71,7 +72,7 @@ func KeyWriter(method string, req any) bool {
 		return true
 	case "/etcdserverpb.KV/Txn":
 		r, ok := req.(*pb.TxnRequest)
-		return !ok || TxnWrites(r)
+		return !ok || txn.Writes(r)
 	}
 	return false
 }
@@ -108,34 +109,6 @@ func headerRevision(resp any) int64 {
 		return h.GetHeader().GetRevision()
 	}
 	return 0
-}
-
-// TxnWrites reports whether a Txn may write: any Put or DeleteRange in either branch, nested Txns included.
-func TxnWrites(r *pb.TxnRequest) bool {
-	for _, ops := range [][]*pb.RequestOp{r.Success, r.Failure} {
-		for _, op := range ops {
-			switch {
-			case op.GetRequestPut() != nil, op.GetRequestDeleteRange() != nil:
-				return true
-			case op.GetRequestTxn() != nil && TxnWrites(op.GetRequestTxn()):
-				return true
-			}
-		}
-	}
-	return false
-}
-
-// localTxn reports whether etcd answers r from the member's own store: every op of both branches is a
-// serializable Range (nested Txns make a Txn not read-only for etcd).
-func localTxn(r *pb.TxnRequest) bool {
-	for _, ops := range [][]*pb.RequestOp{r.Success, r.Failure} {
-		for _, op := range ops {
-			if rr := op.GetRequestRange(); rr == nil || !rr.Serializable {
-				return false
-			}
-		}
-	}
-	return true
 }
 
 // KV checks the serializable reads of the KV service (below the read cache: it sees its misses only).
@@ -178,7 +151,7 @@ func (k *KV) Range(ctx context.Context, req *pb.RangeRequest) (*pb.RangeResponse
 // count-only Range of its first compare's range in both branches (the same permission as the compare needs), whose
 // response is taken out again. A Txn with neither (its answer carries nothing but the header) is only retried.
 func (k *KV) Txn(ctx context.Context, req *pb.TxnRequest) (*pb.TxnResponse, error) {
-	if !localTxn(req) {
+	if !txn.Local(req) {
 		return k.KVServer.Txn(ctx, req)
 	}
 	var lin func() (*pb.TxnResponse, error)

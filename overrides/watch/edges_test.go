@@ -331,6 +331,7 @@ func TestClientThatNeverReads(t *testing.T) {
 		}()
 		return n.Load, func() { cancel(); <-done }
 	}
+	through := map[string]int64{}
 	for _, side := range []struct{ name, target string }{{"etcd", e.Cluster.Members[0].ClientURL}, {"proxy", e.ProxyAddr}} {
 		n, stop := sent(side.target)
 		// Sends go through until the server stops reading and the stream's flow-control window is full; after
@@ -343,7 +344,13 @@ func TestClientThatNeverReads(t *testing.T) {
 			return before == b && before > 0
 		}, "%s: the client's sends never stopped going through", side.name)
 		t.Logf("%s: %d requests went through before flow control stopped the client", side.name, before)
+		through[side.name] = before
 		stop()
+	}
+	// What the proxy holds for such a client is bounded by what it read: at most about what etcd reads.
+	if through["proxy"] > 2*through["etcd"]+1000 {
+		t.Errorf("the proxy read %d requests of a client that never reads, etcd %d: want at most twice etcd's",
+			through["proxy"], through["etcd"])
 	}
 }
 
