@@ -139,6 +139,7 @@ func runStart(f *startFlags) error {
 			ClientURL: f.embeddedEtcdClientURL,
 			PeerURL:   f.embeddedEtcdPeerURL,
 			LogLevel:  "warn",
+			Logger:    lg.Named("etcd"),
 		})
 		if err != nil {
 			return fmt.Errorf("--embedded-etcd: %w", err)

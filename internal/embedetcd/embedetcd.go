@@ -10,9 +10,12 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.etcd.io/etcd/server/v3/embed"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 )
 
 // Options describe a cluster to start.
@@ -23,6 +26,9 @@ type Options struct {
 	Members int
 	// LogLevel is etcd's log level; "" means "error".
 	LogLevel string
+	// Logger, if set, is where etcd logs (at LogLevel and above), instead of etcd's own logger on stderr. The
+	// errors etcd logs for its servers closing when a member stops are left out.
+	Logger *zap.Logger
 	// Configure, if set, adjusts each member's configuration before it starts.
 	Configure func(*embed.Config)
 	// ReadyTimeout bounds the wait for the cluster to serve; 0 means 30s.
@@ -41,6 +47,8 @@ type Member struct {
 	mu   sync.Mutex // mu protects etcd
 	cfg  *embed.Config
 	etcd *embed.Etcd
+	// stopping is set while the member stops (see quietStop).
+	stopping atomic.Bool
 }
 
 // Cluster is a set of members started together.
@@ -94,6 +102,16 @@ func Start(o Options) (*Cluster, error) {
 		cfg.LogLevel = o.LogLevel
 		if cfg.LogLevel == "" {
 			cfg.LogLevel = "error"
+		}
+		if o.Logger != nil {
+			level, err := zapcore.ParseLevel(cfg.LogLevel)
+			if err != nil {
+				return nil, fmt.Errorf("embedetcd: log level: %w", err)
+			}
+			lg := o.Logger.WithOptions(zap.IncreaseLevel(level), zap.WrapCore(func(c zapcore.Core) zapcore.Core {
+				return quietStop{Core: c, stopping: &m.stopping}
+			}))
+			cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(lg)
 		}
 		if o.Configure != nil {
 			o.Configure(cfg)
@@ -152,6 +170,7 @@ func (m *Member) Stop() {
 	m.etcd = nil
 	m.mu.Unlock()
 	if e != nil {
+		m.stopping.Store(true)
 		e.Close()
 	}
 }
@@ -163,6 +182,7 @@ func (m *Member) Restart(timeout time.Duration) error {
 }
 
 func (m *Member) start(timeout time.Duration) error {
+	m.stopping.Store(false)
 	e, err := embed.StartEtcd(m.cfg)
 	if err != nil {
 		return fmt.Errorf("etcd member %s: %w", m.Name, err)
