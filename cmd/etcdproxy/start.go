@@ -57,6 +57,9 @@ type startFlags struct {
 	metricsAddr  string
 	enablePprof  bool
 
+	discoverySRV          string
+	discoverySRVName      string
+	insecureDiscovery     bool
 	embeddedEtcd          bool
 	embeddedEtcdClientURL string
 	embeddedEtcdPeerURL   string
@@ -64,6 +67,12 @@ type startFlags struct {
 }
 
 func newStartCommand() *cobra.Command {
+	cmd, _ := startCommand()
+	return cmd
+}
+
+// startCommand returns the start command and the flags it parses into.
+func startCommand() (*cobra.Command, *startFlags) {
 	f := &startFlags{}
 	cmd := &cobra.Command{
 		Use:   "start",
@@ -75,8 +84,8 @@ With --embedded-etcd, etcdproxy first starts a single-member etcd in --data-dir 
 one command gives a working endpoint, for trying it out and for development.`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if cmd.Flags().Changed("endpoints") && f.embeddedEtcd {
-				return errors.New("--endpoints and --embedded-etcd exclude each other: the embedded etcd is the upstream")
+			if (cmd.Flags().Changed("endpoints") || f.discoverySRV != "") && f.embeddedEtcd {
+				return errors.New("--endpoints (or --discovery-srv) and --embedded-etcd exclude each other: the embedded etcd is the upstream")
 			}
 			if f.metricsAddr != "" {
 				addr, err := metricsListenAddr(f.metricsAddr)
@@ -90,6 +99,9 @@ one command gives a working endpoint, for trying it out and for development.`,
 	}
 	fs := cmd.Flags()
 	fs.StringSliceVar(&f.endpoints, "endpoints", []string{"127.0.0.1:2379"}, "comma separated etcd cluster endpoints")
+	fs.StringVar(&f.discoverySRV, "discovery-srv", "", "domain name to query for SRV records describing cluster endpoints (_etcd-client-ssl._tcp and _etcd-client._tcp); the endpoints found replace --endpoints")
+	fs.StringVar(&f.discoverySRVName, "discovery-srv-name", "", "service name to query when using DNS discovery (_etcd-client-NAME._tcp)")
+	fs.BoolVar(&f.insecureDiscovery, "insecure-discovery", false, "accept insecure SRV records: without it, only https endpoints that pass a TLS handshake (verified with --cacert) are used")
 	fs.DurationVar(&f.endpointsAutoSync, "endpoints-auto-sync-interval", 0, "etcd endpoints auto sync interval (disabled by default)")
 	fs.StringVar(&f.listenAddr, "listen-addr", "127.0.0.1:23790", "listen address")
 	fs.StringVar(&f.advertiseClientURL, "advertise-client-url", "127.0.0.1:23790", "advertise address to register (must be reachable by client); logged at start, used for registration with --resolver-prefix once that is supported")
@@ -118,7 +130,7 @@ one command gives a working endpoint, for trying it out and for development.`,
 	fs.StringVar(&f.embeddedEtcdClientURL, "embedded-etcd-client-url", "http://127.0.0.1:23791", "client URL of the embedded etcd (with --embedded-etcd)")
 	fs.StringVar(&f.embeddedEtcdPeerURL, "embedded-etcd-peer-url", "http://127.0.0.1:23792", "peer URL of the embedded etcd (with --embedded-etcd)")
 	fs.DurationVar(&f.shutdownTimeout, "shutdown-timeout", 5*time.Second, "on SIGINT or SIGTERM, how long running calls may finish before the proxy ends them and exits; watch, lease keepalive and election observe streams, which never finish by themselves, end at once with Unavailable so that clients reconnect elsewhere")
-	return cmd
+	return cmd, f
 }
 
 func runStart(f *startFlags) error {
@@ -132,7 +144,10 @@ func runStart(f *startFlags) error {
 		grpclog.SetLoggerV2(zapgrpc.NewLogger(lg.Named("grpc")))
 	}
 
-	endpoints := f.endpoints
+	endpoints, err := upstreamEndpoints(f, lg)
+	if err != nil {
+		return err
+	}
 	if f.embeddedEtcd {
 		c, err := embedetcd.Start(embedetcd.Options{
 			Dir:       filepath.Join(f.dataDir, "embedded-etcd"),
