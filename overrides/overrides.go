@@ -31,6 +31,8 @@ type Deps struct {
 	Watch watch.Options
 	// KVCache configures the cache of serializable reads; MaxBytes 0 turns it off.
 	KVCache kvcache.Options
+	// ReadYourWrites tunes the read-your-writes tracker.
+	ReadYourWrites ryw.Options
 }
 
 // Set is what the overrides add to the proxy besides replaced services.
@@ -72,10 +74,13 @@ func Apply(s *gen.Services, d Deps) *Set {
 	s.Lease = leader.NewLease(s.Lease, set.Leader)
 	s.Lease = closing(set, lease.New(s.Lease, cc, d.Logger.Named("lease")))
 	s.Watch = closing(set, watch.New(s.Watch, cc, set.Leader, d.Logger.Named("watch"), d.Watch))
-	writes := ryw.New()
+	writes := ryw.New(d.ReadYourWrites)
 	set.Unary = append(set.Unary, writes.Unary)
 	s.KV = ryw.NewKV(s.KV, writes)
 	if d.KVCache.MaxBytes > 0 {
+		if d.ReadYourWrites.Ordering {
+			d.KVCache.Floor = writes.Floor
+		}
 		set.KVCache = closing(set, kvcache.New(s.KV, internal, d.Logger.Named("kvcache"), d.KVCache))
 		writes.KeepCoherent(set.KVCache)
 		s.KV = set.KVCache

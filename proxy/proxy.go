@@ -16,6 +16,7 @@ import (
 	"github.com/etcdproxy/etcdproxy/overrides"
 	"github.com/etcdproxy/etcdproxy/overrides/kvcache"
 	"github.com/etcdproxy/etcdproxy/overrides/leader"
+	"github.com/etcdproxy/etcdproxy/overrides/ryw"
 	"github.com/etcdproxy/etcdproxy/overrides/watch"
 	"github.com/soheilhy/cmux"
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -60,6 +61,8 @@ type Config struct {
 	Watch watch.Options
 	// KVCache configures the cache of serializable reads; the zero value turns it off.
 	KVCache kvcache.Options
+	// ReadYourWrites tunes the read-your-writes tracker (ordering: --experimental-serializable-ordering).
+	ReadYourWrites ryw.Options
 	// EnablePprof serves /debug/pprof/ on the HTTP endpoints.
 	EnablePprof bool
 }
@@ -102,7 +105,7 @@ func New(cfg Config) *Proxy {
 	p.closing, p.endStreams = context.WithCancel(context.Background())
 	services := gen.NewServices(cfg.Upstream.ActiveConnection())
 	p.overrides = overrides.Apply(services, overrides.Deps{Upstream: cfg.Upstream, Internal: cfg.Internal, Logger: lg, Leader: cfg.Leader, Watch: cfg.Watch,
-		KVCache: cfg.KVCache})
+		KVCache: cfg.KVCache, ReadYourWrites: cfg.ReadYourWrites})
 	opts := []grpc.ServerOption{
 		grpc.MaxRecvMsgSize(orMax(cfg.MaxRecvBytes)),
 		grpc.MaxSendMsgSize(orMax(cfg.MaxSendBytes)),

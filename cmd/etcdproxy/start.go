@@ -19,6 +19,7 @@ import (
 	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/etcdproxy/etcdproxy/internal/embedetcd"
 	"github.com/etcdproxy/etcdproxy/overrides/kvcache"
+	"github.com/etcdproxy/etcdproxy/overrides/ryw"
 	"github.com/etcdproxy/etcdproxy/proxy"
 	"github.com/spf13/cobra"
 	"go.etcd.io/etcd/client/pkg/v3/transport"
@@ -57,6 +58,7 @@ type startFlags struct {
 	metricsAddr  string
 	enablePprof  bool
 
+	serializableOrdering  bool
 	discoverySRV          string
 	discoverySRVName      string
 	insecureDiscovery     bool
@@ -126,6 +128,7 @@ one command gives a working endpoint, for trying it out and for development.`,
 	fs.DurationVar(&f.kvCacheTTL, "kv-cache-ttl", 30*time.Second, "longest life of a cached read; the cache is kept coherent by a watch, this is a backstop")
 	fs.StringVar(&f.metricsAddr, "metrics-addr", "", "also serve /metrics and /health (and /debug/pprof with --enable-pprof) on this URL (http://host:port, as etcd grpc-proxy takes it; host:port works too); they are always served on --listen-addr too")
 	fs.BoolVar(&f.enablePprof, "enable-pprof", false, "serve runtime profiling data at /debug/pprof/")
+	fs.BoolVar(&f.serializableOrdering, "experimental-serializable-ordering", false, "ensure serializable reads have monotonically increasing store revisions across endpoints: no serializable answer, cached or not, is older than an answer the proxy has already given (it is read again, then linearizably)")
 	fs.BoolVar(&f.embeddedEtcd, "embedded-etcd", false, "start a single-member etcd in --data-dir on loopback and proxy to it")
 	fs.StringVar(&f.embeddedEtcdClientURL, "embedded-etcd-client-url", "http://127.0.0.1:23791", "client URL of the embedded etcd (with --embedded-etcd)")
 	fs.StringVar(&f.embeddedEtcdPeerURL, "embedded-etcd-peer-url", "http://127.0.0.1:23792", "peer URL of the embedded etcd (with --embedded-etcd)")
@@ -202,19 +205,9 @@ func runStart(f *startFlags) error {
 
 	// --max-send-bytes and --max-recv-bytes bound the client side too: a request the proxy could not send upstream
 	// is refused as it arrives (not read whole first), and no response is sent that it could not have received.
-	p := proxy.New(proxy.Config{
-		Upstream:             upstream,
-		Internal:             internal,
-		Logger:               lg,
-		MaxRecvBytes:         f.maxSendBytes,
-		MaxSendBytes:         f.maxRecvBytes,
-		MaxConcurrentStreams: f.maxConcurrentStreams,
-		KeepaliveMinTime:     f.grpcKeepAliveMinTime,
-		KeepaliveInterval:    f.grpcKeepAliveInterval,
-		KeepaliveTimeout:     f.grpcKeepAliveTimeout,
-		EnablePprof:          f.enablePprof,
-		KVCache:              kvcache.Options{MaxBytes: f.kvCacheBytes, TTL: f.kvCacheTTL},
-	})
+	cfg := f.proxyConfig()
+	cfg.Upstream, cfg.Internal, cfg.Logger = upstream, internal, lg
+	p := proxy.New(cfg)
 	l, err := net.Listen("tcp", f.listenAddr)
 	if err != nil {
 		return fmt.Errorf("--listen-addr: %w", err)
@@ -260,6 +253,21 @@ func runStart(f *startFlags) error {
 
 // upstreamTLS builds the TLS configuration of the connection to etcd from --cert, --key, --cacert and
 // --insecure-skip-tls-verify; nil means plaintext.
+// proxyConfig is the proxy's configuration from the flags (the connections and the logger are the caller's).
+func (f *startFlags) proxyConfig() proxy.Config {
+	return proxy.Config{
+		MaxRecvBytes:         f.maxSendBytes,
+		MaxSendBytes:         f.maxRecvBytes,
+		MaxConcurrentStreams: f.maxConcurrentStreams,
+		KeepaliveMinTime:     f.grpcKeepAliveMinTime,
+		KeepaliveInterval:    f.grpcKeepAliveInterval,
+		KeepaliveTimeout:     f.grpcKeepAliveTimeout,
+		EnablePprof:          f.enablePprof,
+		KVCache:              kvcache.Options{MaxBytes: f.kvCacheBytes, TTL: f.kvCacheTTL},
+		ReadYourWrites:       ryw.Options{Ordering: f.serializableOrdering},
+	}
+}
+
 func upstreamTLS(f *startFlags, lg *zap.Logger) (*tls.Config, error) {
 	if f.cert == "" && f.key == "" && f.cacert == "" && !f.insecureSkipTLSVerify {
 		return nil, nil

@@ -49,6 +49,9 @@ type Options struct {
 	// must not exceed etcd's --auth-token-ttl (simple tokens expire that long after their last use, and a refill
 	// is a use that renews them).
 	TokenCheck time.Duration
+	// Floor, if set, is a revision below which a cached answer is not served (a hit whose header is older is
+	// read again): --experimental-serializable-ordering keeps answers from going back in time.
+	Floor func() int64
 }
 
 // KV is the caching override of the KV service.
@@ -149,7 +152,8 @@ func (k *KV) Range(ctx context.Context, req *pb.RangeRequest) (*pb.RangeResponse
 	}
 	gen, live := k.watch.state()
 	if live {
-		if item := k.cache.Get(key); item != nil && !item.Expired() && item.Value().gen == gen {
+		if item := k.cache.Get(key); item != nil && !item.Expired() && item.Value().gen == gen &&
+			(k.opts.Floor == nil || item.Value().resp.Header.GetRevision() >= k.opts.Floor()) {
 			hits.Inc()
 			return item.Value().resp, nil
 		}

@@ -269,12 +269,24 @@ func TestCatchUpHeaderAheadOfEvents(t *testing.T) {
 // applied the write (its backend is held, so its apply stalls while the other two commit), and the proxy does not
 // return its answer but waits for it to catch up. Variant "watch on lagging": the cache's invalidation watch too has
 // moved to the lagging member, reopened there below the write's revision (a suspicion: a miss stored there would
-// then be served as a hit).
+// then be served as a hit). Variants "ordering": the write is made elsewhere, and the proxy has only answered a
+// linearizable read at its revision; with --experimental-serializable-ordering a later serializable read does not
+// go back in time, cache on or off; without it ("no ordering") the lagging member's older answer is returned, as
+// from etcd.
 func TestReadYourWritesLaggingMember(t *testing.T) {
 	for _, tc := range []struct {
-		name             string
-		cache, moveWatch bool
-	}{{"cache off", false, false}, {"cache on", true, false}, {"watch on lagging", true, true}} {
+		name                string
+		cache, moveWatch    bool
+		elsewhere, ordering bool
+		want                string
+	}{
+		{"cache off", false, false, false, false, "new"},
+		{"cache on", true, false, false, false, "new"},
+		{"watch on lagging", true, true, false, false, "new"},
+		{"ordering, cache off", false, false, true, true, "new"},
+		{"ordering, cache on", true, false, true, true, "new"},
+		{"no ordering, a write elsewhere", true, false, true, false, "old"},
+	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var internal *clientv3.Client
 			e := proxytest.Start(t, proxytest.Options{Members: 3,
@@ -283,6 +295,7 @@ func TestReadYourWritesLaggingMember(t *testing.T) {
 					if !tc.cache {
 						c.KVCache.MaxBytes = 0
 					}
+					c.ReadYourWrites.Ordering = tc.ordering
 					var err error
 					internal, err = proxy.Dial(clientv3.Config{Endpoints: c.Upstream.Endpoints(), DialTimeout: 5 * time.Second})
 					if err != nil {
@@ -305,7 +318,14 @@ func TestReadYourWritesLaggingMember(t *testing.T) {
 			tx.Lock() // the member's apply stalls on its backend; its local reads still answer
 			var unlock sync.Once
 			t.Cleanup(func() { unlock.Do(tx.Unlock) })
-			put(t, ctx, e.Via, "ryw/k", "new")
+			if tc.elsewhere {
+				put(t, ctx, e.Direct, "ryw/k", "new")
+				if got := value(get(t, ctx, e.Via, &pb.RangeRequest{Key: []byte("ryw/k")})); got != "new" {
+					t.Fatalf("a linearizable read through the proxy reads %q", got)
+				}
+			} else {
+				put(t, ctx, e.Via, "ryw/k", "new")
+			}
 			if got := value(get(t, ctx, atLagging, req)); got != "old" {
 				t.Fatalf("the lagging member reads %q: it is not lagging", got)
 			}
@@ -345,12 +365,15 @@ func TestReadYourWritesLaggingMember(t *testing.T) {
 			if r == nil {
 				t.Fatal("no answer in 20s")
 			}
-			if got := value(r); got != "new" {
-				t.Fatalf("right after its Put through the proxy returned, ryw/k reads %q through it (member %x)", got, r.Header.GetMemberId())
+			if got := value(r); got != tc.want {
+				t.Fatalf("right after the write returned, ryw/k reads %q through the proxy (member %x), want %q", got,
+					r.Header.GetMemberId(), tc.want)
 			}
 			unlock.Do(tx.Unlock)
-			if got := value(get(t, ctx, e.Via, req)); got != "new" {
-				t.Errorf("the next read of ryw/k through the proxy reads %q", got)
+			if tc.want == "new" {
+				if got := value(get(t, ctx, e.Via, req)); got != "new" {
+					t.Errorf("the next read of ryw/k through the proxy reads %q", got)
+				}
 			}
 		})
 	}

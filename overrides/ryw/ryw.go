@@ -38,14 +38,25 @@ type Cache interface {
 	Await(ctx context.Context, rev int64)
 }
 
-// Tracker records the newest revision acknowledged for a write through this proxy.
+// Options tune a Tracker; the zero value is the default.
+type Options struct {
+	// Ordering (--experimental-serializable-ordering) also keeps serializable reads from going back in time
+	// relative to any KV response the proxy has returned (reads included), not only to its writes: as clientv3's
+	// ordering KV does for one client, for every client of the proxy. Without it only writes count.
+	Ordering bool
+}
+
+// Tracker records the newest revision acknowledged for a write through this proxy (and, with Options.Ordering,
+// the newest revision of any KV response it returned).
 type Tracker struct {
 	acked atomic.Int64
+	seen  atomic.Int64 // with ordering: the newest header revision of a KV response returned
+	opts  Options
 	cache Cache // nil when the read cache is off
 }
 
 // New returns a Tracker.
-func New() *Tracker { return &Tracker{} }
+func New(opts Options) *Tracker { return &Tracker{opts: opts} }
 
 // KeepCoherent makes every write through the proxy wait for cache. Call it before serving.
 func (t *Tracker) KeepCoherent(cache Cache) { t.cache = cache }
@@ -53,14 +64,25 @@ func (t *Tracker) KeepCoherent(cache Cache) { t.cache = cache }
 // Acked returns the newest revision this proxy has acknowledged for a write.
 func (t *Tracker) Acked() int64 { return t.acked.Load() }
 
-func (t *Tracker) ack(rev int64) {
+// Floor returns the revision below which no serializable answer is returned: Acked, or with Options.Ordering the
+// newest revision of any KV response returned.
+func (t *Tracker) Floor() int64 { return max(t.acked.Load(), t.seen.Load()) }
+
+// raise moves a up to rev, never down.
+func raise(a *atomic.Int64, rev int64) {
 	for {
-		cur := t.acked.Load()
-		if rev <= cur || t.acked.CompareAndSwap(cur, rev) {
+		cur := a.Load()
+		if rev <= cur || a.CompareAndSwap(cur, rev) {
 			return
 		}
 	}
 }
+
+func (t *Tracker) ack(rev int64) { raise(&t.acked, rev) }
+
+// kvMethods are the KV RPCs whose answers' revisions Options.Ordering keeps: what clientv3's ordering KV watches.
+var kvMethods = map[string]bool{"/etcdserverpb.KV/Range": true, "/etcdserverpb.KV/Put": true,
+	"/etcdserverpb.KV/DeleteRange": true, "/etcdserverpb.KV/Txn": true, "/etcdserverpb.KV/Compact": true}
 
 // KeyWriter reports whether a call of the RPC method with req may write keys. Every method the proxy serves is
 // classified in ryw_test.go (TestEveryMethodReviewed): a new etcd RPC fails that test until it is reviewed here.
@@ -81,7 +103,14 @@ func KeyWriter(method string, req any) bool {
 // with the read cache on, the reply waits until the cache has seen it.
 func (t *Tracker) Unary(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 	if !KeyWriter(info.FullMethod, req) {
-		return handler(ctx, req)
+		if !t.opts.Ordering || !kvMethods[info.FullMethod] {
+			return handler(ctx, req)
+		}
+		resp, err := handler(ctx, req)
+		if err == nil {
+			raise(&t.seen, headerRevision(resp))
+		}
+		return resp, err
 	}
 	if t.cache == nil {
 		resp, err := handler(ctx, req)
@@ -185,11 +214,12 @@ func (k *KV) Txn(ctx context.Context, req *pb.TxnRequest) (*pb.TxnResponse, erro
 	return read(ctx, k.t, 0, req, k.KVServer.Txn, lin)
 }
 
-// read runs call(req) until its answer is not behind the writes acknowledged when the read arrived, at most
-// serializableRetries more times; then it returns lin() (if lin is nil, the last answer).
+// read runs call(req) until its answer is not behind the tracker's floor when the read arrived (the writes
+// acknowledged, and with ordering every KV answer returned), at most serializableRetries more times; then it
+// returns lin() (if lin is nil, the last answer).
 func read[Req any, Resp interface{ GetHeader() *pb.ResponseHeader }](ctx context.Context, t *Tracker, at int64,
 	req Req, call func(context.Context, Req) (Resp, error), lin func() (Resp, error)) (Resp, error) {
-	acked := t.Acked()
+	acked := t.Floor()
 	resp, err := call(ctx, req)
 	for i := 0; behind(acked, at, resp, err) && ctx.Err() == nil; i++ {
 		if i == serializableRetries {

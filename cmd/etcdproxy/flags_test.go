@@ -1,0 +1,29 @@
+package main
+
+import (
+	"reflect"
+	"testing"
+	"time"
+
+	"github.com/etcdproxy/etcdproxy/overrides/kvcache"
+	"github.com/etcdproxy/etcdproxy/overrides/ryw"
+	"github.com/etcdproxy/etcdproxy/proxy"
+)
+
+// TestFlagsReachConfig: every flag that tunes the proxy itself reaches its configuration.
+func TestFlagsReachConfig(t *testing.T) {
+	cmd, f := startCommand()
+	if err := cmd.ParseFlags([]string{"--experimental-serializable-ordering", "--max-send-bytes", "1000",
+		"--max-recv-bytes", "2000", "--max-concurrent-streams", "7", "--grpc-keepalive-min-time", "3s",
+		"--grpc-keepalive-interval", "4s", "--grpc-keepalive-timeout", "5s", "--enable-pprof",
+		"--kv-cache-bytes", "123", "--kv-cache-ttl", "6s"}); err != nil {
+		t.Fatal(err)
+	}
+	want := proxy.Config{MaxRecvBytes: 1000, MaxSendBytes: 2000, MaxConcurrentStreams: 7,
+		KeepaliveMinTime: 3 * time.Second, KeepaliveInterval: 4 * time.Second, KeepaliveTimeout: 5 * time.Second,
+		EnablePprof: true, KVCache: kvcache.Options{MaxBytes: 123, TTL: 6 * time.Second},
+		ReadYourWrites: ryw.Options{Ordering: true}}
+	if got := f.proxyConfig(); !reflect.DeepEqual(got, want) {
+		t.Errorf("proxy configuration from the flags:\n got %+v\nwant %+v", got, want)
+	}
+}
