@@ -65,6 +65,8 @@ type Config struct {
 	ReadYourWrites ryw.Options
 	// EnablePprof serves /debug/pprof/ on the HTTP endpoints.
 	EnablePprof bool
+	// LogCalls logs every request and response, secrets redacted (--experimental-enable-grpc-logging; calllog.go).
+	LogCalls bool
 }
 
 // Proxy is etcdproxy's gRPC server.
@@ -120,6 +122,13 @@ func New(cfg Config) *Proxy {
 	}
 	if cfg.MaxConcurrentStreams > 0 {
 		opts = append(opts, grpc.MaxConcurrentStreams(cfg.MaxConcurrentStreams))
+	}
+
+	if cfg.LogCalls {
+		// Outermost: what the client sent and what it got, refusals by the interceptors included.
+		calls := callLog{lg: lg.Named("grpc-calls")}
+		opts = append([]grpc.ServerOption{grpc.ChainUnaryInterceptor(calls.unary),
+			grpc.ChainStreamInterceptor(calls.stream)}, opts...)
 	}
 	srv := grpc.NewServer(opts...)
 	services.Register(srv)

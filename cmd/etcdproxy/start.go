@@ -59,6 +59,8 @@ type startFlags struct {
 	enablePprof  bool
 
 	serializableOrdering  bool
+	logCalls              bool
+	leasingPrefix         string
 	discoverySRV          string
 	discoverySRVName      string
 	insecureDiscovery     bool
@@ -72,6 +74,11 @@ func newStartCommand() *cobra.Command {
 	cmd, _ := startCommand()
 	return cmd
 }
+
+// errLeasing refuses --experimental-leasing-prefix (README: "Not built").
+var errLeasing = errors.New("--experimental-leasing-prefix is not supported by etcdproxy: etcd's leasing KV writes " +
+	"lease keys under the prefix into your keyspace, where every client sees them; the proxy's read cache serves " +
+	"reads from memory, kept coherent by a watch, without writing anything into etcd")
 
 // startCommand returns the start command and the flags it parses into.
 func startCommand() (*cobra.Command, *startFlags) {
@@ -88,6 +95,9 @@ one command gives a working endpoint, for trying it out and for development.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if (cmd.Flags().Changed("endpoints") || f.discoverySRV != "") && f.embeddedEtcd {
 				return errors.New("--endpoints (or --discovery-srv) and --embedded-etcd exclude each other: the embedded etcd is the upstream")
+			}
+			if f.leasingPrefix != "" {
+				return errLeasing
 			}
 			if f.metricsAddr != "" {
 				addr, err := metricsListenAddr(f.metricsAddr)
@@ -129,6 +139,8 @@ one command gives a working endpoint, for trying it out and for development.`,
 	fs.StringVar(&f.metricsAddr, "metrics-addr", "", "also serve /metrics and /health (and /debug/pprof with --enable-pprof) on this URL (http://host:port, as etcd grpc-proxy takes it; host:port works too); they are always served on --listen-addr too")
 	fs.BoolVar(&f.enablePprof, "enable-pprof", false, "serve runtime profiling data at /debug/pprof/")
 	fs.BoolVar(&f.serializableOrdering, "experimental-serializable-ordering", false, "ensure serializable reads have monotonically increasing store revisions across endpoints: no serializable answer, cached or not, is older than an answer the proxy has already given (it is read again, then linearizably)")
+	fs.BoolVar(&f.logCalls, "experimental-enable-grpc-logging", false, "log every gRPC request and response (streams message by message), with passwords and tokens redacted")
+	fs.StringVar(&f.leasingPrefix, "experimental-leasing-prefix", "", "not supported (etcd grpc-proxy: leasing metadata prefix for disconnected linearized reads): the proxy's coherent read cache serves reads without writing leasing keys into etcd; a value is refused")
 	fs.BoolVar(&f.embeddedEtcd, "embedded-etcd", false, "start a single-member etcd in --data-dir on loopback and proxy to it")
 	fs.StringVar(&f.embeddedEtcdClientURL, "embedded-etcd-client-url", "http://127.0.0.1:23791", "client URL of the embedded etcd (with --embedded-etcd)")
 	fs.StringVar(&f.embeddedEtcdPeerURL, "embedded-etcd-peer-url", "http://127.0.0.1:23792", "peer URL of the embedded etcd (with --embedded-etcd)")
@@ -265,6 +277,7 @@ func (f *startFlags) proxyConfig() proxy.Config {
 		EnablePprof:          f.enablePprof,
 		KVCache:              kvcache.Options{MaxBytes: f.kvCacheBytes, TTL: f.kvCacheTTL},
 		ReadYourWrites:       ryw.Options{Ordering: f.serializableOrdering},
+		LogCalls:             f.logCalls,
 	}
 }
 
