@@ -40,3 +40,23 @@ func TestLeasingRefused(t *testing.T) {
 		t.Fatalf("start --experimental-leasing-prefix: %v; want %v", err, errLeasing)
 	}
 }
+
+// TestResolverFlags: --resolver-prefix and --resolver-ttl are validated as etcd grpc-proxy validates them.
+func TestResolverFlags(t *testing.T) {
+	for _, c := range []struct {
+		args []string
+		err  string
+	}{
+		{[]string{"--resolver-prefix", "/proxies"}, "invalid resolver-ttl 0"},
+		{[]string{"--resolver-ttl", "5"}, `invalid resolver-prefix ""`},
+		{[]string{"--resolver-prefix", "/proxies", "--resolver-ttl", "5", "--advertise-client-url", ""}, `invalid advertise-client-url ""`},
+	} {
+		cmd := newStartCommand()
+		cmd.SetArgs(c.args)
+		cmd.SetOut(io.Discard)
+		cmd.SetErr(io.Discard)
+		if err := cmd.Execute(); err == nil || err.Error() != c.err {
+			t.Errorf("start %v: %v; want %q", c.args, err, c.err)
+		}
+	}
+}

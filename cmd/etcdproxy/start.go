@@ -61,6 +61,8 @@ type startFlags struct {
 	serializableOrdering  bool
 	logCalls              bool
 	leasingPrefix         string
+	resolverPrefix        string
+	resolverTTL           int
 	discoverySRV          string
 	discoverySRVName      string
 	insecureDiscovery     bool
@@ -73,6 +75,19 @@ type startFlags struct {
 func newStartCommand() *cobra.Command {
 	cmd, _ := startCommand()
 	return cmd
+}
+
+// checkResolver validates --resolver-prefix and --resolver-ttl as etcd grpc-proxy does, with its messages.
+func (f *startFlags) checkResolver() error {
+	switch {
+	case f.resolverPrefix != "" && f.resolverTTL < 1:
+		return fmt.Errorf("invalid resolver-ttl %d", f.resolverTTL)
+	case f.resolverPrefix == "" && f.resolverTTL > 0:
+		return fmt.Errorf("invalid resolver-prefix %q", f.resolverPrefix)
+	case f.resolverPrefix != "" && f.advertiseClientURL == "":
+		return fmt.Errorf("invalid advertise-client-url %q", f.advertiseClientURL)
+	}
+	return nil
 }
 
 // errLeasing refuses --experimental-leasing-prefix (README: "Not built").
@@ -99,6 +114,9 @@ one command gives a working endpoint, for trying it out and for development.`,
 			if f.leasingPrefix != "" {
 				return errLeasing
 			}
+			if err := f.checkResolver(); err != nil {
+				return err
+			}
 			if f.metricsAddr != "" {
 				addr, err := metricsListenAddr(f.metricsAddr)
 				if err != nil {
@@ -116,7 +134,9 @@ one command gives a working endpoint, for trying it out and for development.`,
 	fs.BoolVar(&f.insecureDiscovery, "insecure-discovery", false, "accept insecure SRV records: without it, only https endpoints that pass a TLS handshake (verified with --cacert) are used")
 	fs.DurationVar(&f.endpointsAutoSync, "endpoints-auto-sync-interval", 0, "etcd endpoints auto sync interval (disabled by default)")
 	fs.StringVar(&f.listenAddr, "listen-addr", "127.0.0.1:23790", "listen address")
-	fs.StringVar(&f.advertiseClientURL, "advertise-client-url", "127.0.0.1:23790", "advertise address to register (must be reachable by client); logged at start, used for registration with --resolver-prefix once that is supported")
+	fs.StringVar(&f.advertiseClientURL, "advertise-client-url", "127.0.0.1:23790", "advertise address to register (must be reachable by client) with --resolver-prefix")
+	fs.StringVar(&f.resolverPrefix, "resolver-prefix", "", "prefix to use for registering proxy (must be shared with other grpc-proxy members): the proxy keeps PREFIX/ADVERTISE-CLIENT-URL registered (etcd's naming/endpoints) under a lease of --resolver-ttl seconds, so clients find the live proxies with etcd's gRPC resolver (target etcd:///PREFIX); it deregisters at once on a clean stop")
+	fs.IntVar(&f.resolverTTL, "resolver-ttl", 0, "specify TTL, in seconds, when registering proxy endpoints")
 	fs.StringVar(&f.dataDir, "data-dir", "default.proxy", "data directory for persistent data (the embedded etcd's data with --embedded-etcd)")
 	fs.BoolVar(&f.debug, "debug", false, "enable debug-level logging, gRPC's own logs included")
 	fs.IntVar(&f.maxSendBytes, "max-send-bytes", 0, "largest message in bytes the proxy sends to etcd, and so the largest request it accepts from a client (a larger one gets ResourceExhausted from the proxy); 0 (the default) leaves the limit to etcd's --max-request-bytes, so an oversized request gets etcd's own error (etcd grpc-proxy defaults to 1.5 MiB and answers requests between its limit and etcd's with a different, client-side error)")
@@ -239,6 +259,16 @@ func runStart(f *startFlags) error {
 		}()
 		defer ms.Close()
 	}
+	var reg *proxy.Registration
+	if f.resolverPrefix != "" {
+		// The proxy's own calls (with --user, its own credentials: registration writes a key).
+		own := upstream
+		if internal != nil {
+			own = internal
+		}
+		reg = proxy.Register(own, f.resolverPrefix, f.advertiseClientURL, f.resolverTTL, lg.Named("register"))
+		defer reg.Close()
+	}
 	lg.Info("serving the etcd v3 API", zap.String("listen-addr", l.Addr().String()),
 		zap.String("advertise-client-url", f.advertiseClientURL), zap.Strings("endpoints", endpoints))
 	// Under systemd (Type=notify), tell it the proxy serves, as etcd grpc-proxy does; without NOTIFY_SOCKET this
@@ -255,6 +285,9 @@ func runStart(f *startFlags) error {
 		return fmt.Errorf("serving gRPC: %w", err)
 	case s := <-sig:
 		lg.Info("shutting down", zap.String("signal", s.String()), zap.Duration("timeout", f.shutdownTimeout))
+	}
+	if reg != nil {
+		reg.Close() // first: clients move to other proxies before this one stops serving
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), f.shutdownTimeout)
 	defer cancel()

@@ -96,7 +96,8 @@ func TestBinary(t *testing.T) {
 		"--embedded-etcd-client-url", fmt.Sprintf("http://127.0.0.1:%d", ports[2]),
 		"--embedded-etcd-peer-url", fmt.Sprintf("http://127.0.0.1:%d", ports[3]),
 		"--listen-addr", listen, "--metrics-addr", "http://"+metrics, "--debug",
-		"--max-send-bytes", fmt.Sprint(maxSend), "--max-recv-bytes", fmt.Sprint(maxRecv))
+		"--max-send-bytes", fmt.Sprint(maxSend), "--max-recv-bytes", fmt.Sprint(maxRecv),
+		"--resolver-prefix", "/etcdproxies", "--resolver-ttl", "5", "--advertise-client-url", listen)
 	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+sock)
 	logs := &lockedBuffer{}
 	cmd.Stdout, cmd.Stderr = logs, logs
@@ -136,6 +137,18 @@ func TestBinary(t *testing.T) {
 	}
 	if r, err := c.Get(ctx, "k", clientv3.WithSerializable()); err != nil || len(r.Kvs) != 1 || string(r.Kvs[0].Value) != "v" {
 		t.Fatalf("get through the proxy: %v, %v", r, err)
+	}
+
+	// --resolver-prefix: the proxy registers itself (etcd's naming/endpoints record) under the prefix.
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		r, err := c.Get(ctx, "/etcdproxies/"+listen)
+		if err == nil && len(r.Kvs) == 1 && strings.Contains(string(r.Kvs[0].Value), listen) && r.Kvs[0].Lease != 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("--resolver-prefix: no registration under /etcdproxies/%s within 10s: %v, %v", listen, r, err)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 
 	// --max-send-bytes: a request over it is refused as it arrives (etcd would take it); --max-recv-bytes: so is a
