@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"math"
-	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -55,7 +54,9 @@ type startFlags struct {
 	kvCacheBytes int64
 	kvCacheTTL   time.Duration
 	metricsAddr  string
+	metricsURL   string // --metrics-addr's scheme: http, https or unix
 	enablePprof  bool
+	tls          tlsFlags // TLS toward clients (tls.go)
 
 	embeddedEtcd          bool
 	embeddedEtcdClientURL string
@@ -63,8 +64,10 @@ type startFlags struct {
 	shutdownTimeout       time.Duration
 }
 
-func newStartCommand() *cobra.Command {
-	f := &startFlags{}
+func newStartCommand() *cobra.Command { return startCommand(&startFlags{}, runStart) }
+
+// startCommand is `start` with its flags in f, running run once they are checked.
+func startCommand(f *startFlags, run func(*startFlags) error) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "start",
 		Short: "Serve the etcd v3 gRPC API, forwarding to an etcd cluster",
@@ -78,14 +81,20 @@ one command gives a working endpoint, for trying it out and for development.`,
 			if cmd.Flags().Changed("endpoints") && f.embeddedEtcd {
 				return errors.New("--endpoints and --embedded-etcd exclude each other: the embedded etcd is the upstream")
 			}
+			if err := f.tls.check(); err != nil {
+				return err
+			}
 			if f.metricsAddr != "" {
-				addr, err := metricsListenAddr(f.metricsAddr)
+				scheme, addr, err := metricsListenAddr(f.metricsAddr)
+				if err == nil && scheme == "https" && !f.tls.serving() {
+					err = fmt.Errorf("cannot listen on TLS for %s: KeyFile and CertFile are not presented", addr) // etcd's words
+				}
 				if err != nil {
 					return fmt.Errorf("--metrics-addr: %w", err)
 				}
-				f.metricsAddr = addr
+				f.metricsURL, f.metricsAddr = scheme, addr
 			}
-			return runStart(f)
+			return run(f)
 		},
 	}
 	fs := cmd.Flags()
@@ -107,6 +116,7 @@ one command gives a working endpoint, for trying it out and for development.`,
 	fs.StringVar(&f.cert, "cert", "", "identify secure connections with etcd servers using this TLS certificate file")
 	fs.StringVar(&f.key, "key", "", "identify secure connections with etcd servers using this TLS key file")
 	fs.StringVar(&f.cacert, "cacert", "", "verify certificates of TLS-enabled secure etcd servers using this CA bundle")
+	f.tls.register(fs)
 	fs.BoolVar(&f.insecureSkipTLSVerify, "insecure-skip-tls-verify", false, "skip authentication of etcd server TLS certificates (CAUTION: for testing only)")
 	fs.StringVar(&f.user, "user", "", "the proxy's own etcd user, as username or username:password, for its internal calls only (the read cache's keyspace watch needs read permission on every key when auth is enabled); client calls always carry the client's own credentials")
 	fs.StringVar(&f.password, "password", "", "password of --user (or give it as username:password)")
@@ -199,14 +209,18 @@ func runStart(f *startFlags) error {
 		EnablePprof:          f.enablePprof,
 		KVCache:              kvcache.Options{MaxBytes: f.kvCacheBytes, TTL: f.kvCacheTTL},
 	})
-	l, err := net.Listen("tcp", f.listenAddr)
+	tlsInfo, err := f.tls.info(lg, f.listenAddr, f.dataDir)
+	if err != nil {
+		return err
+	}
+	l, err := listenClients(f.listenAddr, tlsInfo)
 	if err != nil {
 		return fmt.Errorf("--listen-addr: %w", err)
 	}
 	served := make(chan error, 2)
 	go func() { served <- p.Serve(l) }()
 	if f.metricsAddr != "" {
-		ml, err := net.Listen("tcp", f.metricsAddr) // host:port, checked by the command
+		ml, err := transport.NewListener(f.metricsAddr, f.metricsURL, tlsInfo) // checked by the command
 		if err != nil {
 			return fmt.Errorf("--metrics-addr: %w", err)
 		}
@@ -282,25 +296,26 @@ func noArgs(_ *cobra.Command, args []string) error {
 		"(--debug=false)", args[0])
 }
 
-// metricsListenAddr returns the host:port to listen on for --metrics-addr. etcd grpc-proxy takes a URL
-// (http://0.0.0.0:6633); a bare host:port is accepted too. https needs TLS towards clients, not supported yet.
-func metricsListenAddr(v string) (string, error) {
+// metricsListenAddr returns the scheme and address to listen on for --metrics-addr, as etcd grpc-proxy takes it: a
+// URL, http://host:port, https://host:port (TLS toward clients, as on --listen-addr) or unix://name (a unix socket
+// named by the URL's host part, as etcd has it); a bare host:port is accepted too, as http.
+func metricsListenAddr(v string) (scheme, addr string, err error) {
 	if !strings.Contains(v, "://") {
-		return v, nil
+		return "http", v, nil
 	}
 	u, err := url.Parse(v)
 	if err != nil {
-		return "", err
+		return "", "", err
 	}
 	switch {
-	case u.Scheme == "https":
-		return "", fmt.Errorf("%q: https needs TLS towards clients, which etcdproxy does not serve yet; use http://", v)
-	case u.Scheme != "http":
-		return "", fmt.Errorf("%q: scheme %q not supported; use http://host:port", v, u.Scheme)
+	case u.Scheme != "http" && u.Scheme != "https" && u.Scheme != "unix":
+		return "", "", fmt.Errorf("%q: scheme %q not supported; use http://host:port, https://host:port or unix://name", v, u.Scheme)
+	case u.Host == "" && u.Scheme == "unix":
+		return "", "", fmt.Errorf("%q: no socket name (unix://name, as etcd grpc-proxy takes it, listens on the socket file name)", v)
 	case u.Host == "":
-		return "", fmt.Errorf("%q: no host:port", v)
+		return "", "", fmt.Errorf("%q: no host:port", v)
 	case u.Path != "" && u.Path != "/":
-		return "", fmt.Errorf("%q: a path is not supported; the endpoints are /metrics and /health", v)
+		return "", "", fmt.Errorf("%q: a path is not supported; the endpoints are /metrics and /health", v)
 	}
-	return u.Host, nil
+	return u.Scheme, u.Host, nil
 }
