@@ -32,7 +32,7 @@ func (t *tlsFlags) register(fs *pflag.FlagSet) {
 	fs.StringVar(&t.trustedCAFile, "trusted-ca-file", "", "verify certificates of TLS-enabled secure proxy using this CA bundle (clients must then present a certificate signed by it: mutual TLS)")
 	fs.StringSliceVar(&t.cipherSuites, "listen-cipher-suites", nil, "Comma-separated list of supported TLS cipher suites between client/proxy (empty will be auto-populated by Go). TLS 1.2 only: Go does not let TLS 1.3's be configured")
 	fs.BoolVar(&t.autoTLS, "auto-tls", false, "proxy TLS using generated certificates (self-signed, kept under --data-dir in fixtures/proxy; ignored when --cert-file, --key-file or --trusted-ca-file is given, as with etcd grpc-proxy)")
-	fs.StringVar(&t.clientCRLFile, "client-crl-file", "", "proxy client certificate revocation list file (read at every new connection; a client certificate it revokes is refused)")
+	fs.StringVar(&t.clientCRLFile, "client-crl-file", "", "proxy client certificate revocation list file (DER, as etcd reads it; read again at every new connection: a client certificate it revokes is refused)")
 	fs.UintVar(&t.selfSignedCertValidity, "self-signed-cert-validity", 1, "The validity period of the proxy certificates, unit is year")
 	fs.StringVar(&t.minVersion, "tls-min-version", string(tlsutil.TLSVersion12), "Minimum TLS version supported by grpc proxy. Possible values: TLS1.2, TLS1.3.")
 	fs.StringVar(&t.maxVersion, "tls-max-version", string(tlsutil.TLSVersionDefault), "Maximum TLS version supported by grpc proxy. Possible values: TLS1.2, TLS1.3 (empty defers to Go).")

@@ -120,7 +120,8 @@ func (ca *CA) Issue(t testing.TB, o Options) *Pair {
 	return p
 }
 
-// CRL writes a revocation list of ca that revokes the given certificates, and returns its file.
+// CRL writes a revocation list of ca that revokes the given certificates, and returns its file. The file is DER, as
+// etcd reads a CRL file.
 func (ca *CA) CRL(t testing.TB, revoked ...*x509.Certificate) string {
 	t.Helper()
 	tmpl := &x509.RevocationList{Number: serial(t), ThisUpdate: time.Now().Add(-time.Hour),
@@ -133,8 +134,8 @@ func (ca *CA) CRL(t testing.TB, revoked ...*x509.Certificate) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := filepath.Join(ca.dir, "crl.pem")
-	write(t, f, pem.EncodeToMemory(&pem.Block{Type: "X509 CRL", Bytes: der}))
+	f := filepath.Join(ca.dir, "crl.der")
+	write(t, f, der)
 	return f
 }
 
