@@ -10,11 +10,14 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
+	"github.com/etcdproxy/etcdproxy/internal/embedetcd"
 	"github.com/etcdproxy/etcdproxy/internal/proxytest"
 	"github.com/etcdproxy/etcdproxy/internal/testcerts"
 	"github.com/etcdproxy/etcdproxy/proxy"
@@ -346,4 +349,147 @@ func TestTLSCertReload(t *testing.T) {
 	if _, err := c.Put(ctx, "after", "v"); err != nil {
 		t.Errorf("the connection opened before the replacement: %v", err)
 	}
+}
+
+// TestTLSBinary runs the built binary with TLS toward clients, as runStart wires it: mutual TLS with a CRL on
+// --listen-addr (gRPC and HTTP on the one port) and on an https:// --metrics-addr; then --auto-tls with a unix://
+// --metrics-addr.
+func TestTLSBinary(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs the binary")
+	}
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "etcdproxy")
+	args := []string{"build", "-o", bin}
+	if raceEnabled {
+		args = append(args, "-race")
+	}
+	if out, err := exec.Command("go", append(args, ".")...).CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	ca := testcerts.NewCA(t, "ca")
+	srv := ca.Issue(t, testcerts.Options{Name: "server"})
+	client := ca.Issue(t, testcerts.Options{Name: "client", Client: true})
+	revoked := ca.Issue(t, testcerts.Options{Name: "revoked", Client: true})
+	crl := ca.CRL(t, revoked.Cert)
+	mtls := func(p *testcerts.Pair) *tls.Config {
+		return &tls.Config{RootCAs: ca.Pool(), GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+			return &p.TLS, nil
+		}}
+	}
+
+	t.Run("mTLS", func(t *testing.T) {
+		listen, metrics := runBinary(t, bin, t.TempDir(), func(metrics string) []string {
+			return []string{"--cert-file", srv.CertFile, "--key-file", srv.KeyFile, "--trusted-ca-file", ca.File,
+				"--client-crl-file", crl, "--metrics-addr", "https://" + metrics}
+		})
+		putGet(t, listen, mtls(client))
+		for _, h2 := range []bool{false, true} {
+			for _, addr := range []string{listen, metrics} {
+				hc := &http.Client{Timeout: 5 * time.Second,
+					Transport: &http.Transport{TLSClientConfig: mtls(client), ForceAttemptHTTP2: h2}}
+				healthy := func() bool {
+					resp, err := hc.Get("https://" + addr + "/health")
+					if err != nil {
+						return false
+					}
+					_ = resp.Body.Close()
+					return resp.StatusCode == http.StatusOK
+				}
+				proxytest.Eventually(t, 10*time.Second, healthy, "GET https://%s/health (HTTP/2 %v) with a client certificate: not 200 within 10s", addr, h2)
+				hc.CloseIdleConnections()
+			}
+		}
+		for _, addr := range []string{listen, metrics} {
+			if _, err := probe(addr, mtls(revoked)); err == nil {
+				t.Errorf("%s: a revoked client certificate was accepted", addr)
+			}
+			if _, _, err := get("http://" + addr + "/health"); err == nil {
+				t.Errorf("%s: plaintext HTTP was answered", addr)
+			}
+		}
+		refusedClient(t, listen, mtls(revoked))
+	})
+
+	t.Run("auto-TLS", func(t *testing.T) {
+		work := t.TempDir()
+		listen, sock := runBinary(t, bin, work, func(string) []string {
+			return []string{"--auto-tls", "--metrics-addr", "unix://metrics.sock"}
+		})
+		if _, err := os.Stat(filepath.Join(work, "data", "fixtures", "proxy", "cert.pem")); err != nil {
+			t.Errorf("auto-TLS certificate: %v", err)
+		}
+		putGet(t, listen, &tls.Config{InsecureSkipVerify: true})
+		sock = filepath.Join(work, "metrics.sock")
+		hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
+			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+				return (&net.Dialer{}).DialContext(ctx, "unix", sock)
+			}}}
+		resp, err := hc.Get("http://unix/metrics")
+		if err != nil {
+			t.Fatalf("GET /metrics on unix://metrics.sock: %v", err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		_ = resp.Body.Close()
+		if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), "etcdproxy_") {
+			t.Errorf("GET /metrics on unix://metrics.sock: %s", resp.Status)
+		}
+	})
+}
+
+// runBinary starts bin in work with an embedded etcd (data in work/data), on free loopback ports, with the
+// flags extra returns for the metrics host:port it is given; it returns once the proxy told systemd it is ready,
+// with the listen and metrics addresses, and at cleanup stops it with SIGTERM and checks it exits 0 and
+// race-free.
+func runBinary(t *testing.T, bin, work string, extra func(metrics string) []string) (listen, metrics string) {
+	t.Helper()
+	ports, err := embedetcd.FreePorts(4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	listen = fmt.Sprintf("127.0.0.1:%d", ports[0])
+	metrics = fmt.Sprintf("127.0.0.1:%d", ports[1])
+	sock := filepath.Join(work, "notify.sock")
+	notify, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer notify.Close()
+	args := append([]string{"start", "--embedded-etcd", "--data-dir", filepath.Join(work, "data"),
+		"--embedded-etcd-client-url", fmt.Sprintf("http://127.0.0.1:%d", ports[2]),
+		"--embedded-etcd-peer-url", fmt.Sprintf("http://127.0.0.1:%d", ports[3]),
+		"--listen-addr", listen}, extra(metrics)...)
+	cmd := exec.Command(bin, args...)
+	cmd.Dir = work
+	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+sock)
+	logs := &lockedBuffer{}
+	cmd.Stdout, cmd.Stderr = logs, logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case err := <-exited:
+			if strings.Contains(logs.String(), "WARNING: DATA RACE") {
+				t.Errorf("the race detector reported a race in the binary\nlogs:\n%s", logs.String())
+			}
+			if err != nil {
+				t.Errorf("exit after SIGTERM: %v\nlogs:\n%s", err, logs.String())
+			}
+		case <-time.After(15 * time.Second):
+			_ = cmd.Process.Kill()
+			<-exited
+			t.Errorf("still running 15s after SIGTERM\nlogs:\n%s", logs.String())
+		}
+	})
+	buf := make([]byte, 256)
+	_ = notify.SetReadDeadline(time.Now().Add(30 * time.Second))
+	n, err := notify.Read(buf)
+	if err != nil || string(buf[:n]) != "READY=1" {
+		t.Fatalf("no READY=1 from the proxy within 30s: %q, %v\nlogs:\n%s", buf[:n], err, logs.String())
+	}
+	return listen, metrics
 }
