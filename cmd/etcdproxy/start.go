@@ -122,7 +122,7 @@ one command gives a working endpoint, for trying it out and for development.`,
 	fs.StringVar(&f.password, "password", "", "password of --user (or give it as username:password)")
 	fs.Int64Var(&f.kvCacheBytes, "kv-cache-bytes", 64<<20, "size of the cache of serializable reads, in bytes of cached responses; 0 turns the cache off")
 	fs.DurationVar(&f.kvCacheTTL, "kv-cache-ttl", 30*time.Second, "longest life of a cached read; the cache is kept coherent by a watch, this is a backstop")
-	fs.StringVar(&f.metricsAddr, "metrics-addr", "", "also serve /metrics and /health (and /debug/pprof with --enable-pprof) on this URL (http://host:port, as etcd grpc-proxy takes it; host:port works too); they are always served on --listen-addr too")
+	fs.StringVar(&f.metricsAddr, "metrics-addr", "", "also serve /metrics and /health (and /debug/pprof with --enable-pprof) on this URL, as etcd grpc-proxy takes it: http://host:port, https://host:port (TLS toward clients, as on --listen-addr; needs --cert-file/--key-file or --auto-tls) or unix://name (a unix socket; the URL's host part is the socket file, as with etcd); host:port works too, as http; they are always served on --listen-addr too")
 	fs.BoolVar(&f.enablePprof, "enable-pprof", false, "serve runtime profiling data at /debug/pprof/")
 	fs.BoolVar(&f.embeddedEtcd, "embedded-etcd", false, "start a single-member etcd in --data-dir on loopback and proxy to it")
 	fs.StringVar(&f.embeddedEtcdClientURL, "embedded-etcd-client-url", "http://127.0.0.1:23791", "client URL of the embedded etcd (with --embedded-etcd)")
