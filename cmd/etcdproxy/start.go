@@ -142,6 +142,12 @@ func runStart(f *startFlags) error {
 		grpclog.SetLoggerV2(zapgrpc.NewLogger(lg.Named("grpc")))
 	}
 
+	// TLS toward clients, before anything starts (as etcd grpc-proxy, which builds it first).
+	tlsInfo, err := f.tls.info(lg, f.listenAddr, f.dataDir)
+	if err != nil {
+		return err
+	}
+
 	endpoints := f.endpoints
 	if f.embeddedEtcd {
 		c, err := embedetcd.Start(embedetcd.Options{
@@ -209,10 +215,6 @@ func runStart(f *startFlags) error {
 		EnablePprof:          f.enablePprof,
 		KVCache:              kvcache.Options{MaxBytes: f.kvCacheBytes, TTL: f.kvCacheTTL},
 	})
-	tlsInfo, err := f.tls.info(lg, f.listenAddr, f.dataDir)
-	if err != nil {
-		return err
-	}
 	l, err := listenClients(f.listenAddr, tlsInfo)
 	if err != nil {
 		return fmt.Errorf("--listen-addr: %w", err)
