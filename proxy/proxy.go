@@ -141,6 +141,12 @@ func New(cfg Config) *Proxy {
 	}()
 	p.server = srv
 	p.http = &http.Server{Handler: p.HTTPHandler(cfg.EnablePprof), ReadHeaderTimeout: 10 * time.Second}
+	// HTTP/2 as well as HTTP/1: on a TLS listener, HTTP clients negotiate h2 (the only protocol etcd's TLS
+	// configuration offers), and the connections cmux hands over are not *tls.Conn, so the server cannot see
+	// that; it takes HTTP/2 by its preface instead. (Plaintext HTTP/2 is served the same way.)
+	p.http.Protocols = new(http.Protocols)
+	p.http.Protocols.SetHTTP1(true)
+	p.http.Protocols.SetUnencryptedHTTP2(true)
 	return p
 }
 
@@ -171,7 +177,7 @@ func (p *Proxy) Serve(l net.Listener) error {
 	p.mu.Unlock()
 	errc := make(chan error, 3)
 	go func() { errc <- p.server.Serve(grpcL) }()
-	go func() { errc <- p.http.Serve(httpL) }()
+	go func() { errc <- p.http.Serve(h2Listener{httpL}) }()
 	go func() { errc <- m.Serve() }()
 	err := <-errc
 	p.mu.Lock()

@@ -84,7 +84,8 @@ func TestDiscoverySRV(t *testing.T) {
 
 	endpoints := func(args ...string) ([]string, error) {
 		t.Helper()
-		cmd, f := startCommand()
+		f := &startFlags{}
+		cmd := startCommand(f, runStart)
 		if err := cmd.ParseFlags(args); err != nil {
 			t.Fatal(err)
 		}

@@ -14,7 +14,8 @@ import (
 
 // TestFlagsReachConfig: every flag that tunes the proxy itself reaches its configuration.
 func TestFlagsReachConfig(t *testing.T) {
-	cmd, f := startCommand()
+	f := &startFlags{}
+	cmd := startCommand(f, runStart)
 	if err := cmd.ParseFlags([]string{"--experimental-serializable-ordering", "--max-send-bytes", "1000",
 		"--max-recv-bytes", "2000", "--max-concurrent-streams", "7", "--grpc-keepalive-min-time", "3s",
 		"--grpc-keepalive-interval", "4s", "--grpc-keepalive-timeout", "5s", "--enable-pprof",

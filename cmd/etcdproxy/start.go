@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"math"
-	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -56,7 +55,9 @@ type startFlags struct {
 	kvCacheBytes int64
 	kvCacheTTL   time.Duration
 	metricsAddr  string
+	metricsURL   string // --metrics-addr's scheme: http, https or unix
 	enablePprof  bool
+	tls          tlsFlags // TLS toward clients (tls.go)
 
 	serializableOrdering  bool
 	logCalls              bool
@@ -72,10 +73,7 @@ type startFlags struct {
 	shutdownTimeout       time.Duration
 }
 
-func newStartCommand() *cobra.Command {
-	cmd, _ := startCommand()
-	return cmd
-}
+func newStartCommand() *cobra.Command { return startCommand(&startFlags{}, runStart) }
 
 // checkResolver validates --resolver-prefix and --resolver-ttl as etcd grpc-proxy does, with its messages.
 func (f *startFlags) checkResolver() error {
@@ -95,9 +93,8 @@ var errLeasing = errors.New("--experimental-leasing-prefix is not supported by e
 	"lease keys under the prefix into your keyspace, where every client sees them; the proxy's read cache serves " +
 	"reads from memory, kept coherent by a watch, without writing anything into etcd")
 
-// startCommand returns the start command and the flags it parses into.
-func startCommand() (*cobra.Command, *startFlags) {
-	f := &startFlags{}
+// startCommand is `start` with its flags in f, running run once they are checked.
+func startCommand(f *startFlags, run func(*startFlags) error) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "start",
 		Short: "Serve the etcd v3 gRPC API, forwarding to an etcd cluster",
@@ -117,14 +114,20 @@ one command gives a working endpoint, for trying it out and for development.`,
 			if err := f.checkResolver(); err != nil {
 				return err
 			}
+			if err := f.tls.check(); err != nil {
+				return err
+			}
 			if f.metricsAddr != "" {
-				addr, err := metricsListenAddr(f.metricsAddr)
+				scheme, addr, err := metricsListenAddr(f.metricsAddr)
+				if err == nil && scheme == "https" && !f.tls.serving() {
+					err = fmt.Errorf("cannot listen on TLS for %s: KeyFile and CertFile are not presented", addr) // etcd's words
+				}
 				if err != nil {
 					return fmt.Errorf("--metrics-addr: %w", err)
 				}
-				f.metricsAddr = addr
+				f.metricsURL, f.metricsAddr = scheme, addr
 			}
-			return runStart(f)
+			return run(f)
 		},
 	}
 	fs := cmd.Flags()
@@ -151,12 +154,13 @@ one command gives a working endpoint, for trying it out and for development.`,
 	fs.StringVar(&f.cert, "cert", "", "identify secure connections with etcd servers using this TLS certificate file")
 	fs.StringVar(&f.key, "key", "", "identify secure connections with etcd servers using this TLS key file")
 	fs.StringVar(&f.cacert, "cacert", "", "verify certificates of TLS-enabled secure etcd servers using this CA bundle")
+	f.tls.register(fs)
 	fs.BoolVar(&f.insecureSkipTLSVerify, "insecure-skip-tls-verify", false, "skip authentication of etcd server TLS certificates (CAUTION: for testing only)")
 	fs.StringVar(&f.user, "user", "", "the proxy's own etcd user, as username or username:password, for its internal calls only (the read cache's keyspace watch needs read permission on every key when auth is enabled); client calls always carry the client's own credentials")
 	fs.StringVar(&f.password, "password", "", "password of --user (or give it as username:password)")
 	fs.Int64Var(&f.kvCacheBytes, "kv-cache-bytes", 64<<20, "size of the cache of serializable reads, in bytes of cached responses; 0 turns the cache off")
 	fs.DurationVar(&f.kvCacheTTL, "kv-cache-ttl", 30*time.Second, "longest life of a cached read; the cache is kept coherent by a watch, this is a backstop")
-	fs.StringVar(&f.metricsAddr, "metrics-addr", "", "also serve /metrics and /health (and /debug/pprof with --enable-pprof) on this URL (http://host:port, as etcd grpc-proxy takes it; host:port works too); they are always served on --listen-addr too")
+	fs.StringVar(&f.metricsAddr, "metrics-addr", "", "also serve /metrics and /health (and /debug/pprof with --enable-pprof) on this URL, as etcd grpc-proxy takes it: http://host:port, https://host:port (TLS toward clients, as on --listen-addr; needs --cert-file/--key-file or --auto-tls) or unix://name (a unix socket; the URL's host part is the socket file, as with etcd); host:port works too, as http; they are always served on --listen-addr too")
 	fs.BoolVar(&f.enablePprof, "enable-pprof", false, "serve runtime profiling data at /debug/pprof/")
 	fs.BoolVar(&f.serializableOrdering, "experimental-serializable-ordering", false, "ensure serializable reads have monotonically increasing store revisions across endpoints: no serializable answer, cached or not, is older than an answer the proxy has already given (it is read again, then linearizably)")
 	fs.BoolVar(&f.logCalls, "experimental-enable-grpc-logging", false, "log every gRPC request and response (streams message by message), with passwords and tokens redacted")
@@ -165,7 +169,7 @@ one command gives a working endpoint, for trying it out and for development.`,
 	fs.StringVar(&f.embeddedEtcdClientURL, "embedded-etcd-client-url", "http://127.0.0.1:23791", "client URL of the embedded etcd (with --embedded-etcd)")
 	fs.StringVar(&f.embeddedEtcdPeerURL, "embedded-etcd-peer-url", "http://127.0.0.1:23792", "peer URL of the embedded etcd (with --embedded-etcd)")
 	fs.DurationVar(&f.shutdownTimeout, "shutdown-timeout", 5*time.Second, "on SIGINT or SIGTERM, how long running calls may finish before the proxy ends them and exits; watch, lease keepalive and election observe streams, which never finish by themselves, end at once with Unavailable so that clients reconnect elsewhere")
-	return cmd, f
+	return cmd
 }
 
 func runStart(f *startFlags) error {
@@ -177,6 +181,12 @@ func runStart(f *startFlags) error {
 	if f.debug {
 		// As etcd grpc-proxy does with --debug: gRPC's own logs go to the proxy's log. Done before any gRPC use.
 		grpclog.SetLoggerV2(zapgrpc.NewLogger(lg.Named("grpc")))
+	}
+
+	// TLS toward clients, before anything starts (as etcd grpc-proxy, which builds it first).
+	tlsInfo, err := f.tls.info(lg, f.listenAddr, f.dataDir)
+	if err != nil {
+		return err
 	}
 
 	endpoints, err := upstreamEndpoints(f, lg)
@@ -240,14 +250,14 @@ func runStart(f *startFlags) error {
 	cfg := f.proxyConfig()
 	cfg.Upstream, cfg.Internal, cfg.Logger = upstream, internal, lg
 	p := proxy.New(cfg)
-	l, err := net.Listen("tcp", f.listenAddr)
+	l, err := listenClients(f.listenAddr, tlsInfo)
 	if err != nil {
 		return fmt.Errorf("--listen-addr: %w", err)
 	}
 	served := make(chan error, 2)
 	go func() { served <- p.Serve(l) }()
 	if f.metricsAddr != "" {
-		ml, err := net.Listen("tcp", f.metricsAddr) // host:port, checked by the command
+		ml, err := transport.NewListener(f.metricsAddr, f.metricsURL, tlsInfo) // checked by the command
 		if err != nil {
 			return fmt.Errorf("--metrics-addr: %w", err)
 		}
@@ -352,25 +362,26 @@ func noArgs(_ *cobra.Command, args []string) error {
 		"(--debug=false)", args[0])
 }
 
-// metricsListenAddr returns the host:port to listen on for --metrics-addr. etcd grpc-proxy takes a URL
-// (http://0.0.0.0:6633); a bare host:port is accepted too. https needs TLS towards clients, not supported yet.
-func metricsListenAddr(v string) (string, error) {
+// metricsListenAddr returns the scheme and address to listen on for --metrics-addr, as etcd grpc-proxy takes it: a
+// URL, http://host:port, https://host:port (TLS toward clients, as on --listen-addr) or unix://name (a unix socket
+// named by the URL's host part, as etcd has it); a bare host:port is accepted too, as http.
+func metricsListenAddr(v string) (scheme, addr string, err error) {
 	if !strings.Contains(v, "://") {
-		return v, nil
+		return "http", v, nil
 	}
 	u, err := url.Parse(v)
 	if err != nil {
-		return "", err
+		return "", "", err
 	}
 	switch {
-	case u.Scheme == "https":
-		return "", fmt.Errorf("%q: https needs TLS towards clients, which etcdproxy does not serve yet; use http://", v)
-	case u.Scheme != "http":
-		return "", fmt.Errorf("%q: scheme %q not supported; use http://host:port", v, u.Scheme)
+	case u.Scheme != "http" && u.Scheme != "https" && u.Scheme != "unix":
+		return "", "", fmt.Errorf("%q: scheme %q not supported; use http://host:port, https://host:port or unix://name", v, u.Scheme)
+	case u.Host == "" && u.Scheme == "unix":
+		return "", "", fmt.Errorf("%q: no socket name (unix://name, as etcd grpc-proxy takes it, listens on the socket file name)", v)
 	case u.Host == "":
-		return "", fmt.Errorf("%q: no host:port", v)
+		return "", "", fmt.Errorf("%q: no host:port", v)
 	case u.Path != "" && u.Path != "/":
-		return "", fmt.Errorf("%q: a path is not supported; the endpoints are /metrics and /health", v)
+		return "", "", fmt.Errorf("%q: a path is not supported; the endpoints are /metrics and /health", v)
 	}
-	return u.Host, nil
+	return u.Scheme, u.Host, nil
 }
