@@ -60,6 +60,8 @@ type Config struct {
 	Watch watch.Options
 	// KVCache configures the cache of serializable reads; the zero value turns it off.
 	KVCache kvcache.Options
+	// Namespace, if set, confines clients to the keys under this prefix (--namespace): see overrides/namespace.
+	Namespace string
 	// EnablePprof serves /debug/pprof/ on the HTTP endpoints.
 	EnablePprof bool
 }
@@ -102,7 +104,7 @@ func New(cfg Config) *Proxy {
 	p.closing, p.endStreams = context.WithCancel(context.Background())
 	services := gen.NewServices(cfg.Upstream.ActiveConnection())
 	p.overrides = overrides.Apply(services, overrides.Deps{Upstream: cfg.Upstream, Internal: cfg.Internal, Logger: lg, Leader: cfg.Leader, Watch: cfg.Watch,
-		KVCache: cfg.KVCache})
+		KVCache: cfg.KVCache, Namespace: cfg.Namespace})
 	opts := []grpc.ServerOption{
 		grpc.MaxRecvMsgSize(orMax(cfg.MaxRecvBytes)),
 		grpc.MaxSendMsgSize(orMax(cfg.MaxSendBytes)),
