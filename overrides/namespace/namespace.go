@@ -14,9 +14,8 @@
 //   - a range end "" stays "" (a single key); "\x00" (every key from the start) becomes end(p); any other e
 //     becomes p+e (so a client's prefix end, computed on its key, is the prefix end of the namespaced key, and a
 //     key at or after its range end stays so).
-//   - a watch on the empty key with a range end starts at p+"\x00": the key p itself is no client's key (a client
-//     of the namespace cannot name it) and is never shown. A watch on the single empty key stays on the empty key,
-//     which nobody can write, as etcd has it.
+//   - a watch's empty key is "\x00", as etcd takes it, so a watch never reaches the key p itself: no client of
+//     the namespace can name it (it would be the empty key), and Range never returns it either.
 //   - response keys lose the prefix; a key attached to a lease (LeaseTimeToLive keys=true) outside the
 //     namespace is filtered out.
 package namespace
@@ -80,10 +79,11 @@ func (n prefix) rangeEnd(e []byte) []byte {
 // interval maps a client's [key, end) for a request that etcd refuses with the empty key.
 func (n prefix) interval(k, e []byte) ([]byte, []byte) { return n.key(k), n.rangeEnd(e) }
 
-// watchInterval maps a watch's [key, end): etcd takes a watch on the empty key.
+// watchInterval maps a watch's [key, end). etcd takes the empty key of a watch as "\x00", the smallest key,
+// before anything else: so does the namespace.
 func (n prefix) watchInterval(k, e []byte) ([]byte, []byte) {
-	if len(k) == 0 && len(e) != 0 {
-		return n.join([]byte{0}), n.rangeEnd(e)
+	if len(k) == 0 {
+		k = []byte{0}
 	}
 	return n.interval(k, e)
 }
