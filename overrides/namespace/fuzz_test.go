@@ -24,7 +24,9 @@ func (r *recorder) answer(req, resp proto.Message) {
 	r.req, r.resp, r.orig = req, resp, proto.Clone(resp)
 }
 
-func echoKV(k []byte) *mvccpb.KeyValue { return &mvccpb.KeyValue{Key: k, Value: []byte("v"), ModRevision: 1} }
+func echoKV(k []byte) *mvccpb.KeyValue {
+	return &mvccpb.KeyValue{Key: k, Value: []byte("v"), ModRevision: 1}
+}
 
 func (r *recorder) Range(_ context.Context, req *pb.RangeRequest) (*pb.RangeResponse, error) {
 	resp := echoRange(req)
