@@ -57,7 +57,7 @@ func TestStrayArgument(t *testing.T) {
 }
 
 // TestBinary runs the built binary as an operator would with etcd grpc-proxy's flags: in front of an embedded etcd,
-// metrics on an http:// URL, --debug, message size limits, under a systemd notify socket. It must tell systemd it
+// metrics on an http:// URL, --debug, message size limits, --namespace, under a systemd notify socket. It must tell systemd it
 // is ready, serve the etcd API, apply the size limits, serve health and metrics on both addresses, log gRPC's own
 // lines, and exit 0 on SIGTERM. Under -race the
 // binary is built with the race detector too, and a race it reports (exit code 66) fails the test.
@@ -96,7 +96,7 @@ func TestBinary(t *testing.T) {
 		"--embedded-etcd-client-url", fmt.Sprintf("http://127.0.0.1:%d", ports[2]),
 		"--embedded-etcd-peer-url", fmt.Sprintf("http://127.0.0.1:%d", ports[3]),
 		"--listen-addr", listen, "--metrics-addr", "http://"+metrics, "--debug",
-		"--max-send-bytes", fmt.Sprint(maxSend), "--max-recv-bytes", fmt.Sprint(maxRecv))
+		"--max-send-bytes", fmt.Sprint(maxSend), "--max-recv-bytes", fmt.Sprint(maxRecv), "--namespace", "/ns/")
 	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+sock)
 	logs := &lockedBuffer{}
 	cmd.Stdout, cmd.Stderr = logs, logs
@@ -136,6 +136,17 @@ func TestBinary(t *testing.T) {
 	}
 	if r, err := c.Get(ctx, "k", clientv3.WithSerializable()); err != nil || len(r.Kvs) != 1 || string(r.Kvs[0].Value) != "v" {
 		t.Fatalf("get through the proxy: %v, %v", r, err)
+	}
+	// --namespace: in etcd, the key is under the prefix.
+	direct, err := clientv3.New(clientv3.Config{Endpoints: []string{fmt.Sprintf("127.0.0.1:%d", ports[2])},
+		DialTimeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer direct.Close()
+	if r, err := direct.Get(ctx, "", clientv3.WithFromKey(), clientv3.WithKeysOnly()); err != nil || len(r.Kvs) != 1 ||
+		string(r.Kvs[0].Key) != "/ns/k" {
+		t.Fatalf("--namespace=/ns/: etcd holds %v, %v; want the one key /ns/k", r, err)
 	}
 
 	// --max-send-bytes: a request over it is refused as it arrives (etcd would take it); --max-recv-bytes: so is a
