@@ -269,6 +269,9 @@ var differentialSteps = []step{
 		rs = append(rs, one(e.Proclaim(ctx, &v3electionpb.ProclaimRequest{Value: []byte("v3")}))...)
 		rs = append(rs, one(e.Proclaim(ctx, &v3electionpb.ProclaimRequest{Value: []byte("v3"),
 			Leader: &v3electionpb.LeaderKey{Name: []byte("e"), Lease: lease}}))...)
+		rs = append(rs, one(e.Resign(ctx, &v3electionpb.ResignRequest{Leader: &v3electionpb.LeaderKey{Name: []byte("e"),
+			Lease: lease}}))...)
+		rs = append(rs, one(e.Resign(ctx, &v3electionpb.ResignRequest{}))...)
 		rs = append(rs, one(e.Resign(ctx, &v3electionpb.ResignRequest{Leader: c.Leader}))...)
 		return rs
 	}},
