@@ -10,12 +10,15 @@ import (
 	"testing"
 	"time"
 
+	"github.com/etcdproxy/etcdproxy/internal/embedetcd"
 	"github.com/etcdproxy/etcdproxy/internal/proxytest"
 	"github.com/etcdproxy/etcdproxy/overrides/kvcache"
 	"github.com/etcdproxy/etcdproxy/proxy"
+	"go.etcd.io/etcd/api/v3/authpb"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/server/v3/embed"
 	v3electionpb "go.etcd.io/etcd/server/v3/etcdserver/api/v3election/v3electionpb"
 	v3lockpb "go.etcd.io/etcd/server/v3/etcdserver/api/v3lock/v3lockpb"
 	"go.uber.org/goleak"
@@ -599,5 +602,107 @@ func collectEvents(t *testing.T, ws pb.Watch_WatchClient, rev int64) []*mvccpb.E
 			continue
 		}
 		evs = append(evs, r.Events...)
+	}
+}
+
+// TestConfinedUser: with auth on, a user whose only permission is read-write on the namespace (/t1/ to its end,
+// /t10) uses every keyed service through the namespaced proxy as a client of a whole etcd would: each request
+// the proxy sends for it stays inside that permission. The proxy's own user (--user) has the same confinement: its
+// leader probe, under the namespace, works with it.
+func TestConfinedUser(t *testing.T) {
+	const pw = "pw"
+	e := proxytest.Start(t, proxytest.Options{
+		Configure: func(c *embed.Config) { c.BcryptCost = 4 },
+		BeforeProxy: func(c *embedetcd.Cluster) {
+			cc := proxytest.Conn(t, c.Members[0].ClientURL)
+			ctx := proxytest.Timeout(t, 10*time.Second)
+			proxytest.EnableAuth(t, ctx, cc, pw, proxytest.User{Name: "u", Password: pw}, proxytest.User{Name: "p", Password: pw})
+			root := proxytest.As(t, ctx, cc, "root", pw)
+			auth := pb.NewAuthClient(cc)
+			for _, call := range []func() error{
+				func() error {
+					_, err := auth.RoleAdd(root, &pb.AuthRoleAddRequest{Name: "t1"})
+					return err
+				},
+				func() error {
+					_, err := auth.RoleGrantPermission(root, &pb.AuthRoleGrantPermissionRequest{Name: "t1",
+						Perm: &authpb.Permission{PermType: authpb.READWRITE, Key: []byte("/t1/"), RangeEnd: []byte("/t10")}})
+					return err
+				},
+				func() error {
+					_, err := auth.UserGrantRole(root, &pb.AuthUserGrantRoleRequest{User: "u", Role: "t1"})
+					return err
+				},
+				func() error {
+					_, err := auth.UserGrantRole(root, &pb.AuthUserGrantRoleRequest{User: "p", Role: "t1"})
+					return err
+				},
+			} {
+				if err := call(); err != nil {
+					t.Fatal(err)
+				}
+			}
+		},
+		User: "p", Password: pw,
+		// The read cache off: its invalidation watch needs read permission on every key, which p lacks.
+		Proxy: func(c *proxy.Config) { c.Namespace, c.KVCache.MaxBytes = "/t1/", 0 },
+	})
+	ctx := proxytest.As(t, proxytest.Timeout(t, 30*time.Second), e.Via, "u", pw)
+	ws, err := pb.NewWatchClient(e.Via).Watch(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ws.Send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{CreateRequest: &pb.WatchCreateRequest{
+		Key: []byte{0}, RangeEnd: []byte{0}, PrevKv: true}}}); err != nil {
+		t.Fatal(err)
+	}
+	if r, err := ws.Recv(); err != nil || !r.Created || r.Canceled {
+		t.Fatalf("watch every key: %v, %v", r, err)
+	}
+	must := func(what string) func(any, error) {
+		return func(_ any, err error) {
+			t.Helper()
+			if err != nil {
+				t.Fatalf("%s: %v", what, err)
+			}
+		}
+	}
+	c := kv(e.Via)
+	p, err := c.Put(ctx, &pb.PutRequest{Key: []byte("a"), Value: []byte("1")})
+	must("put")(p, err)
+	r, err := c.Range(ctx, &pb.RangeRequest{Key: []byte{0}, RangeEnd: []byte{0}, Serializable: true})
+	must("range every key")(r, err)
+	if len(r.Kvs) != 1 || string(r.Kvs[0].Key) != "a" {
+		t.Errorf("range every key: %v", r)
+	}
+	must("txn")(c.Txn(ctx, &pb.TxnRequest{Compare: []*pb.Compare{cmpVersion("\x00", "\x00", pb.Compare_GREATER, 0)},
+		Success: []*pb.RequestOp{opDel("a", "\x00"), opRange("\x00", "\x00")}}))
+	l, err := pb.NewLeaseClient(e.Via).LeaseGrant(ctx, &pb.LeaseGrantRequest{TTL: 100})
+	must("lease grant")(l, err)
+	camp, err := v3electionpb.NewElectionClient(e.Via).Campaign(ctx, &v3electionpb.CampaignRequest{Name: []byte("e"),
+		Lease: l.ID, Value: []byte("v")})
+	must("campaign")(camp, err)
+	must("leader")(v3electionpb.NewElectionClient(e.Via).Leader(ctx, &v3electionpb.LeaderRequest{Name: []byte("e")}))
+	must("resign")(v3electionpb.NewElectionClient(e.Via).Resign(ctx, &v3electionpb.ResignRequest{Leader: camp.Leader}))
+	lk, err := v3lockpb.NewLockClient(e.Via).Lock(ctx, &v3lockpb.LockRequest{Name: []byte("m"), Lease: l.ID})
+	must("lock")(lk, err)
+	must("unlock")(v3lockpb.NewLockClient(e.Via).Unlock(ctx, &v3lockpb.UnlockRequest{Key: lk.Key}))
+	ttl, err := pb.NewLeaseClient(e.Via).LeaseTimeToLive(ctx, &pb.LeaseTimeToLiveRequest{ID: l.ID, Keys: true})
+	must("lease time to live")(ttl, err)
+	evs := 0
+	for evs < 2 { // the put and the delete, at least
+		r, err := ws.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, ev := range r.Events {
+			evs++
+			if strings.HasPrefix(string(ev.Kv.Key), "/t1/") {
+				t.Errorf("watch event key %q not stripped", ev.Kv.Key)
+			}
+		}
+	}
+	if !e.Proxy.HasLeader() {
+		t.Errorf("the proxy has no leader")
 	}
 }
