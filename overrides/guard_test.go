@@ -7,9 +7,12 @@ import (
 	"github.com/etcdproxy/etcdproxy/overrides/kvcache"
 	"github.com/etcdproxy/etcdproxy/overrides/leader"
 	"github.com/etcdproxy/etcdproxy/overrides/lease"
+	"github.com/etcdproxy/etcdproxy/overrides/namespace"
 	"github.com/etcdproxy/etcdproxy/overrides/ryw"
 	"github.com/etcdproxy/etcdproxy/overrides/watch"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
+	v3electionpb "go.etcd.io/etcd/server/v3/etcdserver/api/v3election/v3electionpb"
+	v3lockpb "go.etcd.io/etcd/server/v3/etcdserver/api/v3lock/v3lockpb"
 )
 
 // TestOverridesShadowOnlyServiceMethods: an override's exported methods are its service's methods (plus the few
@@ -28,6 +31,11 @@ func TestOverridesShadowOnlyServiceMethods(t *testing.T) {
 		{(*kvcache.KV)(nil), (*pb.KVServer)(nil), []string{"Close", "Live", "BeginWrite", "EndWrite", "Await"}},
 		{(*ryw.KV)(nil), (*pb.KVServer)(nil), nil},
 		{(*kvcache.Auth)(nil), (*pb.AuthServer)(nil), nil},
+		{(*namespace.KV)(nil), (*pb.KVServer)(nil), nil},
+		{(*namespace.Watch)(nil), (*pb.WatchServer)(nil), nil},
+		{(*namespace.Lease)(nil), (*pb.LeaseServer)(nil), nil},
+		{(*namespace.Election)(nil), (*v3electionpb.ElectionServer)(nil), nil},
+		{(*namespace.Lock)(nil), (*v3lockpb.LockServer)(nil), nil},
 	} {
 		o, s := reflect.TypeOf(tc.override), reflect.TypeOf(tc.service).Elem()
 		allowed := map[string]bool{}

@@ -10,6 +10,7 @@ import (
 	"github.com/etcdproxy/etcdproxy/overrides/kvcache"
 	"github.com/etcdproxy/etcdproxy/overrides/leader"
 	"github.com/etcdproxy/etcdproxy/overrides/lease"
+	"github.com/etcdproxy/etcdproxy/overrides/namespace"
 	"github.com/etcdproxy/etcdproxy/overrides/ryw"
 	"github.com/etcdproxy/etcdproxy/overrides/watch"
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -33,6 +34,8 @@ type Deps struct {
 	KVCache kvcache.Options
 	// ReadYourWrites tunes the read-your-writes tracker.
 	ReadYourWrites ryw.Options
+	// Namespace, if set, is the prefix every key of a client lives under (etcdproxy start --namespace).
+	Namespace string
 }
 
 // Set is what the overrides add to the proxy besides replaced services.
@@ -61,6 +64,7 @@ func (s *Set) Close() {
 // Apply replaces services of s with their overrides, one line each, innermost first.
 func Apply(s *gen.Services, d Deps) *Set {
 	set := &Set{}
+	d.Leader.ProbePrefix = d.Namespace
 	cc := d.Upstream.ActiveConnection()
 	internal := cc
 	if d.Internal != nil {
@@ -86,6 +90,7 @@ func Apply(s *gen.Services, d Deps) *Set {
 		s.KV = set.KVCache
 		s.Auth = kvcache.NewAuth(s.Auth, set.KVCache)
 	}
+	namespace.Apply(s, d.Namespace) // outermost: every override above sees namespaced keys
 	return set
 }
 

@@ -63,6 +63,8 @@ type Config struct {
 	KVCache kvcache.Options
 	// ReadYourWrites tunes the read-your-writes tracker (ordering: --experimental-serializable-ordering).
 	ReadYourWrites ryw.Options
+	// Namespace, if set, confines clients to the keys under this prefix (--namespace): see overrides/namespace.
+	Namespace string
 	// EnablePprof serves /debug/pprof/ on the HTTP endpoints.
 	EnablePprof bool
 	// LogCalls logs every request and response, secrets redacted (--experimental-enable-grpc-logging; calllog.go).
@@ -107,7 +109,7 @@ func New(cfg Config) *Proxy {
 	p.closing, p.endStreams = context.WithCancel(context.Background())
 	services := gen.NewServices(cfg.Upstream.ActiveConnection())
 	p.overrides = overrides.Apply(services, overrides.Deps{Upstream: cfg.Upstream, Internal: cfg.Internal, Logger: lg, Leader: cfg.Leader, Watch: cfg.Watch,
-		KVCache: cfg.KVCache, ReadYourWrites: cfg.ReadYourWrites})
+		KVCache: cfg.KVCache, ReadYourWrites: cfg.ReadYourWrites, Namespace: cfg.Namespace})
 	opts := []grpc.ServerOption{
 		grpc.MaxRecvMsgSize(orMax(cfg.MaxRecvBytes)),
 		grpc.MaxSendMsgSize(orMax(cfg.MaxSendBytes)),

@@ -19,13 +19,13 @@ func TestFlagsReachConfig(t *testing.T) {
 	if err := cmd.ParseFlags([]string{"--experimental-serializable-ordering", "--max-send-bytes", "1000",
 		"--max-recv-bytes", "2000", "--max-concurrent-streams", "7", "--grpc-keepalive-min-time", "3s",
 		"--grpc-keepalive-interval", "4s", "--grpc-keepalive-timeout", "5s", "--enable-pprof",
-		"--kv-cache-bytes", "123", "--kv-cache-ttl", "6s", "--experimental-enable-grpc-logging"}); err != nil {
+		"--kv-cache-bytes", "123", "--kv-cache-ttl", "6s", "--experimental-enable-grpc-logging", "--namespace", "/t1/"}); err != nil {
 		t.Fatal(err)
 	}
 	want := proxy.Config{MaxRecvBytes: 1000, MaxSendBytes: 2000, MaxConcurrentStreams: 7,
 		KeepaliveMinTime: 3 * time.Second, KeepaliveInterval: 4 * time.Second, KeepaliveTimeout: 5 * time.Second,
 		EnablePprof: true, KVCache: kvcache.Options{MaxBytes: 123, TTL: 6 * time.Second},
-		ReadYourWrites: ryw.Options{Ordering: true}, LogCalls: true}
+		ReadYourWrites: ryw.Options{Ordering: true}, LogCalls: true, Namespace: "/t1/"}
 	if got := f.proxyConfig(); !reflect.DeepEqual(got, want) {
 		t.Errorf("proxy configuration from the flags:\n got %+v\nwant %+v", got, want)
 	}

@@ -58,6 +58,7 @@ type startFlags struct {
 	metricsURL   string // --metrics-addr's scheme: http, https or unix
 	enablePprof  bool
 	tls          tlsFlags // TLS toward clients (tls.go)
+	namespace    string
 
 	serializableOrdering  bool
 	logCalls              bool
@@ -161,6 +162,7 @@ one command gives a working endpoint, for trying it out and for development.`,
 	fs.Int64Var(&f.kvCacheBytes, "kv-cache-bytes", 64<<20, "size of the cache of serializable reads, in bytes of cached responses; 0 turns the cache off")
 	fs.DurationVar(&f.kvCacheTTL, "kv-cache-ttl", 30*time.Second, "longest life of a cached read; the cache is kept coherent by a watch, this is a backstop")
 	fs.StringVar(&f.metricsAddr, "metrics-addr", "", "also serve /metrics and /health (and /debug/pprof with --enable-pprof) on this URL, as etcd grpc-proxy takes it: http://host:port, https://host:port (TLS toward clients, as on --listen-addr; needs --cert-file/--key-file or --auto-tls) or unix://name (a unix socket; the URL's host part is the socket file, as with etcd); host:port works too, as http; they are always served on --listen-addr too")
+	fs.StringVar(&f.namespace, "namespace", "", "string to prefix to all keys for namespacing requests (every keyed service: KV, Watch, LeaseTimeToLive keys, Election and Lock names and keys; end it with a separator, e.g. /tenant1/: /t1 and /t10 overlap, /t1/ and /t10/ do not)")
 	fs.BoolVar(&f.enablePprof, "enable-pprof", false, "serve runtime profiling data at /debug/pprof/")
 	fs.BoolVar(&f.serializableOrdering, "experimental-serializable-ordering", false, "ensure serializable reads have monotonically increasing store revisions across endpoints: no serializable answer, cached or not, is older than an answer the proxy has already given (it is read again, then linearizably)")
 	fs.BoolVar(&f.logCalls, "experimental-enable-grpc-logging", false, "log every gRPC request and response (streams message by message), with passwords and tokens redacted")
@@ -276,7 +278,9 @@ func runStart(f *startFlags) error {
 		if internal != nil {
 			own = internal
 		}
-		reg = proxy.Register(own, f.resolverPrefix, f.advertiseClientURL, f.resolverTTL, lg.Named("register"))
+		// Under the namespace, as etcd grpc-proxy's (its client is namespaced): clients of this proxy find the
+		// record at PREFIX/ADDR through it.
+		reg = proxy.Register(own, f.namespace+f.resolverPrefix, f.advertiseClientURL, f.resolverTTL, lg.Named("register"))
 		defer reg.Close()
 	}
 	lg.Info("serving the etcd v3 API", zap.String("listen-addr", l.Addr().String()),
@@ -320,6 +324,7 @@ func (f *startFlags) proxyConfig() proxy.Config {
 		EnablePprof:          f.enablePprof,
 		KVCache:              kvcache.Options{MaxBytes: f.kvCacheBytes, TTL: f.kvCacheTTL},
 		ReadYourWrites:       ryw.Options{Ordering: f.serializableOrdering},
+		Namespace:            f.namespace,
 		LogCalls:             f.logCalls,
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -59,7 +60,7 @@ func TestStrayArgument(t *testing.T) {
 }
 
 // TestBinary runs the built binary as an operator would with etcd grpc-proxy's flags: in front of an embedded etcd,
-// metrics on an http:// URL, --debug, message size limits, under a systemd notify socket. It must tell systemd it
+// metrics on an http:// URL, --debug, message size limits, --namespace, under a systemd notify socket. It must tell systemd it
 // is ready, serve the etcd API, apply the size limits, serve health and metrics on both addresses, log gRPC's own
 // lines, and exit 0 on SIGTERM with no error logged. Under -race the
 // binary is built with the race detector too, and a race it reports (exit code 66) fails the test.
@@ -99,7 +100,8 @@ func TestBinary(t *testing.T) {
 		"--embedded-etcd-peer-url", fmt.Sprintf("http://127.0.0.1:%d", ports[3]),
 		"--listen-addr", listen, "--metrics-addr", "http://"+metrics, "--debug",
 		"--max-send-bytes", fmt.Sprint(maxSend), "--max-recv-bytes", fmt.Sprint(maxRecv),
-		"--resolver-prefix", "/etcdproxies", "--resolver-ttl", "5", "--advertise-client-url", listen)
+		"--resolver-prefix", "/etcdproxies", "--resolver-ttl", "5", "--advertise-client-url", listen,
+		"--namespace", "/ns/")
 	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+sock)
 	logs := &lockedBuffer{}
 	cmd.Stdout, cmd.Stderr = logs, logs
@@ -139,6 +141,28 @@ func TestBinary(t *testing.T) {
 	}
 	if r, err := c.Get(ctx, "k", clientv3.WithSerializable()); err != nil || len(r.Kvs) != 1 || string(r.Kvs[0].Value) != "v" {
 		t.Fatalf("get through the proxy: %v, %v", r, err)
+	}
+	// --namespace: in etcd, the key is under the prefix.
+	direct, err := clientv3.New(clientv3.Config{Endpoints: []string{fmt.Sprintf("127.0.0.1:%d", ports[2])},
+		DialTimeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer direct.Close()
+	// Every key etcd holds is under it: the client's, and the proxy's registration (--resolver-prefix, below).
+	r, err := direct.Get(ctx, "", clientv3.WithFromKey(), clientv3.WithKeysOnly())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var keys []string
+	for _, kv := range r.Kvs {
+		keys = append(keys, string(kv.Key))
+		if !strings.HasPrefix(string(kv.Key), "/ns/") {
+			t.Errorf("--namespace=/ns/: etcd holds %q, outside the namespace", kv.Key)
+		}
+	}
+	if !slices.Contains(keys, "/ns/k") {
+		t.Fatalf("--namespace=/ns/: etcd holds %v; want /ns/k among them", keys)
 	}
 
 	// --resolver-prefix: the proxy registers itself (etcd's naming/endpoints record) under the prefix.

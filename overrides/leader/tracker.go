@@ -30,6 +30,9 @@ import (
 type Options struct {
 	// RetryMin and RetryMax bound the backoff between probe attempts; 0 means 50ms and 2s.
 	RetryMin, RetryMax time.Duration
+	// ProbePrefix is put before the probe's key: the namespace (--namespace), so that a user confined to it may
+	// watch the key. (The probe works without that permission too.)
+	ProbePrefix string
 }
 
 // Tracker knows whether the cluster has a leader.
@@ -166,7 +169,7 @@ func (t *Tracker) probeOnce(ctx context.Context) error {
 	// A watcher on a key nobody writes: its creation (or etcd's refusal of it, e.g. for lack of permission) is
 	// etcd's proof that it accepted the require-leader stream; what matters afterwards is how the stream ends.
 	err = ws.Send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{
-		CreateRequest: &pb.WatchCreateRequest{Key: probeKey}}})
+		CreateRequest: &pb.WatchCreateRequest{Key: append([]byte(t.opts.ProbePrefix), probeKey...)}}})
 	if err != nil {
 		_, err = ws.Recv()
 		return err
