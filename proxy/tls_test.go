@@ -1,7 +1,6 @@
 package proxy_test
 
 import (
-	"context"
 	"crypto/tls"
 	"io"
 	"net"
@@ -24,7 +23,6 @@ func TestTLSServeHTTP(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
 	ca := testcerts.NewCA(t, "ca")
 	srv := ca.Issue(t, testcerts.Options{Name: "server"})
-	p := proxy.New(proxy.Config{Upstream: e.Upstream, EnablePprof: true})
 	raw, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -33,17 +31,7 @@ func TestTLSServeHTTP(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	served := make(chan struct{})
-	go func() {
-		defer close(served)
-		_ = p.Serve(l)
-	}()
-	defer func() {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		defer cancel()
-		p.Shutdown(ctx)
-		<-served
-	}()
+	p := proxytest.ServeOn(t, proxy.Config{Upstream: e.Upstream, EnablePprof: true}, l)
 	addr := raw.Addr().String()
 	proxytest.Eventually(t, 10*time.Second, p.HasLeader, "the proxy saw no leader within 10s")
 

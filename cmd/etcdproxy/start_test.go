@@ -6,17 +6,11 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
-	"github.com/etcdproxy/etcdproxy/internal/embedetcd"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -70,64 +64,15 @@ func TestBinary(t *testing.T) {
 	}
 	// Both under what the embedded etcd accepts (1.5 MiB requests, responses of any size): only the flags refuse.
 	const maxSend, maxRecv = 1 << 20, 3 << 20
-	dir := t.TempDir()
-	bin := filepath.Join(dir, "etcdproxy")
-	args := []string{"build", "-o", bin}
-	if raceEnabled {
-		args = append(args, "-race")
-	}
-	build := exec.Command("go", append(args, ".")...)
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
-	ports, err := embedetcd.FreePorts(4)
-	if err != nil {
-		t.Fatal(err)
-	}
-	listen := fmt.Sprintf("127.0.0.1:%d", ports[0])
-	metrics := fmt.Sprintf("127.0.0.1:%d", ports[1])
-
-	// A systemd notify socket (unixgram), as systemd gives a Type=notify service.
-	sock := filepath.Join(dir, "notify.sock")
-	notify, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer notify.Close()
-
-	cmd := exec.Command(bin, "start", "--embedded-etcd", "--data-dir", filepath.Join(dir, "data"),
-		"--embedded-etcd-client-url", fmt.Sprintf("http://127.0.0.1:%d", ports[2]),
-		"--embedded-etcd-peer-url", fmt.Sprintf("http://127.0.0.1:%d", ports[3]),
-		"--listen-addr", listen, "--metrics-addr", "http://"+metrics, "--debug",
-		"--max-send-bytes", fmt.Sprint(maxSend), "--max-recv-bytes", fmt.Sprint(maxRecv),
-		"--resolver-prefix", "/etcdproxies", "--resolver-ttl", "5", "--advertise-client-url", listen,
-		"--namespace", "/ns/")
-	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+sock)
-	logs := &lockedBuffer{}
-	cmd.Stdout, cmd.Stderr = logs, logs
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	waited := false
-	defer func() {
-		if !waited {
-			_ = cmd.Process.Kill()
-			<-exited
-		}
-	}()
-
-	// systemd hears READY=1 once the proxy serves.
-	buf := make([]byte, 256)
-	_ = notify.SetReadDeadline(time.Now().Add(30 * time.Second))
-	n, err := notify.Read(buf)
-	if err != nil {
-		t.Fatalf("no systemd notification within 30s: %v\nlogs:\n%s", err, logs.String())
-	}
-	if got := string(buf[:n]); got != "READY=1" {
-		t.Fatalf("systemd notification %q, want READY=1", got)
-	}
+	// runBinary checks that systemd hears READY=1 once the proxy serves.
+	r := runBinary(t, t.TempDir(), func(metrics string) []string {
+		return []string{"--metrics-addr", "http://" + metrics, "--debug",
+			"--max-send-bytes", fmt.Sprint(maxSend), "--max-recv-bytes", fmt.Sprint(maxRecv),
+			"--resolver-prefix", "/etcdproxies", "--resolver-ttl", "5", "--namespace", "/ns/"}
+	})
+	listen, metrics, logs := r.listen, r.metrics, r.logs
+	// --advertise-client-url's default is etcd grpc-proxy's, 127.0.0.1:23790: what the registration records.
+	const advertised = "127.0.0.1:23790"
 
 	c, err := clientv3.New(clientv3.Config{Endpoints: []string{listen}, DialTimeout: 5 * time.Second})
 	if err != nil {
@@ -143,19 +88,19 @@ func TestBinary(t *testing.T) {
 		t.Fatalf("get through the proxy: %v, %v", r, err)
 	}
 	// --namespace: in etcd, the key is under the prefix.
-	direct, err := clientv3.New(clientv3.Config{Endpoints: []string{fmt.Sprintf("127.0.0.1:%d", ports[2])},
+	direct, err := clientv3.New(clientv3.Config{Endpoints: []string{r.etcd},
 		DialTimeout: 5 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer direct.Close()
 	// Every key etcd holds is under it: the client's, and the proxy's registration (--resolver-prefix, below).
-	r, err := direct.Get(ctx, "", clientv3.WithFromKey(), clientv3.WithKeysOnly())
+	all, err := direct.Get(ctx, "", clientv3.WithFromKey(), clientv3.WithKeysOnly())
 	if err != nil {
 		t.Fatal(err)
 	}
 	var keys []string
-	for _, kv := range r.Kvs {
+	for _, kv := range all.Kvs {
 		keys = append(keys, string(kv.Key))
 		if !strings.HasPrefix(string(kv.Key), "/ns/") {
 			t.Errorf("--namespace=/ns/: etcd holds %q, outside the namespace", kv.Key)
@@ -167,12 +112,12 @@ func TestBinary(t *testing.T) {
 
 	// --resolver-prefix: the proxy registers itself (etcd's naming/endpoints record) under the prefix.
 	for deadline := time.Now().Add(10 * time.Second); ; {
-		r, err := c.Get(ctx, "/etcdproxies/"+listen)
-		if err == nil && len(r.Kvs) == 1 && strings.Contains(string(r.Kvs[0].Value), listen) && r.Kvs[0].Lease != 0 {
+		got, err := c.Get(ctx, "/etcdproxies/"+advertised)
+		if err == nil && len(got.Kvs) == 1 && strings.Contains(string(got.Kvs[0].Value), advertised) && got.Kvs[0].Lease != 0 {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("--resolver-prefix: no registration under /etcdproxies/%s within 10s: %v, %v", listen, r, err)
+			t.Fatalf("--resolver-prefix: no registration under /etcdproxies/%s within 10s: %v, %v", advertised, got, err)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
@@ -217,26 +162,12 @@ func TestBinary(t *testing.T) {
 		t.Errorf("--debug: no gRPC log line in the proxy's log")
 	}
 
-	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case err := <-exited:
-		waited = true
-		if strings.Contains(logs.String(), "WARNING: DATA RACE") {
-			t.Fatalf("the race detector reported a race in the binary (exit: %v)\nlogs:\n%s", err, logs.String())
+	r.stop(t)
+	// A clean stop is quiet: no error-level line (etcd's embed package logs its servers closing as errors).
+	for _, line := range strings.Split(logs.String(), "\n") {
+		if strings.Contains(line, `"level":"error"`) {
+			t.Errorf("an error logged by a clean run and stop: %s", line)
 		}
-		if err != nil {
-			t.Fatalf("exit after SIGTERM: %v\nlogs:\n%s", err, logs.String())
-		}
-		// A clean stop is quiet: no error-level line (etcd's embed package logs its servers closing as errors).
-		for _, line := range strings.Split(logs.String(), "\n") {
-			if strings.Contains(line, `"level":"error"`) {
-				t.Errorf("an error logged by a clean run and stop: %s", line)
-			}
-		}
-	case <-time.After(15 * time.Second):
-		t.Fatalf("still running 15s after SIGTERM\nlogs:\n%s", logs.String())
 	}
 }
 
@@ -252,24 +183,6 @@ func get(url string) (int, string, error) {
 		return 0, "", err
 	}
 	return resp.StatusCode, string(b), nil
-}
-
-// lockedBuffer collects the process's output while the test reads it.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 // TestBadMetricsAddr: a --metrics-addr the proxy cannot serve (https without TLS toward clients) is refused before

@@ -10,14 +10,11 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
-	"github.com/etcdproxy/etcdproxy/internal/embedetcd"
 	"github.com/etcdproxy/etcdproxy/internal/proxytest"
 	"github.com/etcdproxy/etcdproxy/internal/testcerts"
 	"github.com/etcdproxy/etcdproxy/proxy"
@@ -50,18 +47,7 @@ func startTLS(t *testing.T, e *proxytest.Env, args ...string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	p := proxy.New(proxy.Config{Upstream: e.Upstream})
-	served := make(chan struct{})
-	go func() {
-		defer close(served)
-		_ = p.Serve(l)
-	}()
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		defer cancel()
-		p.Shutdown(ctx)
-		<-served
-	})
+	proxytest.ServeOn(t, proxy.Config{Upstream: e.Upstream}, l)
 	return l.Addr().String(), nil
 }
 
@@ -358,15 +344,6 @@ func TestTLSBinary(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds and runs the binary")
 	}
-	dir := t.TempDir()
-	bin := filepath.Join(dir, "etcdproxy")
-	args := []string{"build", "-o", bin}
-	if raceEnabled {
-		args = append(args, "-race")
-	}
-	if out, err := exec.Command("go", append(args, ".")...).CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
 	ca := testcerts.NewCA(t, "ca")
 	srv := ca.Issue(t, testcerts.Options{Name: "server"})
 	client := ca.Issue(t, testcerts.Options{Name: "client", Client: true})
@@ -379,13 +356,13 @@ func TestTLSBinary(t *testing.T) {
 	}
 
 	t.Run("mTLS", func(t *testing.T) {
-		listen, metrics := runBinary(t, bin, t.TempDir(), func(metrics string) []string {
+		r := runBinary(t, t.TempDir(), func(metrics string) []string {
 			return []string{"--cert-file", srv.CertFile, "--key-file", srv.KeyFile, "--trusted-ca-file", ca.File,
 				"--client-crl-file", crl, "--metrics-addr", "https://" + metrics}
 		})
-		putGet(t, listen, mtls(client))
+		putGet(t, r.listen, mtls(client))
 		for _, h2 := range []bool{false, true} {
-			for _, addr := range []string{listen, metrics} {
+			for _, addr := range []string{r.listen, r.metrics} {
 				hc := &http.Client{Timeout: 5 * time.Second,
 					Transport: &http.Transport{TLSClientConfig: mtls(client), ForceAttemptHTTP2: h2}}
 				healthy := func() bool {
@@ -400,7 +377,7 @@ func TestTLSBinary(t *testing.T) {
 				hc.CloseIdleConnections()
 			}
 		}
-		for _, addr := range []string{listen, metrics} {
+		for _, addr := range []string{r.listen, r.metrics} {
 			if _, err := probe(addr, mtls(revoked)); err == nil {
 				t.Errorf("%s: a revoked client certificate was accepted", addr)
 			}
@@ -408,19 +385,19 @@ func TestTLSBinary(t *testing.T) {
 				t.Errorf("%s: plaintext HTTP was answered", addr)
 			}
 		}
-		refusedClient(t, listen, mtls(revoked))
+		refusedClient(t, r.listen, mtls(revoked))
 	})
 
 	t.Run("auto-TLS", func(t *testing.T) {
 		work := t.TempDir()
-		listen, sock := runBinary(t, bin, work, func(string) []string {
+		r := runBinary(t, work, func(string) []string {
 			return []string{"--auto-tls", "--metrics-addr", "unix://metrics.sock"}
 		})
 		if _, err := os.Stat(filepath.Join(work, "data", "fixtures", "proxy", "cert.pem")); err != nil {
 			t.Errorf("auto-TLS certificate: %v", err)
 		}
-		putGet(t, listen, &tls.Config{InsecureSkipVerify: true})
-		sock = filepath.Join(work, "metrics.sock")
+		putGet(t, r.listen, &tls.Config{InsecureSkipVerify: true})
+		sock := filepath.Join(work, "metrics.sock")
 		hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
 			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 				return (&net.Dialer{}).DialContext(ctx, "unix", sock)
@@ -435,61 +412,4 @@ func TestTLSBinary(t *testing.T) {
 			t.Errorf("GET /metrics on unix://metrics.sock: %s", resp.Status)
 		}
 	})
-}
-
-// runBinary starts bin in work with an embedded etcd (data in work/data), on free loopback ports, with the
-// flags extra returns for the metrics host:port it is given; it returns once the proxy told systemd it is ready,
-// with the listen and metrics addresses, and at cleanup stops it with SIGTERM and checks it exits 0 and
-// race-free.
-func runBinary(t *testing.T, bin, work string, extra func(metrics string) []string) (listen, metrics string) {
-	t.Helper()
-	ports, err := embedetcd.FreePorts(4)
-	if err != nil {
-		t.Fatal(err)
-	}
-	listen = fmt.Sprintf("127.0.0.1:%d", ports[0])
-	metrics = fmt.Sprintf("127.0.0.1:%d", ports[1])
-	sock := filepath.Join(work, "notify.sock")
-	notify, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer notify.Close()
-	args := append([]string{"start", "--embedded-etcd", "--data-dir", filepath.Join(work, "data"),
-		"--embedded-etcd-client-url", fmt.Sprintf("http://127.0.0.1:%d", ports[2]),
-		"--embedded-etcd-peer-url", fmt.Sprintf("http://127.0.0.1:%d", ports[3]),
-		"--listen-addr", listen}, extra(metrics)...)
-	cmd := exec.Command(bin, args...)
-	cmd.Dir = work
-	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+sock)
-	logs := &lockedBuffer{}
-	cmd.Stdout, cmd.Stderr = logs, logs
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	t.Cleanup(func() {
-		_ = cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case err := <-exited:
-			if strings.Contains(logs.String(), "WARNING: DATA RACE") {
-				t.Errorf("the race detector reported a race in the binary\nlogs:\n%s", logs.String())
-			}
-			if err != nil {
-				t.Errorf("exit after SIGTERM: %v\nlogs:\n%s", err, logs.String())
-			}
-		case <-time.After(15 * time.Second):
-			_ = cmd.Process.Kill()
-			<-exited
-			t.Errorf("still running 15s after SIGTERM\nlogs:\n%s", logs.String())
-		}
-	})
-	buf := make([]byte, 256)
-	_ = notify.SetReadDeadline(time.Now().Add(30 * time.Second))
-	n, err := notify.Read(buf)
-	if err != nil || string(buf[:n]) != "READY=1" {
-		t.Fatalf("no READY=1 from the proxy within 30s: %q, %v\nlogs:\n%s", buf[:n], err, logs.String())
-	}
-	return listen, metrics
 }

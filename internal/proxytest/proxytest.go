@@ -99,11 +99,17 @@ func Start(t testing.TB, o Options) *Env {
 // serve starts a proxy with cfg on a loopback port and stops it at cleanup.
 func serve(t testing.TB, cfg proxy.Config) (*proxy.Proxy, string) {
 	t.Helper()
-	p := proxy.New(cfg)
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
+	return ServeOn(t, cfg, l), l.Addr().String()
+}
+
+// ServeOn starts a proxy with cfg on l (a TLS listener, say) and stops it at cleanup.
+func ServeOn(t testing.TB, cfg proxy.Config, l net.Listener) *proxy.Proxy {
+	t.Helper()
+	p := proxy.New(cfg)
 	served := make(chan struct{})
 	go func() {
 		defer close(served)
@@ -115,19 +121,23 @@ func serve(t testing.TB, cfg proxy.Config) (*proxy.Proxy, string) {
 		p.Shutdown(ctx)
 		<-served
 	})
-	return p, l.Addr().String()
+	return p
 }
 
-// AnotherProxy starts a second proxy, with the default configuration, in front of e's cluster, and returns a
-// connection to it: writes through it are writes made elsewhere for e's proxy.
-func (e *Env) AnotherProxy(t testing.TB) *grpc.ClientConn {
+// AnotherProxy starts a second proxy in front of e's cluster, with the default configuration adjusted by configure
+// (if given), and returns a connection to it: writes through it are writes made elsewhere for e's proxy.
+func (e *Env) AnotherProxy(t testing.TB, configure ...func(*proxy.Config)) *grpc.ClientConn {
 	t.Helper()
 	up, err := proxy.Dial(clientv3.Config{Endpoints: e.Cluster.Endpoints(), DialTimeout: 5 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { up.Close() })
-	p, addr := serve(t, proxy.Config{Upstream: up, KVCache: kvcache.Options{MaxBytes: 64 << 20}})
+	cfg := proxy.Config{Upstream: up, KVCache: kvcache.Options{MaxBytes: 64 << 20}}
+	for _, c := range configure {
+		c(&cfg)
+	}
+	p, addr := serve(t, cfg)
 	Eventually(t, 10*time.Second, p.Steady, "the second proxy was not steady within 10s")
 	return Conn(t, addr)
 }

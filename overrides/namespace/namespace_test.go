@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"net"
 	"sort"
 	"strings"
 	"testing"
@@ -12,7 +11,6 @@ import (
 
 	"github.com/etcdproxy/etcdproxy/internal/embedetcd"
 	"github.com/etcdproxy/etcdproxy/internal/proxytest"
-	"github.com/etcdproxy/etcdproxy/overrides/kvcache"
 	"github.com/etcdproxy/etcdproxy/proxy"
 	"go.etcd.io/etcd/api/v3/authpb"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
@@ -458,40 +456,12 @@ func assertConfined(t *testing.T, ctx context.Context, direct *grpc.ClientConn, 
 	t.Fatal("the keyspace watch ended")
 }
 
-// namespacedProxy starts another proxy with namespace prefix in front of e's cluster.
-func namespacedProxy(t *testing.T, e *proxytest.Env, prefix string) *grpc.ClientConn {
-	t.Helper()
-	up, err := proxy.Dial(clientv3.Config{Endpoints: e.Cluster.Endpoints(), DialTimeout: 5 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { up.Close() })
-	p := proxy.New(proxy.Config{Upstream: up, KVCache: kvcache.Options{MaxBytes: 64 << 20}, Namespace: prefix})
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	served := make(chan struct{})
-	go func() {
-		defer close(served)
-		_ = p.Serve(l)
-	}()
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		defer cancel()
-		p.Shutdown(ctx)
-		<-served
-	})
-	proxytest.Eventually(t, 10*time.Second, p.Steady, "the /t10/ proxy was not steady within 10s")
-	return proxytest.Conn(t, l.Addr().String())
-}
-
 // TestPrefixOfAnother: proxies with namespaces /t1/ and /t10/ on one etcd (the prefix end of /t1/ is /t10) never
 // see each other's keys, in any keyed service: KV, Watch, LeaseTimeToLive, Election, Lock.
 func TestPrefixOfAnother(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) { c.Namespace = "/t1/" }})
 	ctx := proxytest.Timeout(t, 30*time.Second)
-	sides := map[string]*grpc.ClientConn{"/t1/": e.Via, "/t10/": namespacedProxy(t, e, "/t10/")}
+	sides := map[string]*grpc.ClientConn{"/t1/": e.Via, "/t10/": e.AnotherProxy(t, func(c *proxy.Config) { c.Namespace = "/t10/" })}
 	watchers := map[string]pb.Watch_WatchClient{}
 	for p, cc := range sides {
 		ws, err := pb.NewWatchClient(cc).Watch(ctx)

@@ -1,0 +1,157 @@
+package main
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/etcdproxy/etcdproxy/internal/embedetcd"
+	"github.com/etcdproxy/etcdproxy/internal/proxytest"
+	"go.uber.org/goleak"
+)
+
+// The tests that run the built binary share one build (with -race when the tests run under -race, so that a race
+// in the binary, exit code 66, fails them).
+
+var binary struct {
+	once sync.Once
+	dir  string
+	path string
+	err  error
+	out  []byte
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if binary.dir != "" {
+		_ = os.RemoveAll(binary.dir)
+	}
+	if code == 0 {
+		// The in-process proxies of the TLS tests leave nothing running.
+		if err := goleak.Find(proxytest.LeakOptions()...); err != nil {
+			fmt.Fprintln(os.Stderr, "goleak:", err)
+			code = 1
+		}
+	}
+	os.Exit(code)
+}
+
+// binaryPath builds etcdproxy once for the package's tests.
+func binaryPath(t *testing.T) string {
+	t.Helper()
+	binary.once.Do(func() {
+		if binary.dir, binary.err = os.MkdirTemp("", "etcdproxy-bin"); binary.err != nil {
+			return
+		}
+		binary.path = filepath.Join(binary.dir, "etcdproxy")
+		args := []string{"build", "-o", binary.path}
+		if raceEnabled {
+			args = append(args, "-race")
+		}
+		binary.out, binary.err = exec.Command("go", append(args, ".")...).CombinedOutput()
+	})
+	if binary.err != nil {
+		t.Fatalf("go build: %v\n%s", binary.err, binary.out)
+	}
+	return binary.path
+}
+
+// running is the binary started by runBinary.
+type running struct {
+	listen, metrics string // its --listen-addr, and a free host:port offered for --metrics-addr
+	etcd            string // its embedded etcd's client address
+	logs            *lockedBuffer
+	cmd             *exec.Cmd
+	exited          chan error
+	stopped         bool
+}
+
+// runBinary starts the binary in work with an embedded etcd (data in work/data), on free loopback ports, under a
+// systemd notify socket, with the flags extra returns for the metrics host:port it is given; it returns once the
+// proxy told systemd it is ready. At cleanup it is stopped (stop), if the test did not stop it.
+func runBinary(t *testing.T, work string, extra func(metrics string) []string) *running {
+	t.Helper()
+	bin := binaryPath(t)
+	ports, err := embedetcd.FreePorts(4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &running{listen: fmt.Sprintf("127.0.0.1:%d", ports[0]), metrics: fmt.Sprintf("127.0.0.1:%d", ports[1]),
+		etcd: fmt.Sprintf("127.0.0.1:%d", ports[2]), logs: &lockedBuffer{}, exited: make(chan error, 1)}
+	sock := filepath.Join(work, "notify.sock")
+	notify, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer notify.Close()
+	args := append([]string{"start", "--embedded-etcd", "--data-dir", filepath.Join(work, "data"),
+		"--embedded-etcd-client-url", "http://" + r.etcd,
+		"--embedded-etcd-peer-url", fmt.Sprintf("http://127.0.0.1:%d", ports[3]),
+		"--listen-addr", r.listen}, extra(r.metrics)...)
+	r.cmd = exec.Command(bin, args...)
+	r.cmd.Dir = work
+	r.cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+sock)
+	r.cmd.Stdout, r.cmd.Stderr = r.logs, r.logs
+	if err := r.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { r.exited <- r.cmd.Wait() }()
+	t.Cleanup(func() { r.stop(t) })
+	// systemd hears READY=1 once the proxy serves.
+	buf := make([]byte, 256)
+	_ = notify.SetReadDeadline(time.Now().Add(30 * time.Second))
+	n, err := notify.Read(buf)
+	if err != nil || string(buf[:n]) != "READY=1" {
+		t.Fatalf("no READY=1 from the proxy within 30s: %q, %v\nlogs:\n%s", buf[:n], err, r.logs.String())
+	}
+	return r
+}
+
+// stop sends SIGTERM and checks that the proxy exits 0 within 15 s, race-free.
+func (r *running) stop(t *testing.T) {
+	t.Helper()
+	if r.stopped {
+		return
+	}
+	r.stopped = true
+	if err := r.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-r.exited:
+		if strings.Contains(r.logs.String(), "WARNING: DATA RACE") {
+			t.Errorf("the race detector reported a race in the binary (exit: %v)\nlogs:\n%s", err, r.logs.String())
+		} else if err != nil {
+			t.Errorf("exit after SIGTERM: %v\nlogs:\n%s", err, r.logs.String())
+		}
+	case <-time.After(15 * time.Second):
+		_ = r.cmd.Process.Kill()
+		<-r.exited
+		t.Errorf("still running 15s after SIGTERM\nlogs:\n%s", r.logs.String())
+	}
+}
+
+// lockedBuffer collects the process's output while the test reads it.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
