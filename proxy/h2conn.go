@@ -7,12 +7,14 @@ import (
 	"net"
 )
 
-// The gRPC matcher of Serve's multiplexer (cmux's HTTP2MatchHeaderFieldSendSettings) answers an HTTP/2 client's
-// preface with a SETTINGS frame of its own before it can read the request's content-type, because some gRPC
-// clients wait for the server's SETTINGS before they send headers. A connection it then hands to the HTTP server
-// (an HTTP/2 request that is not gRPC: /health over TLS, where clients negotiate h2) carries the client's ACK of
-// that frame, which the HTTP/2 server never sent and takes as a protocol error. h2Listener's connections drop that
-// first SETTINGS ACK; everything else, HTTP/1 included, passes unchanged.
+// The gRPC matcher of Serve's multiplexer (cmux's HTTP2MatchHeaderFieldPrefixSendSettings) answers each SETTINGS
+// frame an HTTP/2 client sends before its first request headers with a SETTINGS frame of its own, because some
+// gRPC clients wait for the server's SETTINGS before they send headers. A connection it then hands to the HTTP
+// server (an HTTP/2 request that is not gRPC: /health over TLS, where clients negotiate h2) carries the client's
+// ACKs of those frames, which the HTTP/2 server never sent and takes as a protocol error. h2Listener's connections
+// drop as many SETTINGS ACKs as the client sent SETTINGS frames before its first HEADERS (the client acknowledges
+// in the order it received: the multiplexer's frames came first); everything else, HTTP/1 included, passes
+// unchanged.
 
 const h2Preface = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -28,10 +30,13 @@ func (l h2Listener) Accept() (net.Conn, error) {
 
 type h2Conn struct {
 	net.Conn
-	r       *bufio.Reader
-	started bool // the preface was looked for
-	through bool // no more filtering: not HTTP/2, or the ACK is dropped
-	pending int  // bytes of the current frame still to pass through
+	r        *bufio.Reader
+	started  bool // the preface has been checked
+	through  bool // no more filtering: not HTTP/2, or every ACK to drop is dropped
+	headers  bool // the client's first HEADERS frame has passed: no more SETTINGS are counted
+	settings int  // SETTINGS frames the client sent before its first HEADERS, so the multiplexer answered
+	acks     int  // ACKs dropped so far
+	pending  int  // bytes of the current frame still to pass through
 }
 
 func (c *h2Conn) Read(p []byte) (int, error) {
@@ -39,9 +44,12 @@ func (c *h2Conn) Read(p []byte) (int, error) {
 		return c.r.Read(p)
 	}
 	if !c.started {
+		http2, err := c.preface()
+		if err != nil {
+			return 0, err
+		}
 		c.started = true
-		b, err := c.r.Peek(len(h2Preface))
-		if err != nil || !bytes.Equal(b, []byte(h2Preface)) {
+		if !http2 {
 			c.through = true
 			return c.r.Read(p)
 		}
@@ -54,12 +62,24 @@ func (c *h2Conn) Read(p []byte) (int, error) {
 			return 0, err
 		}
 		n := int(h[0])<<16 | int(h[1])<<8 | int(h[2])
-		if h[3] == 0x4 && h[4]&0x1 != 0 { // SETTINGS with ACK: the multiplexer's
+		switch typ, ack := h[3], h[4]&0x1 != 0; {
+		case typ == 0x4 && ack && c.acks < c.settings: // an ACK of the multiplexer's SETTINGS
 			if _, err := c.r.Discard(9 + n); err != nil {
 				return 0, err
 			}
-			c.through = true
-			return c.r.Read(p)
+			c.acks++
+			if c.headers && c.acks == c.settings {
+				c.through = true
+				return c.r.Read(p)
+			}
+			continue
+		case typ == 0x4 && !ack && !c.headers:
+			c.settings++
+		case typ == 0x1: // HEADERS: the multiplexer stopped at the first request's headers
+			c.headers = true
+			if c.acks == c.settings {
+				c.through = true
+			}
 		}
 		c.pending = 9 + n
 	}
@@ -72,4 +92,22 @@ func (c *h2Conn) Read(p []byte) (int, error) {
 		err = io.ErrUnexpectedEOF
 	}
 	return n, err
+}
+
+// preface reports whether the connection starts with HTTP/2's client preface. It compares what has arrived as it
+// arrives, so a short HTTP/1 request is told apart at its first byte that differs, without waiting for 24 bytes.
+func (c *h2Conn) preface() (bool, error) {
+	for n := 1; ; n++ {
+		b, err := c.r.Peek(max(n, min(c.r.Buffered(), len(h2Preface))))
+		if !bytes.HasPrefix([]byte(h2Preface), b) {
+			return false, nil
+		}
+		if len(b) == len(h2Preface) {
+			return true, nil
+		}
+		if err != nil {
+			return false, err
+		}
+		n = len(b)
+	}
 }

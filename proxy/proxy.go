@@ -167,7 +167,7 @@ func (p *Proxy) Serve(l net.Listener) error {
 	// The multiplexer is built (its matchers registered) before Shutdown can see it: Shutdown reads what the
 	// matchers add.
 	m := cmux.New(l)
-	grpcL := m.MatchWithWriters(cmux.HTTP2MatchHeaderFieldSendSettings("content-type", "application/grpc"))
+	grpcL := m.MatchWithWriters(cmux.HTTP2MatchHeaderFieldPrefixSendSettings("content-type", "application/grpc"))
 	httpL := m.Match(cmux.Any())
 	p.mu.Lock()
 	if p.shut {
