@@ -15,12 +15,14 @@ import (
 )
 
 // TestCallLog: with --experimental-enable-grpc-logging every request and response is logged, streams message by
-// message, and no password, password hash or token ever is.
+// message, as the client sent and got them (keys before the namespace), and no password, password hash or token
+// ever is.
 func TestCallLog(t *testing.T) {
 	core, logs := observer.New(zap.InfoLevel)
 	e := proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) {
 		c.LogCalls = true
 		c.Logger = zap.New(core)
+		c.Namespace = "/ns/" // the log shows the client's keys, not the ones sent to etcd
 	}})
 	ctx := timeout(t, 30*time.Second)
 	proxytest.EnableAuth(t, ctx, e.Direct, "rootsecret", proxytest.User{Name: "alice", Password: "alicesecret", ReadFrom: "a"})
@@ -67,6 +69,9 @@ func TestCallLog(t *testing.T) {
 		if !strings.Contains(text, want) {
 			t.Errorf("the call log has no %q:\n%s", want, text)
 		}
+	}
+	if strings.Contains(text, "L25zL2E") { // base64 of /ns/a
+		t.Errorf("the call log shows the namespaced key, not the client's:\n%s", text)
 	}
 	for _, secret := range []string{"rootsecret", "bobsecret", "bobsecret2", token} {
 		if strings.Contains(text, secret) {
