@@ -13,6 +13,7 @@ import (
 	"github.com/etcdproxy/etcdproxy/overrides/namespace"
 	"github.com/etcdproxy/etcdproxy/overrides/ryw"
 	"github.com/etcdproxy/etcdproxy/overrides/watch"
+	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
@@ -79,6 +80,7 @@ func Apply(s *gen.Services, d Deps) *Set {
 	s.Lease = closing(set, lease.New(s.Lease, cc, d.Logger.Named("lease")))
 	s.Watch = closing(set, watch.New(s.Watch, cc, set.Leader, d.Logger.Named("watch"), d.Watch))
 	writes := ryw.New(d.ReadYourWrites)
+	closing(set, writes.Seed(pb.NewKVClient(internal), []byte(d.Namespace+"\x00etcdproxy/ordering")))
 	set.Unary = append(set.Unary, writes.Unary)
 	s.KV = ryw.NewKV(s.KV, writes)
 	if d.KVCache.MaxBytes > 0 {

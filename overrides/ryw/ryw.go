@@ -14,7 +14,9 @@ package ryw
 
 import (
 	"context"
+	"math"
 	"sync/atomic"
+	"time"
 
 	"github.com/etcdproxy/etcdproxy/overrides/internal/txn"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
@@ -51,8 +53,11 @@ type Options struct {
 type Tracker struct {
 	acked atomic.Int64
 	seen  atomic.Int64 // with ordering: the newest header revision of a KV response returned
-	opts  Options
-	cache Cache // nil when the read cache is off
+	// seeded, with ordering: seen is at least a revision etcd had committed when this proxy started (a linearizable
+	// answer has come back since), so answers another proxy process gave before are covered too.
+	seeded atomic.Bool
+	opts   Options
+	cache  Cache // nil when the read cache is off
 }
 
 // New returns a Tracker.
@@ -65,8 +70,63 @@ func (t *Tracker) KeepCoherent(cache Cache) { t.cache = cache }
 func (t *Tracker) Acked() int64 { return t.acked.Load() }
 
 // Floor returns the revision below which no serializable answer is returned: Acked, or with Options.Ordering the
-// newest revision of any KV response returned.
-func (t *Tracker) Floor() int64 { return max(t.acked.Load(), t.seen.Load()) }
+// newest revision of any KV response returned; with ordering and no linearizable answer yet since the proxy
+// started, every revision (math.MaxInt64: every serializable read is read linearizably).
+func (t *Tracker) Floor() int64 {
+	if t.opts.Ordering && !t.seeded.Load() {
+		return math.MaxInt64
+	}
+	return max(t.acked.Load(), t.seen.Load())
+}
+
+// saw records the header revision of a KV answer returned; linearizable says etcd answered it through consensus or
+// a read barrier, so its revision covers every answer any proxy gave before.
+func (t *Tracker) saw(rev int64, linearizable bool) {
+	raise(&t.seen, rev)
+	if linearizable {
+		t.seeded.Store(true)
+	}
+}
+
+// Seed, with Ordering, makes one linearizable read (a count of key, with the proxy's own connection kv) as etcd
+// grpc-proxy does before it serves, retried until it succeeds or Close; until a linearizable answer has come back
+// (this one or a client's), serializable reads are read linearizably. Without Ordering it does nothing.
+func (t *Tracker) Seed(kv pb.KVClient, key []byte) *Seeder {
+	ctx, cancel := context.WithCancel(context.Background())
+	sd := &Seeder{cancel: cancel, done: make(chan struct{})}
+	if !t.opts.Ordering {
+		close(sd.done)
+		return sd
+	}
+	go func() {
+		defer close(sd.done)
+		for backoff := 50 * time.Millisecond; !t.seeded.Load(); backoff = min(2*backoff, 2*time.Second) {
+			resp, err := kv.Range(ctx, &pb.RangeRequest{Key: key, CountOnly: true})
+			if err == nil {
+				t.saw(resp.Header.GetRevision(), true)
+				return
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(backoff):
+			}
+		}
+	}()
+	return sd
+}
+
+// Seeder is Seed's background read.
+type Seeder struct {
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+// Close stops the read and waits for it.
+func (sd *Seeder) Close() {
+	sd.cancel()
+	<-sd.done
+}
 
 // raise moves a up to rev, never down.
 func raise(a *atomic.Int64, rev int64) {
@@ -79,6 +139,17 @@ func raise(a *atomic.Int64, rev int64) {
 }
 
 func (t *Tracker) ack(rev int64) { raise(&t.acked, rev) }
+
+// linearizableRead reports whether req, a KV request that writes no key, was answered through a read barrier.
+func linearizableRead(req any) bool {
+	switch r := req.(type) {
+	case *pb.RangeRequest:
+		return !r.Serializable
+	case *pb.TxnRequest:
+		return !txn.Local(r)
+	}
+	return false
+}
 
 // kvMethods are the KV RPCs whose answers' revisions Options.Ordering keeps: what clientv3's ordering KV watches.
 var kvMethods = map[string]bool{"/etcdserverpb.KV/Range": true, "/etcdserverpb.KV/Put": true,
@@ -108,7 +179,7 @@ func (t *Tracker) Unary(ctx context.Context, req any, info *grpc.UnaryServerInfo
 		}
 		resp, err := handler(ctx, req)
 		if err == nil {
-			raise(&t.seen, headerRevision(resp))
+			t.saw(headerRevision(resp), linearizableRead(req))
 		}
 		return resp, err
 	}
@@ -116,6 +187,9 @@ func (t *Tracker) Unary(ctx context.Context, req any, info *grpc.UnaryServerInfo
 		resp, err := handler(ctx, req)
 		if err == nil {
 			t.ack(headerRevision(resp))
+			if t.opts.Ordering {
+				t.saw(headerRevision(resp), true)
+			}
 		}
 		return resp, err
 	}
@@ -129,6 +203,9 @@ func (t *Tracker) Unary(ctx context.Context, req any, info *grpc.UnaryServerInfo
 	done = resp
 	rev := headerRevision(resp)
 	t.ack(rev)
+	if t.opts.Ordering {
+		t.saw(rev, true)
+	}
 	t.cache.Await(ctx, rev)
 	return resp, nil
 }
@@ -220,6 +297,14 @@ func (k *KV) Txn(ctx context.Context, req *pb.TxnRequest) (*pb.TxnResponse, erro
 func read[Req any, Resp interface{ GetHeader() *pb.ResponseHeader }](ctx context.Context, t *Tracker, at int64,
 	req Req, call func(context.Context, Req) (Resp, error), lin func() (Resp, error)) (Resp, error) {
 	acked := t.Floor()
+	if acked == math.MaxInt64 && lin != nil {
+		// Ordering, and no linearizable answer yet since the proxy started: no serializable answer can be vouched for.
+		resp, err := lin()
+		if err == nil {
+			t.saw(resp.GetHeader().GetRevision(), true)
+		}
+		return resp, err
+	}
 	resp, err := call(ctx, req)
 	for i := 0; behind(acked, at, resp, err) && ctx.Err() == nil; i++ {
 		if i == serializableRetries {
@@ -227,10 +312,44 @@ func read[Req any, Resp interface{ GetHeader() *pb.ResponseHeader }](ctx context
 				break
 			}
 			retries.WithLabelValues("linearizable").Inc()
-			return lin()
+			resp, err := lin()
+			if err == nil {
+				t.saw(resp.GetHeader().GetRevision(), true)
+			}
+			return resp, err
 		}
 		retries.WithLabelValues("serializable").Inc()
 		resp, err = call(ctx, req)
 	}
 	return resp, err
+}
+
+// RangeStream forwards the read. A stream's chunks cannot be taken back once sent, so a serializable one is not
+// checked after the fact: once the floor is above 0 (this proxy acknowledged a write or, with ordering, returned an
+// answer), it is read linearizably, which etcd answers only from a member that has caught up. With ordering, its
+// revision counts as any KV answer's.
+func (k *KV) RangeStream(req *pb.RangeRequest, ss grpc.ServerStreamingServer[pb.RangeStreamResponse]) error {
+	if req.Serializable && k.t.Floor() > 0 {
+		lin := proto.CloneOf(req)
+		lin.Serializable = false
+		req = lin
+	}
+	if !k.t.opts.Ordering {
+		return k.KVServer.RangeStream(req, ss)
+	}
+	return k.KVServer.RangeStream(req, &seenStream{ServerStreamingServer: ss, t: k.t, linearizable: !req.Serializable})
+}
+
+// seenStream records the revision of a RangeStream's answer (its last chunk carries the header).
+type seenStream struct {
+	grpc.ServerStreamingServer[pb.RangeStreamResponse]
+	t            *Tracker
+	linearizable bool
+}
+
+func (s *seenStream) Send(m *pb.RangeStreamResponse) error {
+	if h := m.GetRangeResponse().GetHeader(); h != nil {
+		s.t.saw(h.GetRevision(), s.linearizable)
+	}
+	return s.ServerStreamingServer.Send(m)
 }
