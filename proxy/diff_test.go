@@ -689,12 +689,22 @@ func hashStep() diffStep {
 // that depends on when the backend committed its write batches (every 100 ms), not on the requests.
 func statusStep(name string) diffStep {
 	return diffStep{rpc: "/etcdserverpb.Maintenance/Status", name: name, run: func(ctx context.Context, t *testing.T, s *twinSide) ([]proto.Message, error) {
-		resp, err := s.invoke(ctx, t, "/etcdserverpb.Maintenance/Status", &pb.StatusRequest{})
-		if err != nil {
-			return nil, err
+		// A member applies an entry a moment after it is in its log: read once the applied index has caught up
+		// (within 1 s), so that the twins, and the proxy and the member, are compared at rest.
+		var st, own *pb.StatusResponse
+		var err error
+		for deadline := time.Now().Add(time.Second); ; time.Sleep(10 * time.Millisecond) {
+			var resp proto.Message
+			if resp, err = s.invoke(ctx, t, "/etcdserverpb.Maintenance/Status", &pb.StatusRequest{}); err != nil {
+				return nil, err
+			}
+			st = resp.(*pb.StatusResponse)
+			own, err = pb.NewMaintenanceClient(s.env.Direct).Status(ctx, &pb.StatusRequest{})
+			if err != nil || (st.RaftAppliedIndex == st.RaftIndex && own.RaftAppliedIndex == own.RaftIndex) ||
+				time.Now().After(deadline) {
+				break
+			}
 		}
-		st := resp.(*pb.StatusResponse)
-		own, err := pb.NewMaintenanceClient(s.env.Direct).Status(ctx, &pb.StatusRequest{})
 		if err != nil {
 			t.Errorf("Status on %s, from the member itself: %v", s.name, err)
 		} else if !proto.Equal(own, st) {
