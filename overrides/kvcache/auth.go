@@ -16,40 +16,65 @@ import (
 //   - an auth change made through this proxy flushes the cache before the call returns (Auth);
 //   - an auth change made anywhere moves etcd's auth revision, which authWatch reads every Options.AuthPoll (1 s)
 //     and flushes the cache on when it moved (so a permission revoked elsewhere stops being served within about
-//     that). AuthStatus goes through raft: one entry a second per proxy, a negligible load, but one that etcd's
-//     Status (raft index) shows.
+//     that). AuthStatus goes through raft: one entry a second per proxy, which a fleet of idle proxies would keep
+//     writing forever. So the poll stops once no cacheable read has come for authIdlePolls polls.
+//
+// The cache serves and stores only while the auth revision is followed (authKnown): from the first poll on, and
+// again from the first poll after a failed one or after an idle stop. Going from followed to not flushes it (so
+// nothing filled before is served after), and nothing is stored while not followed, so when the poll starts over
+// there is nothing to vouch for. Cacheable reads while not followed go to etcd, and start the poll again.
+
+// authIdlePolls is how many polls in a row without a cacheable read stop the poll.
+const authIdlePolls = 10
 
 // authWatch flushes the cache whenever etcd's auth revision changes, or when it cannot be read (the cache cannot
 // vouch for entries then), until ctx ends.
 func (k *KV) authWatch(ctx context.Context, cc grpc.ClientConnInterface, done chan<- struct{}) {
 	defer close(done)
 	auth := pb.NewAuthClient(cc)
-	var last uint64
-	known := false
+	var last uint64 // the auth revision the cache's entries are vouched for at, while k.authKnown
+	unknown := func(why string) {
+		if k.authKnown.Swap(false) {
+			k.watch.flush(why)
+		}
+	}
+	idle := 0 // polls in a row with no cacheable read
 	poll := k.opts.AuthPoll
 	t := time.NewTicker(poll)
 	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
+	for first := true; ; first = false {
+		if !first {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			if k.read.Swap(false) {
+				idle = 0
+			} else if idle++; idle >= authIdlePolls {
+				unknown("no cacheable read for a while: etcd's auth revision is no longer followed")
+				continue
+			}
 		}
 		cctx, cancel := context.WithTimeout(ctx, poll)
 		resp, err := auth.AuthStatus(cctx, &pb.AuthStatusRequest{})
 		cancel()
+		authPolls.Inc()
 		switch {
 		case err != nil:
 			if ctx.Err() == nil {
-				k.logger.Debug("cannot read etcd's auth revision; flushing the read cache", zap.Error(err))
-				k.watch.flush("the auth revision could not be read")
+				k.logger.Debug("cannot read etcd's auth revision; the read cache serves nothing until it can",
+					zap.Error(err))
+				unknown("the auth revision could not be read")
+				k.authFailing.Store(true)
 			}
-			known = false
-		case known && resp.AuthRevision != last:
+		case !k.authKnown.Load():
+			k.authFailing.Store(false)
+			last = resp.AuthRevision
+			k.authKnown.Store(true)
+		case resp.AuthRevision != last:
 			k.watch.flush("etcd's auth revision changed")
 			last = resp.AuthRevision
-		default:
-			last, known = resp.AuthRevision, true
 		}
 	}
 }

@@ -21,6 +21,7 @@ package kvcache
 
 import (
 	"context"
+	"sync/atomic"
 	"time"
 
 	"github.com/etcdproxy/etcdproxy/overrides/internal/shared"
@@ -65,6 +66,11 @@ type KV struct {
 
 	stopAuth context.CancelFunc
 	authDone chan struct{}
+	// auth.go: the cache serves and stores only while authKnown (its entries are vouched for at the auth
+	// revision last read); authFailing while the last poll failed (or none succeeded yet); read says a cacheable
+	// read came since the auth poll last looked.
+	authKnown, authFailing atomic.Bool
+	read                   atomic.Bool
 }
 
 // New wraps base. The invalidation watch runs on cc until Close.
@@ -89,18 +95,21 @@ func New(base pb.KVServer, cc grpc.ClientConnInterface, lg *zap.Logger, opts Opt
 	ctx, k.stopAuth = context.WithCancel(context.Background())
 	k.authDone = make(chan struct{})
 	if opts.AuthPoll > 0 {
+		k.authFailing.Store(true) // until the first poll
 		go k.authWatch(ctx, cc, k.authDone)
 	} else {
+		k.authKnown.Store(true) // nothing to follow: permission changes are caught by the TTL only
 		close(k.authDone)
 	}
 	caches.Store(k, nil)
 	return k
 }
 
-// Live reports whether the invalidation watch is live, so that the cache may serve.
+// Live reports whether the invalidation watch is live and etcd's auth revision can be read, so that the cache may
+// serve (while idle, it starts serving again at the first poll after a read: auth.go).
 func (k *KV) Live() bool {
 	_, live := k.watch.state()
-	return live
+	return live && !k.authFailing.Load()
 }
 
 // Close stops the invalidation watch and the cache.
@@ -150,7 +159,11 @@ func (k *KV) Range(ctx context.Context, req *pb.RangeRequest) (*pb.RangeResponse
 	if !ok {
 		return k.KVServer.Range(ctx, req)
 	}
+	if !k.read.Load() { // one load on the read path; a store once per auth poll at most
+		k.read.Store(true)
+	}
 	gen, live := k.watch.state()
+	live = live && k.authKnown.Load()
 	if live {
 		if item := k.cache.Get(key); item != nil && !item.Expired() && item.Value().gen == gen &&
 			(k.opts.Floor == nil || item.Value().resp.Header.GetRevision() >= k.opts.Floor()) {

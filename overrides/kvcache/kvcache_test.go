@@ -479,3 +479,59 @@ func TestEvictions(t *testing.T) {
 		return value(get(t, ctx, e.Via, &pb.RangeRequest{Key: []byte("ev/000"), Serializable: true})) == "new"
 	}, "ev/000 still reads its old value")
 }
+
+// TestIdleStopsAuthPoll: a proxy that serves no cacheable read stops reading etcd's auth revision (each read is a
+// raft entry in etcd: a fleet of idle proxies would write them forever), and a permission revoked while it was
+// idle is never served from the cache; reads start the poll again, and the cache serves again.
+func TestIdleStopsAuthPoll(t *testing.T) {
+	const poll = 50 * time.Millisecond
+	e := proxytest.Start(t, proxytest.Options{User: "root", Password: "r",
+		Proxy: func(c *proxy.Config) { c.KVCache.AuthPoll = poll },
+		BeforeProxy: func(c *embedetcd.Cluster) {
+			enableAuth(t, timeout(t, 30*time.Second), proxytest.Conn(t, c.Members[0].ClientURL))
+		}})
+	ctx := timeout(t, 30*time.Second)
+	polls := func() float64 { return proxytest.Gauge(t, "etcdproxy_kvcache_auth_polls_total") }
+	req := &pb.RangeRequest{Key: []byte("a1"), Serializable: true}
+	alice := as(t, ctx, e.Via, "alice")
+	read := func() error {
+		_, err := pb.NewKVClient(e.Via).Range(alice, req)
+		return err
+	}
+	proxytest.Eventually(t, 5*time.Second, func() bool {
+		before := hits(t)
+		return read() == nil && read() == nil && hits(t) > before
+	}, "alice's read was never served from the cache")
+
+	// Idle: the polls stop (after 10 polls without a read), and stay stopped.
+	proxytest.Eventually(t, 5*time.Second, func() bool {
+		before := polls()
+		time.Sleep(5 * poll) // an observation window of 5 poll periods, not a wait for a state
+		return polls() == before
+	}, "the auth poll never stopped while no read came")
+	idleSince, idlePolls := time.Now(), polls()
+
+	// A permission revoked elsewhere while idle: not served from the cache.
+	root := proxytest.As(t, ctx, e.Direct, "root", "r")
+	if _, err := pb.NewAuthClient(e.Direct).RoleRevokePermission(root, &pb.AuthRoleRevokePermissionRequest{
+		Role: "alice-reader", Key: []byte("a"), RangeEnd: []byte("b")}); err != nil {
+		t.Fatal(err)
+	}
+	if err := read(); err == nil {
+		t.Fatal("alice read a1 through the cache after her permission was revoked while the proxy was idle")
+	}
+	t.Logf("idle for %v: %v auth polls", time.Since(idleSince).Round(time.Millisecond), polls()-idlePolls)
+
+	// Reads start the poll again and the cache serves again.
+	if _, err := pb.NewAuthClient(e.Direct).RoleGrantPermission(root, &pb.AuthRoleGrantPermissionRequest{Name: "alice-reader",
+		Perm: &authpb.Permission{PermType: authpb.READ, Key: []byte("a"), RangeEnd: []byte("b")}}); err != nil {
+		t.Fatal(err)
+	}
+	proxytest.Eventually(t, 5*time.Second, func() bool {
+		before := hits(t)
+		return read() == nil && read() == nil && hits(t) > before
+	}, "the cache never served again after the proxy came back from idle")
+	if polls() == idlePolls {
+		t.Error("the cache served again without reading the auth revision")
+	}
+}

@@ -27,6 +27,10 @@ var (
 		Namespace: "etcdproxy", Subsystem: "kvcache", Name: "evictions_total",
 		Help: "Entries ccache evicted to keep the cache within its size (invalidations and flushes not counted).",
 	})
+	authPolls = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "etcdproxy", Subsystem: "kvcache", Name: "auth_polls_total",
+		Help: "AuthStatus calls made to follow etcd's auth revision (each is a raft entry in etcd); none while no hit is served.",
+	})
 	flushes = prometheus.NewCounter(prometheus.CounterOpts{
 		Namespace: "etcdproxy", Subsystem: "kvcache", Name: "flushes_total",
 		Help: "Whole-cache flushes because a write through the proxy was not seen in time.",
@@ -56,5 +60,5 @@ var (
 )
 
 func init() {
-	prometheus.MustRegister(hits, misses, invalidations, evictions, flushes, entries, cacheLive, writeWait)
+	prometheus.MustRegister(hits, misses, invalidations, evictions, authPolls, flushes, entries, cacheLive, writeWait)
 }
