@@ -13,7 +13,10 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/coreos/go-semver/semver"
+	"go.etcd.io/etcd/api/v3/version"
 	"go.etcd.io/etcd/server/v3/embed"
+	"go.etcd.io/etcd/server/v3/etcdserver"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 )
@@ -133,11 +136,40 @@ func Start(o Options) (*Cluster, error) {
 		}()
 	}
 	wg.Wait()
-	if err := errors.Join(errs...); err != nil {
+	err = errors.Join(errs...)
+	if err == nil {
+		err = c.settle(time.Now().Add(timeout))
+	}
+	if err != nil {
 		c.Close()
 		return nil, err
 	}
 	return c, nil
+}
+
+// settle waits until every member has applied the cluster version that its leader sets through raft soon after a
+// new cluster starts (nil until then), and has its storage version: a member serving before that still has a
+// membership entry to apply, whose apply holds the member's cluster lock while it writes the backend. A test that
+// stalls a member's apply (by holding its backend's write lock) would then stall every RPC of the member, which
+// checks membership first, instead of only the member's applies.
+func (c *Cluster) settle(deadline time.Time) error {
+	want := semver.Must(semver.NewVersion(version.Version))
+	settled := func(s *etcdserver.EtcdServer) bool {
+		cv, sv := s.ClusterVersion(), s.StorageVersion()
+		return cv != nil && sv != nil && cv.Major == want.Major && cv.Minor == want.Minor &&
+			sv.Major == want.Major && sv.Minor == want.Minor
+	}
+	for _, m := range c.Members {
+		s := m.Etcd().Server
+		for !settled(s) {
+			if time.Now().After(deadline) {
+				return fmt.Errorf("etcd member %s: cluster version %v, storage version %v: not %d.%d before the deadline",
+					m.Name, s.ClusterVersion(), s.StorageVersion(), want.Major, want.Minor)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	return nil
 }
 
 // Endpoints returns the client URLs of every member.
