@@ -7,6 +7,7 @@ import (
 	"github.com/etcdproxy/etcdproxy/overrides/kvcache"
 	"github.com/etcdproxy/etcdproxy/overrides/leader"
 	"github.com/etcdproxy/etcdproxy/overrides/lease"
+	"github.com/etcdproxy/etcdproxy/overrides/members"
 	"github.com/etcdproxy/etcdproxy/overrides/namespace"
 	"github.com/etcdproxy/etcdproxy/overrides/ryw"
 	"github.com/etcdproxy/etcdproxy/overrides/watch"
@@ -31,6 +32,7 @@ func TestOverridesShadowOnlyServiceMethods(t *testing.T) {
 		{(*kvcache.KV)(nil), (*pb.KVServer)(nil), []string{"Close", "Live", "BeginWrite", "EndWrite", "Await"}},
 		{(*ryw.KV)(nil), (*pb.KVServer)(nil), nil},
 		{(*kvcache.Auth)(nil), (*pb.AuthServer)(nil), nil},
+		{(*members.Cluster)(nil), (*pb.ClusterServer)(nil), []string{"Close"}},
 		{(*namespace.KV)(nil), (*pb.KVServer)(nil), nil},
 		{(*namespace.Watch)(nil), (*pb.WatchServer)(nil), nil},
 		{(*namespace.Lease)(nil), (*pb.LeaseServer)(nil), nil},

@@ -10,6 +10,7 @@ import (
 	"github.com/etcdproxy/etcdproxy/overrides/kvcache"
 	"github.com/etcdproxy/etcdproxy/overrides/leader"
 	"github.com/etcdproxy/etcdproxy/overrides/lease"
+	"github.com/etcdproxy/etcdproxy/overrides/members"
 	"github.com/etcdproxy/etcdproxy/overrides/namespace"
 	"github.com/etcdproxy/etcdproxy/overrides/ryw"
 	"github.com/etcdproxy/etcdproxy/overrides/watch"
@@ -37,6 +38,8 @@ type Deps struct {
 	ReadYourWrites ryw.Options
 	// Namespace, if set, is the prefix every key of a client lives under (etcdproxy start --namespace).
 	Namespace string
+	// Members says whether MemberList answers with the proxies (--advertise-client-url, --resolver-prefix).
+	Members members.Options
 }
 
 // Set is what the overrides add to the proxy besides replaced services.
@@ -67,10 +70,11 @@ func Apply(s *gen.Services, d Deps) *Set {
 	set := &Set{}
 	d.Leader.ProbePrefix = d.Namespace
 	cc := d.Upstream.ActiveConnection()
-	internal := cc
+	own := d.Upstream
 	if d.Internal != nil {
-		internal = d.Internal.ActiveConnection()
+		own = d.Internal
 	}
+	internal := own.ActiveConnection()
 
 	set.Leader = closing(set, leader.NewTracker(internal, d.Logger.Named("leader"), d.Leader))
 	set.Unary = append(set.Unary, set.Leader.UnaryInterceptor)
@@ -92,6 +96,7 @@ func Apply(s *gen.Services, d Deps) *Set {
 		s.KV = set.KVCache
 		s.Auth = kvcache.NewAuth(s.Auth, set.KVCache)
 	}
+	s.Cluster = closing(set, members.New(s.Cluster, own, d.Logger.Named("members"), d.Members))
 	namespace.Apply(s, d.Namespace) // outermost: every override above sees namespaced keys
 	return set
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/etcdproxy/etcdproxy/overrides"
 	"github.com/etcdproxy/etcdproxy/overrides/kvcache"
 	"github.com/etcdproxy/etcdproxy/overrides/leader"
+	"github.com/etcdproxy/etcdproxy/overrides/members"
 	"github.com/etcdproxy/etcdproxy/overrides/ryw"
 	"github.com/etcdproxy/etcdproxy/overrides/watch"
 	"github.com/soheilhy/cmux"
@@ -65,6 +66,9 @@ type Config struct {
 	ReadYourWrites ryw.Options
 	// Namespace, if set, confines clients to the keys under this prefix (--namespace): see overrides/namespace.
 	Namespace string
+	// Members says whether MemberList answers with the proxies instead of etcd's members: see overrides/members.
+	// Its Prefix is the registration prefix as stored in etcd (Namespace is not added to it).
+	Members members.Options
 	// EnablePprof serves /debug/pprof/ on the HTTP endpoints.
 	EnablePprof bool
 	// LogCalls logs every request and response, secrets redacted (--experimental-enable-grpc-logging; calllog.go).
@@ -109,7 +113,7 @@ func New(cfg Config) *Proxy {
 	p.closing, p.endStreams = context.WithCancel(context.Background())
 	services := gen.NewServices(cfg.Upstream.ActiveConnection())
 	p.overrides = overrides.Apply(services, overrides.Deps{Upstream: cfg.Upstream, Internal: cfg.Internal, Logger: lg, Leader: cfg.Leader, Watch: cfg.Watch,
-		KVCache: cfg.KVCache, ReadYourWrites: cfg.ReadYourWrites, Namespace: cfg.Namespace})
+		KVCache: cfg.KVCache, ReadYourWrites: cfg.ReadYourWrites, Namespace: cfg.Namespace, Members: cfg.Members})
 	opts := []grpc.ServerOption{
 		grpc.MaxRecvMsgSize(orMax(cfg.MaxRecvBytes)),
 		grpc.MaxSendMsgSize(orMax(cfg.MaxSendBytes)),

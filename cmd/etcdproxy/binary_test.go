@@ -78,23 +78,44 @@ type running struct {
 // proxy told systemd it is ready. At cleanup it is stopped (stop), if the test did not stop it.
 func runBinary(t *testing.T, work string, extra func(metrics string) []string) *running {
 	t.Helper()
-	bin := binaryPath(t)
 	ports, err := embedetcd.FreePorts(4)
 	if err != nil {
 		t.Fatal(err)
 	}
 	r := &running{listen: fmt.Sprintf("127.0.0.1:%d", ports[0]), metrics: fmt.Sprintf("127.0.0.1:%d", ports[1]),
-		etcd: fmt.Sprintf("127.0.0.1:%d", ports[2]), logs: &lockedBuffer{}, exited: make(chan error, 1)}
+		etcd: fmt.Sprintf("127.0.0.1:%d", ports[2])}
+	startRunning(t, r, work, append([]string{"start", "--embedded-etcd", "--data-dir", filepath.Join(work, "data"),
+		"--embedded-etcd-client-url", "http://" + r.etcd,
+		"--embedded-etcd-peer-url", fmt.Sprintf("http://127.0.0.1:%d", ports[3]),
+		"--listen-addr", r.listen}, extra(r.metrics)...))
+	return r
+}
+
+// runProxy starts the binary in work in front of etcd at endpoints, on a free loopback port, with extra flags
+// given that port; like runBinary, it returns once the proxy is ready and stops it at cleanup.
+func runProxy(t *testing.T, work string, endpoints []string, extra func(listen string) []string) *running {
+	t.Helper()
+	ports, err := embedetcd.FreePorts(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &running{listen: fmt.Sprintf("127.0.0.1:%d", ports[0])}
+	startRunning(t, r, work, append([]string{"start", "--endpoints", strings.Join(endpoints, ","),
+		"--listen-addr", r.listen}, extra(r.listen)...))
+	return r
+}
+
+// startRunning runs the binary with args in work as r, and waits until it tells systemd it is ready.
+func startRunning(t *testing.T, r *running, work string, args []string) {
+	t.Helper()
+	bin := binaryPath(t)
+	r.logs, r.exited = &lockedBuffer{}, make(chan error, 1)
 	sock := filepath.Join(work, "notify.sock")
 	notify, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer notify.Close()
-	args := append([]string{"start", "--embedded-etcd", "--data-dir", filepath.Join(work, "data"),
-		"--embedded-etcd-client-url", "http://" + r.etcd,
-		"--embedded-etcd-peer-url", fmt.Sprintf("http://127.0.0.1:%d", ports[3]),
-		"--listen-addr", r.listen}, extra(r.metrics)...)
 	r.cmd = exec.Command(bin, args...)
 	r.cmd.Dir = work
 	r.cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+sock)
@@ -111,7 +132,19 @@ func runBinary(t *testing.T, work string, extra func(metrics string) []string) *
 	if err != nil || string(buf[:n]) != "READY=1" {
 		t.Fatalf("no READY=1 from the proxy within 30s: %q, %v\nlogs:\n%s", buf[:n], err, r.logs.String())
 	}
-	return r
+}
+
+// kill ends the process with SIGKILL, as a crash would, and waits for it.
+func (r *running) kill(t *testing.T) {
+	t.Helper()
+	r.stopped = true
+	if err := r.cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	<-r.exited
+	if strings.Contains(r.logs.String(), "WARNING: DATA RACE") {
+		t.Errorf("the race detector reported a race in the binary\nlogs:\n%s", r.logs.String())
+	}
 }
 
 // stop sends SIGTERM and checks that the proxy exits 0 within 15 s, race-free.

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/etcdproxy/etcdproxy/overrides/kvcache"
+	"github.com/etcdproxy/etcdproxy/overrides/members"
 	"github.com/etcdproxy/etcdproxy/overrides/ryw"
 	"github.com/etcdproxy/etcdproxy/proxy"
 )
@@ -58,6 +59,35 @@ func TestResolverFlags(t *testing.T) {
 		cmd.SetErr(io.Discard)
 		if err := cmd.Execute(); err == nil || err.Error() != c.err {
 			t.Errorf("start %v: %v; want %q", c.args, err, c.err)
+		}
+	}
+}
+
+// TestMembersFlags: MemberList answers with the proxies only when the advertised URL is given or with a prefix
+// (which registers the URL under the namespace); given empty, MemberList is etcd's.
+func TestMembersFlags(t *testing.T) {
+	for _, c := range []struct {
+		args []string
+		want members.Options
+	}{
+		{nil, members.Options{}},
+		{[]string{"--listen-addr", "127.0.0.1:5000"}, members.Options{}},
+		{[]string{"--advertise-client-url", "10.0.0.1:23790"}, members.Options{Advertise: "10.0.0.1:23790"}},
+		{[]string{"--advertise-client-url", ""}, members.Options{}},
+		{[]string{"--resolver-prefix", "/p", "--resolver-ttl", "5"}, members.Options{Advertise: "127.0.0.1:23790", Prefix: "/p"}},
+		{[]string{"--resolver-prefix", "/p", "--resolver-ttl", "5", "--namespace", "/ns/", "--advertise-client-url", "h:1"},
+			members.Options{Advertise: "h:1", Prefix: "/ns//p"}},
+	} {
+		var got members.Options
+		cmd := startCommand(&startFlags{}, func(f *startFlags) error { got = f.proxyConfig().Members; return nil })
+		cmd.SetArgs(c.args)
+		cmd.SetOut(io.Discard)
+		cmd.SetErr(io.Discard)
+		if err := cmd.Execute(); err != nil {
+			t.Fatalf("start %v: %v", c.args, err)
+		}
+		if got != c.want {
+			t.Errorf("start %v: MemberList options %+v, want %+v", c.args, got, c.want)
 		}
 	}
 }

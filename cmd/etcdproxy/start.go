@@ -18,6 +18,7 @@ import (
 	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/etcdproxy/etcdproxy/internal/embedetcd"
 	"github.com/etcdproxy/etcdproxy/overrides/kvcache"
+	"github.com/etcdproxy/etcdproxy/overrides/members"
 	"github.com/etcdproxy/etcdproxy/overrides/ryw"
 	"github.com/etcdproxy/etcdproxy/proxy"
 	"github.com/spf13/cobra"
@@ -36,6 +37,7 @@ type startFlags struct {
 	endpointsAutoSync     time.Duration
 	listenAddr            string
 	advertiseClientURL    string
+	advertiseSet          bool // --advertise-client-url was given: MemberList answers with the proxies
 	dataDir               string
 	debug                 bool
 	maxSendBytes          int
@@ -112,6 +114,7 @@ one command gives a working endpoint, for trying it out and for development.`,
 			if f.leasingPrefix != "" {
 				return errLeasing
 			}
+			f.advertiseSet = cmd.Flags().Changed("advertise-client-url")
 			if err := f.checkResolver(); err != nil {
 				return err
 			}
@@ -138,7 +141,7 @@ one command gives a working endpoint, for trying it out and for development.`,
 	fs.BoolVar(&f.insecureDiscovery, "insecure-discovery", false, "accept insecure SRV records: without it, only https endpoints that pass a TLS handshake (verified with --cacert) are used")
 	fs.DurationVar(&f.endpointsAutoSync, "endpoints-auto-sync-interval", 0, "etcd endpoints auto sync interval (disabled by default)")
 	fs.StringVar(&f.listenAddr, "listen-addr", "127.0.0.1:23790", "listen address")
-	fs.StringVar(&f.advertiseClientURL, "advertise-client-url", "127.0.0.1:23790", "advertise address to register (must be reachable by client) with --resolver-prefix")
+	fs.StringVar(&f.advertiseClientURL, "advertise-client-url", "127.0.0.1:23790", "advertise address to register (must be reachable by client) with --resolver-prefix; given (or with --resolver-prefix), MemberList answers with the proxies (the registered ones, or this one) instead of etcd's members, so that clients which sync their endpoints stay on proxies; given empty, MemberList is etcd's")
 	fs.StringVar(&f.resolverPrefix, "resolver-prefix", "", "prefix to use for registering proxy (must be shared with other grpc-proxy members): the proxy keeps PREFIX/ADVERTISE-CLIENT-URL registered (etcd's naming/endpoints) under a lease of --resolver-ttl seconds, so clients find the live proxies with etcd's gRPC resolver (target etcd:///PREFIX); it deregisters at once on a clean stop")
 	fs.IntVar(&f.resolverTTL, "resolver-ttl", 0, "specify TTL, in seconds, when registering proxy endpoints")
 	fs.StringVar(&f.dataDir, "data-dir", "default.proxy", "data directory for persistent data (the embedded etcd's data with --embedded-etcd)")
@@ -326,7 +329,25 @@ func (f *startFlags) proxyConfig() proxy.Config {
 		ReadYourWrites:       ryw.Options{Ordering: f.serializableOrdering},
 		Namespace:            f.namespace,
 		LogCalls:             f.logCalls,
+		Members:              f.members(),
 	}
+}
+
+// members is what MemberList answers. etcd grpc-proxy answers with its --advertise-client-url whenever that is not
+// empty, and its default is not: every proxy left at the defaults claims 127.0.0.1:23790, whatever it listens on,
+// and a client that syncs its endpoints follows. Here the proxies answer only when the operator said where they
+// are (--advertise-client-url given, or --resolver-prefix, which registers that URL); otherwise MemberList is
+// etcd's, as for a client of etcd itself. With the URL given, this is etcd grpc-proxy's rule: the registered
+// proxies with --resolver-prefix, this proxy alone without, etcd's members when it is given empty.
+func (f *startFlags) members() members.Options {
+	if f.resolverPrefix == "" && !f.advertiseSet {
+		return members.Options{}
+	}
+	o := members.Options{Advertise: f.advertiseClientURL}
+	if f.resolverPrefix != "" {
+		o.Prefix = f.namespace + f.resolverPrefix
+	}
+	return o
 }
 
 func upstreamTLS(f *startFlags, lg *zap.Logger) (*tls.Config, error) {

@@ -15,8 +15,8 @@ import (
 // never outlive the caller's right to read it. Two mechanisms bound that:
 //   - an auth change made through this proxy flushes the cache before the call returns (Auth);
 //   - an auth change made anywhere moves etcd's auth revision, which authWatch reads every Options.AuthPoll (1 s)
-//     and flushes the cache on when it moved (so a permission revoked elsewhere stops being served within about
-//     that). AuthStatus goes through raft: one entry a second per proxy, which a fleet of idle proxies would keep
+//     and flushes the cache on when it moved (so a permission revoked elsewhere stops being served within that
+//     plus the time etcd takes to answer: authPollTimeout at most). AuthStatus goes through raft: one entry a second per proxy, which a fleet of idle proxies would keep
 //     writing forever. So the poll stops once no cacheable read has come for authIdlePolls polls.
 //
 // The cache serves and stores only while the auth revision is followed (authKnown): from the first poll on, and
@@ -24,8 +24,16 @@ import (
 // nothing filled before is served after), and nothing is stored while not followed, so when the poll starts over
 // there is nothing to vouch for. Cacheable reads while not followed go to etcd, and start the poll again.
 
-// authIdlePolls is how many polls in a row without a cacheable read stop the poll.
+// authIdlePolls is how many polls in a row without a cacheable read stop the poll (unless the last poll failed:
+// then it goes on until one succeeds, so that the proxy knows, and says (Live), whether it can read the revision).
 const authIdlePolls = 10
+
+// authPollTimeout is the least time a poll may take before it counts as failed (flushing the cache). AuthStatus
+// is a raft round trip: on a loaded cluster it can take longer than a short poll period, and a timeout as short as
+// the period would flush the cache again and again exactly when etcd most needs the load taken off it. So a
+// permission revoked elsewhere stops being served within the poll period plus the time etcd takes to answer, at
+// most this.
+const authPollTimeout = 3 * time.Second
 
 // authWatch flushes the cache whenever etcd's auth revision changes, or when it cannot be read (the cache cannot
 // vouch for entries then), until ctx ends.
@@ -51,12 +59,12 @@ func (k *KV) authWatch(ctx context.Context, cc grpc.ClientConnInterface, done ch
 			}
 			if k.read.Swap(false) {
 				idle = 0
-			} else if idle++; idle >= authIdlePolls {
+			} else if idle++; idle >= authIdlePolls && !k.authFailing.Load() {
 				unknown("no cacheable read for a while: etcd's auth revision is no longer followed")
 				continue
 			}
 		}
-		cctx, cancel := context.WithTimeout(ctx, poll)
+		cctx, cancel := context.WithTimeout(ctx, max(poll, authPollTimeout))
 		resp, err := auth.AuthStatus(cctx, &pb.AuthStatusRequest{})
 		cancel()
 		authPolls.Inc()

@@ -29,6 +29,7 @@ import (
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -71,6 +72,8 @@ type KV struct {
 	// read came since the auth poll last looked.
 	authKnown, authFailing atomic.Bool
 	read                   atomic.Bool
+	// flights lets identical misses share one read (flight.go).
+	flights flights
 }
 
 // New wraps base. The invalidation watch runs on cc until Close.
@@ -164,11 +167,25 @@ func (k *KV) Range(ctx context.Context, req *pb.RangeRequest) (*pb.RangeResponse
 	}
 	gen, live := k.watch.state()
 	live = live && k.authKnown.Load()
+	if resp := k.hit(key, gen, live); resp != nil {
+		return resp, nil
+	}
 	if live {
-		if item := k.cache.Get(key); item != nil && !item.Expired() && item.Value().gen == gen &&
-			(k.opts.Floor == nil || item.Value().resp.Header.GetRevision() >= k.opts.Floor()) {
-			hits.Inc()
-			return item.Value().resp, nil
+		wait, done := k.flights.join(key)
+		if wait != nil {
+			select {
+			case <-wait:
+			case <-ctx.Done():
+				return nil, status.FromContextError(ctx.Err()).Err()
+			}
+			sharedMisses.Inc()
+			gen, live = k.watch.state()
+			live = live && k.authKnown.Load()
+			if resp := k.hit(key, gen, live); resp != nil {
+				return resp, nil
+			}
+		} else {
+			defer done()
 		}
 	}
 	misses.Inc()
@@ -195,6 +212,20 @@ func (k *KV) Range(ctx context.Context, req *pb.RangeRequest) (*pb.RangeResponse
 		size: int64(proto.Size(resp) + len(key)), ttl: ttl}
 	k.watch.store(e, resp.Header.GetRevision(), func() { k.keep(e) })
 	return resp, nil
+}
+
+// hit returns the cached answer for key if the cache may serve it now (live, generation gen), counting the hit.
+func (k *KV) hit(key string, gen uint64, live bool) *pb.RangeResponse {
+	if !live {
+		return nil
+	}
+	item := k.cache.Get(key)
+	if item == nil || item.Expired() || item.Value().gen != gen ||
+		(k.opts.Floor != nil && item.Value().resp.Header.GetRevision() < k.opts.Floor()) {
+		return nil
+	}
+	hits.Inc()
+	return item.Value().resp
 }
 
 // keep stores e: in the index first, then in ccache. ccache may evict e as soon as it has it (its worker prunes

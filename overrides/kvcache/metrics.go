@@ -15,6 +15,11 @@ var (
 		Namespace: "etcdproxy", Subsystem: "kvcache", Name: "misses_total",
 		Help: "Cacheable Range requests forwarded to etcd (not cached, expired, invalidated, or the cache not live).",
 	})
+	sharedMisses = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "etcdproxy", Subsystem: "kvcache", Name: "shared_misses_total",
+		Help: "Cacheable Range requests that waited for an identical read in flight instead of reading etcd themselves " +
+			"(each then counts as a hit if the cache took that read's answer, else as a miss).",
+	})
 	invalidations = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "etcdproxy", Subsystem: "kvcache", Name: "invalidations_total",
 		Help: "Entries dropped because a key in their range was written, seen by the invalidation watch; source is " +
@@ -60,5 +65,5 @@ var (
 )
 
 func init() {
-	prometheus.MustRegister(hits, misses, invalidations, evictions, authPolls, flushes, entries, cacheLive, writeWait)
+	prometheus.MustRegister(hits, misses, sharedMisses, invalidations, evictions, authPolls, flushes, entries, cacheLive, writeWait)
 }
