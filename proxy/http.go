@@ -17,6 +17,17 @@ type healthBody struct {
 	Reason string `json:"reason"`
 }
 
+// portHandler serves HTTP on the gRPC port: etcd's gateway under /v3/ (and /v3beta/, which etcd serves as /v3/),
+// everything else as HTTPHandler. The gateway is not part of HTTPHandler because --metrics-addr serves that, and
+// etcd's metrics listener serves no gateway.
+func (p *Proxy) portHandler(pprofOn bool) http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("/v3/", p.gateway.handler)
+	mux.Handle("/v3beta/", p.gateway.handler)
+	mux.Handle("/", p.HTTPHandler(pprofOn))
+	return mux
+}
+
 // HTTPHandler serves the proxy's HTTP endpoints: /health (200 with {"health":"true"} while the etcd cluster has a
 // leader, 503 with a reason otherwise, as etcd's own /health), /metrics (the proxy's Prometheus metrics), the same
 // two under /proxy/ (where etcd grpc-proxy serves its own), and /debug/pprof/ when pprof is true.

@@ -83,6 +83,7 @@ type Proxy struct {
 	overrides *overrides.Set
 	health    *health.Server
 	healthed  chan struct{} // closed when serveHealth returns
+	gateway   *gateway
 
 	// mu protects muxes and shut.
 	mu    sync.Mutex
@@ -146,7 +147,9 @@ func New(cfg Config) *Proxy {
 		p.serveHealth(p.closing, p.health)
 	}()
 	p.server = srv
-	p.http = &http.Server{Handler: p.HTTPHandler(cfg.EnablePprof), ReadHeaderTimeout: 10 * time.Second}
+	// Last: the gateway starts serving srv in memory, after which no service can be registered.
+	p.gateway = newGateway(srv, lg.Named("grpc-gateway"))
+	p.http = &http.Server{Handler: p.portHandler(cfg.EnablePprof), ReadHeaderTimeout: 10 * time.Second}
 	// HTTP/2 as well as HTTP/1: on a TLS listener, HTTP clients negotiate h2 (the only protocol etcd's TLS
 	// configuration offers), and the connections cmux hands over are not *tls.Conn, so the server cannot see
 	// that; it takes HTTP/2 by its preface instead. (Plaintext HTTP/2 is served the same way.)
@@ -164,8 +167,8 @@ func (p *Proxy) Steady() bool {
 	return p.HasLeader() && (p.overrides.KVCache == nil || p.overrides.KVCache.Live())
 }
 
-// Serve serves on l until Shutdown: gRPC (HTTP/2 with content-type application/grpc) and, on the same port, the
-// HTTP endpoints of HTTPHandler.
+// Serve serves on l until Shutdown: gRPC (HTTP/2 with content-type application/grpc) and, on the same port, etcd's
+// HTTP/JSON gateway under /v3/ (gateway.go) and the HTTP endpoints of HTTPHandler.
 // Serve called after Shutdown closes l and returns nil.
 func (p *Proxy) Serve(l net.Listener) error {
 	// The multiplexer is built (its matchers registered) before Shutdown can see it: Shutdown reads what the
@@ -196,8 +199,8 @@ func (p *Proxy) Serve(l net.Listener) error {
 }
 
 // Shutdown stops accepting connections, ends at once the streams that never end by themselves (watches, lease
-// keepalives, election observers) with Unavailable, and lets other running calls finish until ctx is done; then it
-// ends every call still open and returns.
+// keepalives, election observers, over gRPC or the gateway) with Unavailable, and lets other running calls and HTTP
+// requests finish until ctx is done; then it ends every call still open and returns.
 func (p *Proxy) Shutdown(ctx context.Context) {
 	p.mu.Lock()
 	p.shut = true
@@ -208,7 +211,15 @@ func (p *Proxy) Shutdown(ctx context.Context) {
 	p.endStreams()
 	<-p.healthed
 	p.health.Shutdown()
-	_ = p.http.Close()
+	// HTTP drains alongside gRPC: a gateway request in flight is an HTTP request waiting on a gRPC call of this
+	// server, so closing HTTP first would cut a gateway Put that gRPC would have let finish.
+	httpDone := make(chan struct{})
+	go func() {
+		defer close(httpDone)
+		if p.http.Shutdown(ctx) != nil {
+			_ = p.http.Close()
+		}
+	}()
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -220,6 +231,10 @@ func (p *Proxy) Shutdown(ctx context.Context) {
 		p.server.Stop()
 		<-done
 	}
+	<-httpDone
+	// After the server: the connection's last calls have ended (or been ended by Stop). Closing it also ends a
+	// websocket's call, which neither HTTP Shutdown nor Close reaches (the connection is hijacked).
+	p.gateway.close()
 	p.overrides.Close()
 }
 

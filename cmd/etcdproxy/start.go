@@ -102,7 +102,8 @@ func startCommand(f *startFlags, run func(*startFlags) error) *cobra.Command {
 		Use:   "start",
 		Short: "Serve the etcd v3 gRPC API, forwarding to an etcd cluster",
 		Long: `Serve the etcd v3 gRPC API on --listen-addr, forwarding every RPC to the etcd cluster at --endpoints.
-Clients (etcdctl, clientv3, Kubernetes) use it exactly as they would use etcd.
+Clients (etcdctl, clientv3, Kubernetes) use it exactly as they would use etcd. The same port serves etcd's
+HTTP/JSON gateway (/v3/kv/range, /v3/watch, ...) as an etcd member's client port does, and /health and /metrics.
 
 With --embedded-etcd, etcdproxy first starts a single-member etcd in --data-dir on loopback and proxies to it:
 one command gives a working endpoint, for trying it out and for development.`,
