@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/etcdproxy/etcdproxy/gen"
+	"github.com/etcdproxy/etcdproxy/internal/stream"
 	"github.com/etcdproxy/etcdproxy/overrides"
 	"github.com/etcdproxy/etcdproxy/overrides/kvcache"
 	"github.com/etcdproxy/etcdproxy/overrides/leader"
@@ -100,9 +101,8 @@ var endless = map[string]bool{
 	"/v3electionpb.Election/Observe": true,
 }
 
-// errShuttingDown is what a client's long-lived stream ends with when the proxy shuts down: Unavailable, so that
-// clients reconnect elsewhere, as they do when an etcd member goes away.
-var errShuttingDown = status.Error(codes.Unavailable, "etcdproxy: shutting down")
+// errShuttingDown is what a client's long-lived stream ends with when the proxy shuts down.
+var errShuttingDown = stream.ErrShuttingDown
 
 // New builds a Proxy for cfg.
 func New(cfg Config) *Proxy {
@@ -248,19 +248,12 @@ func (p *Proxy) endOnShutdown(srv any, ss grpc.ServerStream, info *grpc.StreamSe
 	defer cancel()
 	stop := context.AfterFunc(p.closing, cancel)
 	defer stop()
-	err := handler(srv, &streamWithContext{ServerStream: ss, ctx: ctx})
+	err := handler(srv, stream.WithContext(ss, ctx))
 	if err != nil && p.closing.Err() != nil {
 		return errShuttingDown
 	}
 	return err
 }
-
-type streamWithContext struct {
-	grpc.ServerStream
-	ctx context.Context
-}
-
-func (s *streamWithContext) Context() context.Context { return s.ctx }
 
 func orMax(n int) int {
 	if n <= 0 {

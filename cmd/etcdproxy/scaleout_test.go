@@ -94,7 +94,7 @@ func TestScaleOut(t *testing.T) {
 		t.Fatal(err)
 	}
 	watched := watchAll(ctx, syncing, "fleet/w", start.Header.Revision+1)
-	lease, err := syncing.Grant(ctx, 3)
+	lease, err := syncing.Grant(ctx, 5)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -123,10 +123,11 @@ func TestScaleOut(t *testing.T) {
 	killed := time.Now()
 	victim.kill(t)
 	left := waitUntil(t, 10*time.Second, func() bool { return !slices.Contains(registered(), victim.listen) })
-	if took := left.Sub(killed); took > (ttl+2)*time.Second {
+	// etcd expires a lease within about half a second of its TTL; the rest is slack for a loaded machine.
+	if took := left.Sub(killed); took > (ttl+3)*time.Second {
 		t.Errorf("the killed proxy left the set %v after the kill, over its TTL of %ds", took, ttl)
 	}
-	time.Sleep(4 * time.Second) // past the client lease's TTL (3 s): only keepalives through another proxy keep it
+	time.Sleep(6 * time.Second) // past the client lease's TTL (5 s): only keepalives through another proxy keep it
 	puts, failed := w.stop()
 	if puts < 50 {
 		t.Fatalf("only %d puts through the resolver in %v", puts, time.Since(killed))

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -22,6 +23,7 @@ import (
 	"github.com/etcdproxy/etcdproxy/overrides/ryw"
 	"github.com/etcdproxy/etcdproxy/proxy"
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 	"go.etcd.io/etcd/client/pkg/v3/transport"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
@@ -96,46 +98,8 @@ var errLeasing = errors.New("--experimental-leasing-prefix is not supported by e
 	"lease keys under the prefix into your keyspace, where every client sees them; the proxy's read cache serves " +
 	"reads from memory, kept coherent by a watch, without writing anything into etcd")
 
-// startCommand is `start` with its flags in f, running run once they are checked.
-func startCommand(f *startFlags, run func(*startFlags) error) *cobra.Command {
-	cmd := &cobra.Command{
-		Use:   "start",
-		Short: "Serve the etcd v3 gRPC API, forwarding to an etcd cluster",
-		Long: `Serve the etcd v3 gRPC API on --listen-addr, forwarding every RPC to the etcd cluster at --endpoints.
-Clients (etcdctl, clientv3, Kubernetes) use it exactly as they would use etcd. The same port serves etcd's
-HTTP/JSON gateway (/v3/kv/range, /v3/watch, ...) as an etcd member's client port does, and /health and /metrics.
-
-With --embedded-etcd, etcdproxy first starts a single-member etcd in --data-dir on loopback and proxies to it:
-one command gives a working endpoint, for trying it out and for development.`,
-		Args: noArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			if (cmd.Flags().Changed("endpoints") || f.discoverySRV != "") && f.embeddedEtcd {
-				return errors.New("--endpoints (or --discovery-srv) and --embedded-etcd exclude each other: the embedded etcd is the upstream")
-			}
-			if f.leasingPrefix != "" {
-				return errLeasing
-			}
-			f.advertiseSet = cmd.Flags().Changed("advertise-client-url")
-			if err := f.checkResolver(); err != nil {
-				return err
-			}
-			if err := f.tls.check(); err != nil {
-				return err
-			}
-			if f.metricsAddr != "" {
-				scheme, addr, err := metricsListenAddr(f.metricsAddr)
-				if err == nil && scheme == "https" && !f.tls.serving() {
-					err = fmt.Errorf("cannot listen on TLS for %s: KeyFile and CertFile are not presented", addr) // etcd's words
-				}
-				if err != nil {
-					return fmt.Errorf("--metrics-addr: %w", err)
-				}
-				f.metricsURL, f.metricsAddr = scheme, addr
-			}
-			return run(f)
-		},
-	}
-	fs := cmd.Flags()
+// addFlags declares start's flags into f: every flag of etcd grpc-proxy start v3.7.3, then etcdproxy's own.
+func (f *startFlags) addFlags(fs *pflag.FlagSet) {
 	fs.StringSliceVar(&f.endpoints, "endpoints", []string{"127.0.0.1:2379"}, "comma separated etcd cluster endpoints")
 	fs.StringVar(&f.discoverySRV, "discovery-srv", "", "domain name to query for SRV records describing cluster endpoints (_etcd-client-ssl._tcp and _etcd-client._tcp); the endpoints found replace --endpoints")
 	fs.StringVar(&f.discoverySRVName, "discovery-srv-name", "", "service name to query when using DNS discovery (_etcd-client-NAME._tcp)")
@@ -175,6 +139,48 @@ one command gives a working endpoint, for trying it out and for development.`,
 	fs.StringVar(&f.embeddedEtcdClientURL, "embedded-etcd-client-url", "http://127.0.0.1:23791", "client URL of the embedded etcd (with --embedded-etcd)")
 	fs.StringVar(&f.embeddedEtcdPeerURL, "embedded-etcd-peer-url", "http://127.0.0.1:23792", "peer URL of the embedded etcd (with --embedded-etcd)")
 	fs.DurationVar(&f.shutdownTimeout, "shutdown-timeout", 5*time.Second, "on SIGINT or SIGTERM, how long running calls may finish before the proxy ends them and exits; watch, lease keepalive and election observe streams, which never finish by themselves, end at once with Unavailable so that clients reconnect elsewhere")
+}
+
+// startCommand is `start` with its flags in f, running run once they are checked.
+func startCommand(f *startFlags, run func(*startFlags) error) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "start",
+		Short: "Serve the etcd v3 gRPC API, forwarding to an etcd cluster",
+		Long: `Serve the etcd v3 gRPC API on --listen-addr, forwarding every RPC to the etcd cluster at --endpoints.
+Clients (etcdctl, clientv3, Kubernetes) use it exactly as they would use etcd. The same port serves etcd's
+HTTP/JSON gateway (/v3/kv/range, /v3/watch, ...) as an etcd member's client port does, and /health and /metrics.
+
+With --embedded-etcd, etcdproxy first starts a single-member etcd in --data-dir on loopback and proxies to it:
+one command gives a working endpoint, for trying it out and for development.`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if (cmd.Flags().Changed("endpoints") || f.discoverySRV != "") && f.embeddedEtcd {
+				return errors.New("--endpoints (or --discovery-srv) and --embedded-etcd exclude each other: the embedded etcd is the upstream")
+			}
+			if f.leasingPrefix != "" {
+				return errLeasing
+			}
+			f.advertiseSet = cmd.Flags().Changed("advertise-client-url")
+			if err := f.checkResolver(); err != nil {
+				return err
+			}
+			if err := f.tls.check(); err != nil {
+				return err
+			}
+			if f.metricsAddr != "" {
+				scheme, addr, err := metricsListenAddr(f.metricsAddr)
+				if err == nil && scheme == "https" && !f.tls.serving() {
+					err = fmt.Errorf("cannot listen on TLS for %s: KeyFile and CertFile are not presented", addr) // etcd's words
+				}
+				if err != nil {
+					return fmt.Errorf("--metrics-addr: %w", err)
+				}
+				f.metricsURL, f.metricsAddr = scheme, addr
+			}
+			return run(f)
+		},
+	}
+	f.addFlags(cmd.Flags())
 	return cmd
 }
 
@@ -184,37 +190,118 @@ func runStart(f *startFlags) error {
 		return err
 	}
 	defer func() { _ = lg.Sync() }()
-	if f.debug {
-		// As etcd grpc-proxy does with --debug: gRPC's own logs go to the proxy's log. Done before any gRPC use.
-		grpclog.SetLoggerV2(zapgrpc.NewLogger(lg.Named("grpc")))
-	}
-
 	// TLS toward clients, before anything starts (as etcd grpc-proxy, which builds it first).
 	tlsInfo, err := f.tls.info(lg, f.listenAddr, f.dataDir)
 	if err != nil {
 		return err
 	}
-
-	endpoints, err := upstreamEndpoints(f, lg)
+	endpoints, stopEtcd, err := startUpstream(f, lg)
 	if err != nil {
 		return err
 	}
-	if f.embeddedEtcd {
-		c, err := embedetcd.Start(embedetcd.Options{
-			Dir:       filepath.Join(f.dataDir, "embedded-etcd"),
-			ClientURL: f.embeddedEtcdClientURL,
-			PeerURL:   f.embeddedEtcdPeerURL,
-			LogLevel:  "warn",
-			Logger:    lg.Named("etcd"),
-		})
-		if err != nil {
-			return fmt.Errorf("--embedded-etcd: %w", err)
-		}
-		defer c.Close()
-		endpoints = c.Endpoints()
-		lg.Info("started embedded etcd", zap.Strings("endpoints", endpoints), zap.String("data-dir", f.dataDir))
+	defer stopEtcd()
+	upstream, internal, err := dialUpstream(f, lg, endpoints)
+	if err != nil {
+		return err
+	}
+	defer upstream.Close()
+	if internal != nil {
+		defer internal.Close()
 	}
 
+	p, l, served, err := startServing(f, upstream, internal, lg, tlsInfo)
+	if err != nil {
+		return err
+	}
+	if f.metricsAddr != "" {
+		stopMetrics, err := serveMetrics(f, p, tlsInfo, served)
+		if err != nil {
+			return err
+		}
+		defer stopMetrics()
+	}
+	reg := register(f, upstream, internal, lg)
+	if reg != nil {
+		defer reg.Close()
+	}
+	lg.Info("serving the etcd v3 API", zap.String("listen-addr", l.Addr().String()),
+		zap.String("advertise-client-url", f.advertiseClientURL), zap.Strings("endpoints", endpoints))
+	// Under systemd (Type=notify), tell it the proxy serves, as etcd grpc-proxy does; without NOTIFY_SOCKET this
+	// does nothing.
+	if _, err := daemon.SdNotify(false, daemon.SdNotifyReady); err != nil {
+		lg.Warn("could not notify systemd that the proxy is ready", zap.Error(err))
+	}
+	if err := waitForSignal(lg, f, served); err != nil {
+		return err
+	}
+	if reg != nil {
+		reg.Close() // first: clients move to other proxies before this one stops serving
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), f.shutdownTimeout)
+	defer cancel()
+	p.Shutdown(ctx)
+	lg.Info("stopped")
+	return nil
+}
+
+// startServing starts the proxy on --listen-addr; a failure to serve goes to served (buffered for the metrics
+// server's too). --max-send-bytes and --max-recv-bytes bound the client side as well (proxyConfig): a request the
+// proxy could not send upstream is refused as it arrives (not read whole first), and no response is sent that it
+// could not have received.
+func startServing(f *startFlags, upstream, internal *clientv3.Client, lg *zap.Logger, tlsInfo *transport.TLSInfo) (
+	*proxy.Proxy, net.Listener, chan error, error) {
+	cfg := f.proxyConfig()
+	cfg.Upstream, cfg.Internal, cfg.Logger = upstream, internal, lg
+	p := proxy.New(cfg)
+	l, err := listenClients(f.listenAddr, tlsInfo)
+	if err != nil {
+		p.Shutdown(context.Background())
+		return nil, nil, nil, fmt.Errorf("--listen-addr: %w", err)
+	}
+	served := make(chan error, 2)
+	go func() { served <- p.Serve(l) }()
+	return p, l, served, nil
+}
+
+// register keeps the proxy registered under --resolver-prefix (nil without it), with the proxy's own connection
+// (with --user, its own credentials: registration writes a key). The key is under the namespace, as etcd
+// grpc-proxy's (its client is namespaced): clients of this proxy find the record at PREFIX/ADDR through it.
+func register(f *startFlags, upstream, internal *clientv3.Client, lg *zap.Logger) *proxy.Registration {
+	if f.resolverPrefix == "" {
+		return nil
+	}
+	own := upstream
+	if internal != nil {
+		own = internal
+	}
+	return proxy.Register(own, f.namespace+f.resolverPrefix, f.advertiseClientURL, f.resolverTTL, lg.Named("register"))
+}
+
+// startUpstream returns the etcd endpoints to proxy to: --endpoints (or --discovery-srv), or, with --embedded-etcd,
+// those of an etcd member it starts, which stop stops.
+func startUpstream(f *startFlags, lg *zap.Logger) (endpoints []string, stop func(), err error) {
+	endpoints, err = upstreamEndpoints(f, lg)
+	if err != nil || !f.embeddedEtcd {
+		return endpoints, func() {}, err
+	}
+	c, err := embedetcd.Start(embedetcd.Options{
+		Dir:       filepath.Join(f.dataDir, "embedded-etcd"),
+		ClientURL: f.embeddedEtcdClientURL,
+		PeerURL:   f.embeddedEtcdPeerURL,
+		LogLevel:  "warn",
+		Logger:    lg.Named("etcd"),
+	})
+	if err != nil {
+		return nil, nil, fmt.Errorf("--embedded-etcd: %w", err)
+	}
+	endpoints = c.Endpoints()
+	lg.Info("started embedded etcd", zap.Strings("endpoints", endpoints), zap.String("data-dir", f.dataDir))
+	return endpoints, c.Close, nil
+}
+
+// dialUpstream connects to etcd: the connection client calls go on, and with --user a second one, with the
+// proxy's own credentials, for its own calls (nil without --user).
+func dialUpstream(f *startFlags, lg *zap.Logger, endpoints []string) (upstream, internal *clientv3.Client, err error) {
 	ccfg := clientv3.Config{
 		Endpoints:            endpoints,
 		AutoSyncInterval:     f.endpointsAutoSync,
@@ -227,74 +314,48 @@ func runStart(f *startFlags) error {
 		Logger:               lg.Named("upstream").WithOptions(zap.IncreaseLevel(zapcore.ErrorLevel)),
 	}
 	if ccfg.TLS, err = upstreamTLS(f, lg); err != nil {
-		return err
+		return nil, nil, err
 	}
-	upstream, err := proxy.Dial(ccfg)
+	if upstream, err = proxy.Dial(ccfg); err != nil {
+		return nil, nil, fmt.Errorf("connect to etcd at %v: %w", endpoints, err)
+	}
+	if f.user == "" {
+		return upstream, nil, nil
+	}
+	icfg := ccfg
+	icfg.Username, icfg.Password = f.user, f.password
+	if name, pw, ok := strings.Cut(f.user, ":"); ok {
+		icfg.Username, icfg.Password = name, pw
+	}
+	if icfg.Password == "" {
+		err = errors.New("--user needs a password: --password or --user=name:password")
+	} else if internal, err = proxy.Dial(icfg); err != nil {
+		err = fmt.Errorf("connect to etcd as --user %s: %w", icfg.Username, err)
+	}
 	if err != nil {
-		return fmt.Errorf("connect to etcd at %v: %w", endpoints, err)
+		upstream.Close()
+		return nil, nil, err
 	}
-	defer upstream.Close()
+	return upstream, internal, nil
+}
 
-	var internal *clientv3.Client
-	if f.user != "" {
-		icfg := ccfg
-		icfg.Username, icfg.Password = f.user, f.password
-		if name, pw, ok := strings.Cut(f.user, ":"); ok {
-			icfg.Username, icfg.Password = name, pw
-		}
-		if icfg.Password == "" {
-			return errors.New("--user needs a password: --password or --user=name:password")
-		}
-		if internal, err = proxy.Dial(icfg); err != nil {
-			return fmt.Errorf("connect to etcd as --user %s: %w", icfg.Username, err)
-		}
-		defer internal.Close()
-	}
-
-	// --max-send-bytes and --max-recv-bytes bound the client side too: a request the proxy could not send upstream
-	// is refused as it arrives (not read whole first), and no response is sent that it could not have received.
-	cfg := f.proxyConfig()
-	cfg.Upstream, cfg.Internal, cfg.Logger = upstream, internal, lg
-	p := proxy.New(cfg)
-	l, err := listenClients(f.listenAddr, tlsInfo)
+// serveMetrics serves the proxy's HTTP endpoints on --metrics-addr until stop; a failure to serve goes to served.
+func serveMetrics(f *startFlags, p *proxy.Proxy, tlsInfo *transport.TLSInfo, served chan<- error) (stop func(), err error) {
+	ml, err := transport.NewListener(f.metricsAddr, f.metricsURL, tlsInfo) // checked by the command
 	if err != nil {
-		return fmt.Errorf("--listen-addr: %w", err)
+		return nil, fmt.Errorf("--metrics-addr: %w", err)
 	}
-	served := make(chan error, 2)
-	go func() { served <- p.Serve(l) }()
-	if f.metricsAddr != "" {
-		ml, err := transport.NewListener(f.metricsAddr, f.metricsURL, tlsInfo) // checked by the command
-		if err != nil {
-			return fmt.Errorf("--metrics-addr: %w", err)
+	ms := &http.Server{Handler: p.HTTPHandler(f.enablePprof), ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		if err := ms.Serve(ml); !errors.Is(err, http.ErrServerClosed) {
+			served <- fmt.Errorf("--metrics-addr: %w", err)
 		}
-		ms := &http.Server{Handler: p.HTTPHandler(f.enablePprof), ReadHeaderTimeout: 10 * time.Second}
-		go func() {
-			if err := ms.Serve(ml); !errors.Is(err, http.ErrServerClosed) {
-				served <- fmt.Errorf("--metrics-addr: %w", err)
-			}
-		}()
-		defer ms.Close()
-	}
-	var reg *proxy.Registration
-	if f.resolverPrefix != "" {
-		// The proxy's own calls (with --user, its own credentials: registration writes a key).
-		own := upstream
-		if internal != nil {
-			own = internal
-		}
-		// Under the namespace, as etcd grpc-proxy's (its client is namespaced): clients of this proxy find the
-		// record at PREFIX/ADDR through it.
-		reg = proxy.Register(own, f.namespace+f.resolverPrefix, f.advertiseClientURL, f.resolverTTL, lg.Named("register"))
-		defer reg.Close()
-	}
-	lg.Info("serving the etcd v3 API", zap.String("listen-addr", l.Addr().String()),
-		zap.String("advertise-client-url", f.advertiseClientURL), zap.Strings("endpoints", endpoints))
-	// Under systemd (Type=notify), tell it the proxy serves, as etcd grpc-proxy does; without NOTIFY_SOCKET this
-	// does nothing.
-	if _, err := daemon.SdNotify(false, daemon.SdNotifyReady); err != nil {
-		lg.Warn("could not notify systemd that the proxy is ready", zap.Error(err))
-	}
+	}()
+	return func() { _ = ms.Close() }, nil
+}
 
+// waitForSignal returns nil at SIGINT or SIGTERM, or the error that stopped serving first.
+func waitForSignal(lg *zap.Logger, f *startFlags, served <-chan error) error {
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
 	defer signal.Stop(sig)
@@ -303,19 +364,10 @@ func runStart(f *startFlags) error {
 		return fmt.Errorf("serving gRPC: %w", err)
 	case s := <-sig:
 		lg.Info("shutting down", zap.String("signal", s.String()), zap.Duration("timeout", f.shutdownTimeout))
+		return nil
 	}
-	if reg != nil {
-		reg.Close() // first: clients move to other proxies before this one stops serving
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), f.shutdownTimeout)
-	defer cancel()
-	p.Shutdown(ctx)
-	lg.Info("stopped")
-	return nil
 }
 
-// upstreamTLS builds the TLS configuration of the connection to etcd from --cert, --key, --cacert and
-// --insecure-skip-tls-verify; nil means plaintext.
 // proxyConfig is the proxy's configuration from the flags (the connections and the logger are the caller's).
 func (f *startFlags) proxyConfig() proxy.Config {
 	return proxy.Config{
@@ -351,6 +403,8 @@ func (f *startFlags) members() members.Options {
 	return o
 }
 
+// upstreamTLS builds the TLS configuration of the connection to etcd from --cert, --key, --cacert and
+// --insecure-skip-tls-verify; nil means plaintext.
 func upstreamTLS(f *startFlags, lg *zap.Logger) (*tls.Config, error) {
 	if f.cert == "" && f.key == "" && f.cacert == "" && !f.insecureSkipTLSVerify {
 		return nil, nil
@@ -376,7 +430,12 @@ func newLogger(debug bool) (*zap.Logger, error) {
 	if debug {
 		cfg.Level = zap.NewAtomicLevelAt(zapcore.DebugLevel)
 	}
-	return cfg.Build()
+	lg, err := cfg.Build()
+	if err == nil && debug {
+		// As etcd grpc-proxy does with --debug: gRPC's own logs go to the proxy's log. Done before any gRPC use.
+		grpclog.SetLoggerV2(zapgrpc.NewLogger(lg.Named("grpc")))
+	}
+	return lg, err
 }
 
 // noArgs refuses positional arguments with a hint: etcd grpc-proxy ignores them, so `--debug false` there silently

@@ -3,6 +3,7 @@ package leader
 import (
 	"context"
 
+	"github.com/etcdproxy/etcdproxy/internal/stream"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/metadata"
@@ -46,17 +47,10 @@ func (t *Tracker) StreamInterceptor(srv any, ss grpc.ServerStream, _ *grpc.Strea
 	defer cancel()
 	stop := context.AfterFunc(loss, cancel)
 	defer stop()
-	err := handler(srv, &stream{ServerStream: ss, ctx: ctx})
+	err := handler(srv, stream.WithContext(ss, ctx))
 	if loss.Err() != nil {
 		requireLeaderRefused.WithLabelValues("stream").Inc()
 		return rpctypes.ErrGRPCNoLeader
 	}
 	return err
 }
-
-type stream struct {
-	grpc.ServerStream
-	ctx context.Context
-}
-
-func (s *stream) Context() context.Context { return s.ctx }

@@ -7,10 +7,9 @@ import (
 	"context"
 	"sync"
 
+	"github.com/etcdproxy/etcdproxy/internal/stream"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
-	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
-	"google.golang.org/grpc/status"
 )
 
 // Creds are the credentials etcd checks a call against: the auth token and the authorization metadata. Clients
@@ -43,8 +42,8 @@ func (c Creds) MD() metadata.MD {
 	return md
 }
 
-// ErrClosed is what a client stream gets when the proxy shuts its shared streams down.
-var ErrClosed = status.Error(codes.Unavailable, "etcdproxy: shutting down")
+// ErrClosed is what a client stream gets when the proxy shuts its shared streams down: the server's own error.
+var ErrClosed = stream.ErrShuttingDown
 
 // Member is what a Pool keeps: Run serves until the context it was made with is cancelled.
 type Member interface {
