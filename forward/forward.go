@@ -18,6 +18,11 @@ import (
 	"google.golang.org/grpc/metadata"
 )
 
+// SupportPackageIsVersion1 is asserted by the code protoc-gen-etcdproxy generates (gen/): the generated methods
+// rely on this package's functions as they are at this version. A generator that emits calls this runtime does not
+// have asserts a version this package does not declare, and the build fails naming it.
+const SupportPackageIsVersion1 = true
+
 // Outgoing returns a context for an upstream call made on behalf of the server-side call whose context is ctx: it
 // keeps ctx's deadline, cancellation and values, and carries the client's incoming metadata as outgoing metadata.
 // HTTP/2 pseudo-headers (":authority") are dropped: they describe the hop, and gRPC refuses them as metadata.

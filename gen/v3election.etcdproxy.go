@@ -12,6 +12,10 @@ import (
 	grpc "google.golang.org/grpc"
 )
 
+// This is a compile-time assertion that this generated file and the runtime it calls are compatible: a
+// runtime without this constant needs a generator of its own version.
+const _ = forward.SupportPackageIsVersion1
+
 // Election implements v3electionpb.Election by forwarding every call to an upstream server.
 type Election struct {
 	v3electionpb.UnsafeElectionServer

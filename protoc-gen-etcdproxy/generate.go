@@ -87,8 +87,18 @@ func genHeader(g *protogen.GeneratedFile, cfg *Config, sources ...string) {
 	g.P()
 }
 
+// runtimeVersion is the name of the constant the runtime declares for the contract the generated code relies on
+// (its function names and signatures). Generated files assert it, so that a generator and a runtime that do not
+// match fail with a message naming the mismatch rather than with type errors deep in generated code (as
+// protoc-gen-go-grpc's SupportPackageIsVersion). Bump both together when the contract changes.
+const runtimeVersion = "SupportPackageIsVersion1"
+
 func genFile(g *protogen.GeneratedFile, f *protogen.File, cfg *Config) {
 	genHeader(g, cfg, f.Desc.Path())
+	g.P("// This is a compile-time assertion that this generated file and the runtime it calls are compatible: a")
+	g.P("// runtime without this constant needs a generator of its own version.")
+	g.P("const _ = ", protogen.GoImportPath(cfg.Runtime).Ident(runtimeVersion))
+	g.P()
 	for _, s := range f.Services {
 		genService(g, f, s, cfg)
 	}
