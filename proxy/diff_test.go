@@ -1275,13 +1275,4 @@ func mustParseURL(t *testing.T, s string) url.URL {
 }
 
 // pollUntil checks cond every 10ms until it holds, or fails the test after d.
-func pollUntil(t *testing.T, d time.Duration, cond func() bool, format string, args ...any) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf(format, args...)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
+var pollUntil = proxytest.Eventually

@@ -23,11 +23,7 @@ import (
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m, proxytest.LeakOptions()...) }
 
-func timeout(t *testing.T, d time.Duration) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), d)
-	t.Cleanup(cancel)
-	return ctx
-}
+var timeout = proxytest.Timeout
 
 // sameError fails unless direct and via carry the same gRPC code and message.
 func sameError(t *testing.T, what string, direct, via error) {

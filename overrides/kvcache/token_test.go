@@ -11,7 +11,10 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-const tokenTTL = 2 // seconds: etcd's --auth-token-ttl in these tests
+// tokenTTL is etcd's --auth-token-ttl in these tests, in seconds. Authenticating (bcrypt, under -race on a loaded
+// machine) can take a second or more, so a shorter TTL could expire a token before its first use; it must stay
+// above the cache's TokenCheck (1 s).
+const tokenTTL = 4
 
 func tokenEnv(t *testing.T) *proxytest.Env {
 	return proxytest.Start(t, proxytest.Options{User: "root", Password: "r",
