@@ -4,7 +4,7 @@ BUF     := $(GO) tool -modfile=tools/go.mod buf
 BUILD   := .build
 RUN_DIR ?= $(BUILD)/run
 
-.PHONY: all build run test generate api-diff lint bench bench-quick bench-floor etcd-bin clean
+.PHONY: all build run test generate api-diff lint bench bench-quick floor-bin etcd-bin clean
 
 all: build
 
@@ -29,19 +29,23 @@ generate:
 	$(BUF) generate
 	$(GO) test -count=1 -run 'TestGenIsFresh|TestBufGenOptions' ./protoc-gen-etcdproxy
 
-## bench: direct etcd vs etcd grpc-proxy vs etcdproxy, each in its own process, interleaved rounds; writes
-## BENCHMARKS.md. bench-quick: the same in under 2 minutes, for development (prints, writes nothing).
-bench: build etcd-bin
-	$(GO) run ./cmd/etcdproxy-bench -etcd $(BUILD)/etcd -etcdproxy bin/etcdproxy -out BENCHMARKS.md
+## bench: direct etcd vs etcd grpc-proxy vs etcdproxy, with the two floors (floorrelay: the thinnest gRPC-Go relay;
+## floorcache: the thinnest gRPC-Go cache hit) in the same interleaved rounds, each target in its own process;
+## writes BENCHMARKS.md and its SVG plots. About 19 minutes (estimated); BENCH_FLAGS=-watchers100k=false leaves out
+## the 100,000 watchers (about 1.5 of them). bench-quick: the same, shorter (about 3 minutes), printed only.
+BENCH_FLAGS ?=
+BENCH = $(GO) run ./cmd/etcdproxy-bench -etcd $(BUILD)/etcd -etcdproxy bin/etcdproxy \
+	-floorrelay $(BUILD)/floorrelay -floorcache $(BUILD)/floorcache $(BENCH_FLAGS)
+bench: build etcd-bin floor-bin
+	$(BENCH) -out BENCHMARKS.md
 
-bench-quick: build etcd-bin
-	$(GO) run ./cmd/etcdproxy-bench -etcd $(BUILD)/etcd -etcdproxy bin/etcdproxy -quick
+bench-quick: build etcd-bin floor-bin
+	$(BENCH) -quick
 
-## bench-floor: the quick benchmark with floorrelay, the thinnest gRPC-Go relay (raw bytes, no logic), in etcdproxy's
-## column: the floor of any gRPC-Go proxy on this machine, to read etcdproxy's ratios against. Prints, writes nothing.
-bench-floor: etcd-bin
+## floor-bin: the benchmark's two measuring devices (cmd/etcdproxy-bench/floorrelay, floorcache).
+floor-bin:
 	$(GO) build -o $(BUILD)/floorrelay ./cmd/etcdproxy-bench/floorrelay
-	$(GO) run ./cmd/etcdproxy-bench -etcd $(BUILD)/etcd -etcdproxy $(BUILD)/floorrelay -quick
+	$(GO) build -o $(BUILD)/floorcache ./cmd/etcdproxy-bench/floorcache
 
 ## etcd-bin: etcd itself (server and `etcd grpc-proxy`) at the version pinned in go.mod, for the benchmark.
 etcd-bin:

@@ -1,12 +1,14 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -15,20 +17,25 @@ import (
 	"google.golang.org/grpc"
 )
 
-// The three targets, in the order of the table's columns.
+// The targets, in the order of the table's columns. floorrelay and floorcache are measuring devices, not proxies
+// (cmd/etcdproxy-bench/floorrelay, floorcache): the least a gRPC-Go server can do to forward a call, and to answer a
+// cache hit, on this machine; etcdproxy/floor divides etcdproxy by the one that does what etcdproxy did.
 const (
-	direct    = "direct"
-	grpcProxy = "grpc-proxy"
-	etcdproxy = "etcdproxy"
+	direct     = "direct"
+	grpcProxy  = "grpc-proxy"
+	floorRelay = "floorrelay"
+	floorCache = "floorcache"
+	etcdproxy  = "etcdproxy"
 )
 
-var targetNames = []string{direct, grpcProxy, etcdproxy}
+var targetNames = []string{direct, grpcProxy, floorRelay, floorCache, etcdproxy}
 
 // target is one way of reaching etcd.
 type target struct {
 	name string
 	addr string // host:port
 	pid  int    // the proxy's process, for CPU and memory; 0 for direct or when unknown
+	proc *proc  // the proxy's process when the benchmark started it (the idle workload pauses it); else nil
 }
 
 // bench is one benchmark run: the processes it started, its connections and its results.
@@ -90,41 +97,53 @@ func (b *bench) startTargets(ctx context.Context) error {
 		return err
 	}
 	b.targets = append(b.targets, &target{name: direct, addr: b.etcdAddr})
+	if err := b.startProxies(ctx); err != nil {
+		return err
+	}
+	logf("targets: %s", b.describeTargets())
+	return nil
+}
 
-	// The proxies start together, each in its own process, then both are waited for.
+// startProxies starts the proxies and the floors together, each in its own process, then waits for all; one given
+// by endpoint is only waited for, one with neither binary nor endpoint is missing (its cells read "not run").
+func (b *bench) startProxies(ctx context.Context) error {
+	c := b.cfg
 	type starting struct {
 		t *target
 		p *proc
 	}
 	var waits []starting
-	add := func(name, addr string, pid int, bin string, args ...string) error {
+	for _, s := range []struct {
+		name, addr string
+		pid        int
+		bin        string
+		args       []string
+	}{
+		{grpcProxy, c.grpcProxyAddr, c.grpcProxyPID, c.etcdBin, []string{"grpc-proxy", "start"}},
+		{floorRelay, "", 0, c.floorRelayBin, []string{"start"}},
+		{floorCache, "", 0, c.floorCacheBin, []string{"start"}},
+		{etcdproxy, c.etcdproxyAddr, c.etcdproxyPID, c.etcdproxyBin, []string{"start"}},
+	} {
 		switch {
-		case addr != "":
-			waits = append(waits, starting{t: &target{name: name, addr: addr, pid: pid}})
-		case bin != "":
+		case s.addr != "":
+			waits = append(waits, starting{t: &target{name: s.name, addr: s.addr, pid: s.pid}})
+		case s.bin != "":
 			ports, err := embedetcd.FreePorts(1)
 			if err != nil {
 				return err
 			}
-			t := &target{name: name, addr: fmt.Sprintf("127.0.0.1:%d", ports[0])}
-			args = append(args, "--endpoints="+b.etcdAddr, "--listen-addr="+t.addr,
-				"--data-dir="+filepath.Join(b.dir, name))
-			p, err := b.procs.start(name, filepath.Join(b.dir, name+".log"), append([]string{bin}, args...)...)
+			t := &target{name: s.name, addr: fmt.Sprintf("127.0.0.1:%d", ports[0])}
+			args := append(s.args, "--endpoints="+b.etcdAddr, "--listen-addr="+t.addr,
+				"--data-dir="+filepath.Join(b.dir, s.name))
+			p, err := b.procs.start(s.name, filepath.Join(b.dir, s.name+".log"), append([]string{s.bin}, args...)...)
 			if err != nil {
 				return err
 			}
-			t.pid = p.pid()
+			t.pid, t.proc = p.pid(), p
 			waits = append(waits, starting{t: t, p: p})
 		default:
-			b.missing[name] = "not run: no binary or endpoint given"
+			b.missing[s.name] = "not run: no binary or endpoint given"
 		}
-		return nil
-	}
-	if err := add(grpcProxy, c.grpcProxyAddr, c.grpcProxyPID, c.etcdBin, "grpc-proxy", "start"); err != nil {
-		return err
-	}
-	if err := add(etcdproxy, c.etcdproxyAddr, c.etcdproxyPID, c.etcdproxyBin, "start"); err != nil {
-		return err
 	}
 	for _, s := range waits {
 		if err := waitServing(ctx, s.t.addr, s.p, 30*time.Second); err != nil {
@@ -132,7 +151,6 @@ func (b *bench) startTargets(ctx context.Context) error {
 		}
 		b.targets = append(b.targets, s.t)
 	}
-	logf("targets: %s", b.describeTargets())
 	return nil
 }
 
@@ -184,61 +202,98 @@ func (b *bench) pool(t *target, n int) ([]*grpc.ClientConn, error) {
 	return b.pools[t.name][:n], nil
 }
 
-// workload is one benchmark, run against every target in interleaved rounds.
+// workload is one benchmark, run against its targets in interleaved rounds.
 type workload struct {
 	name   string
 	rounds int
+	// targets are the targets it runs against; nil: every target but floorcache, which only answers the cache-hit
+	// workloads (its answers would be wrong anywhere else). The others' cells read n/a.
+	targets []string
+	// floor is the target etcdproxy/floor divides by: floorrelay unless set.
+	floor string
 	// setup, if set, runs once before the first round (preloading keys, stopping etcd, ...).
 	setup func(ctx context.Context) error
 	// run measures one round against one target.
 	run func(ctx context.Context, t *target, round int) (*measurement, error)
+	// derive, if set, adds rows computed from every target's rounds (a difference from direct's, ...).
+	derive func(res *workloadResult)
+}
+
+// runs reports whether w runs against the target named name.
+func (w workload) runs(name string) bool {
+	if w.targets == nil {
+		return name != floorCache
+	}
+	return slices.Contains(w.targets, name)
 }
 
 func (b *bench) workloads() []workload {
 	ws := b.unaryWorkloads()
 	ws = append(ws, b.watchWorkloads()...)
 	ws = append(ws, b.keepAliveWorkload(), b.expiryWorkload())
+	// After every workload with traffic, so that no proxy has been read from for a while; before etcd goes down.
+	ws = append(ws, b.idleWorkload())
 	// Last: it kills etcd.
 	ws = append(ws, b.etcdDownWorkload())
 	return ws
 }
 
-// runWorkload runs w's rounds; round r runs the targets in rotated order (A B C, B C A, C A B, ...), so that no
-// target always runs first, or right after the same neighbour, on a machine whose load drifts.
+// runWorkload runs w's rounds; round r runs w's targets in rotated order (A B C D, B C D A, C D A B, ...), so that
+// no target always runs first, or in the same place, on a machine whose load drifts.
 func (b *bench) runWorkload(ctx context.Context, w workload) *workloadResult {
 	res := newWorkloadResult(w.name)
+	res.floor = cmp.Or(w.floor, floorRelay)
 	for name, why := range b.missing {
-		res.skipped[name] = why
+		if w.runs(name) {
+			res.skipped[name] = why
+		}
+	}
+	var ts []*target
+	for _, t := range b.targets {
+		if w.runs(t.name) {
+			ts = append(ts, t)
+		}
 	}
 	logf("== %s (%d rounds)", w.name, w.rounds)
 	if w.setup != nil {
 		if err := w.setup(ctx); err != nil {
 			logf("   setup: %v", err)
-			for _, t := range b.targets {
+			for _, t := range ts {
 				res.add(t.name, nil, fmt.Errorf("setup: %w", err))
 			}
 			return res
 		}
 	}
 	for r := range w.rounds {
-		for i := range b.targets {
-			if ctx.Err() != nil {
+		for i := range ts {
+			t := ts[(i+r)%len(ts)]
+			if !b.runRound(ctx, w, res, t, r) {
 				return res
-			}
-			t := b.targets[(i+r)%len(b.targets)]
-			m, err := w.run(ctx, t, r)
-			if ctx.Err() != nil {
-				return res
-			}
-			res.add(t.name, m, err)
-			if err != nil {
-				logf("   round %d %-10s error: %v", r+1, t.name, err)
-			} else {
-				logf("   round %d %-10s %s", r+1, t.name, m.summary())
 			}
 		}
 	}
+	if w.derive != nil {
+		w.derive(res)
+	}
 	return res
+}
+
+// runRound runs round r of w against t and records it; false when the benchmark is interrupted.
+func (b *bench) runRound(ctx context.Context, w workload, res *workloadResult, t *target, r int) bool {
+	if ctx.Err() != nil {
+		return false
+	}
+	m, err := w.run(ctx, t, r)
+	if ctx.Err() != nil {
+		return false
+	}
+	res.add(t.name, m, err)
+	if err != nil {
+		logf("   round %d %-10s error: %v", r+1, t.name, err)
+	} else {
+		logf("   round %d %-10s %s", r+1, t.name, m.summary())
+	}
+	return true
 }
 
 // probe measures the CPU time of etcd, of the target's proxy and of this process over a window, and the peak RSS
@@ -349,14 +404,27 @@ func (b *bench) meta(started time.Time) meta {
 		m.Etcdproxy += " (git " + rev + ")"
 	}
 	m.Versions = fmt.Sprintf("%s; %s; Go %s", m.Etcd, m.Etcdproxy, m.Go)
-	p := b.plan
+	m.Rounds = b.plan.describe()
+	return m
+}
+
+// describe is the plan in one line, for the report's header.
+func (p plan) describe() string {
 	var wr []string
 	for _, w := range p.watchers {
 		wr = append(wr, fmt.Sprintf("%d with W=%d", p.watchRounds[w], w))
 	}
-	m.Rounds = fmt.Sprintf("unary %d, watch %s, keepalive %d, etcd down %d", p.rounds, strings.Join(wr, " and "),
-		p.leaseRounds, p.downRounds)
-	return m
+	if p.bigWatchers > 0 {
+		wr = append(wr, fmt.Sprintf("%d with W=%d (proxies only)", p.watchRounds[p.bigWatchers], p.bigWatchers))
+	}
+	ints := func(xs []int) string { return strings.Trim(strings.Join(strings.Fields(fmt.Sprint(xs)), ","), "[]") }
+	idle := "every target but floorcache"
+	if p.idleTargets != nil {
+		idle = strings.Join(p.idleTargets, ", ")
+	}
+	return fmt.Sprintf("unary %d (put C=%s; hot get C=%s), watch %s, keepalive %d, idle %v window (%s), etcd down %d",
+		p.rounds, ints(p.putClients), ints(p.getClients), strings.Join(wr, " and "), p.leaseRounds, p.idleWindow, idle,
+		p.downRounds)
 }
 
 func firstLine(name string, args ...string) string {

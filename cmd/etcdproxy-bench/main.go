@@ -1,11 +1,13 @@
 // Command etcdproxy-bench compares, in one run, three ways of reaching etcd: directly, through etcd's own
-// `etcd grpc-proxy start`, and through etcdproxy. It starts an etcd member and both proxies as separate processes on
-// loopback ports it picks (or uses endpoints given by flags), runs each workload against the three targets in
-// interleaved rounds (A B C, B C A, C A B, ...), and prints the medians and the ratios etcdproxy/direct and
-// etcdproxy/grpc-proxy as a Markdown table; -json writes JSON lines, -out writes BENCHMARKS.md.
+// `etcd grpc-proxy start`, and through etcdproxy; and two floors to read etcdproxy against, floorrelay (the
+// thinnest gRPC-Go relay) and floorcache (the thinnest gRPC-Go cache hit). It starts an etcd member and the proxies
+// as separate processes on loopback ports it picks (or uses endpoints given by flags), runs each workload against
+// the targets in interleaved rounds (A B C D, B C D A, ...), and prints the medians and the ratios
+// etcdproxy/direct, etcdproxy/grpc-proxy and etcdproxy/floor as a Markdown table; -json writes JSON lines, -out
+// writes BENCHMARKS.md and, next to it, SVG plots (-plots writes them elsewhere).
 //
-//	go run ./cmd/etcdproxy-bench -etcd .build/etcd -etcdproxy bin/etcdproxy -quick
-//	go run ./cmd/etcdproxy-bench -etcd .build/etcd -etcdproxy bin/etcdproxy -out BENCHMARKS.md
+//	go run ./cmd/etcdproxy-bench -etcd .build/etcd -etcdproxy bin/etcdproxy -floorrelay .build/floorrelay -floorcache .build/floorcache -quick
+//	go run ./cmd/etcdproxy-bench -etcd .build/etcd -etcdproxy bin/etcdproxy -floorrelay .build/floorrelay -floorcache .build/floorcache -out BENCHMARKS.md
 //
 // The machines this runs on are shared and small, so absolute numbers mean little: read the ratios.
 package main
@@ -17,6 +19,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"syscall"
@@ -25,8 +28,10 @@ import (
 
 // config holds the command-line flags.
 type config struct {
-	etcdBin      string
-	etcdproxyBin string
+	etcdBin       string
+	etcdproxyBin  string
+	floorRelayBin string // the floors: not run when empty
+	floorCacheBin string
 	// Endpoints of targets that are already running (host:port); a target with an endpoint is not started.
 	directAddr, grpcProxyAddr, etcdproxyAddr string
 	// PIDs of already running targets, for CPU and memory accounting (0: not accounted).
@@ -36,13 +41,17 @@ type config struct {
 	rounds                              int
 	only                                string
 	out                                 string
+	plots                               string // directory of the SVG plots (default: -out's)
 	jsonOut                             string
+	watchers100k                        bool
 }
 
 func main() {
 	var c config
 	flag.StringVar(&c.etcdBin, "etcd", "", "etcd binary: started as the etcd member and as `etcd grpc-proxy start` (make etcd-bin builds it)")
 	flag.StringVar(&c.etcdproxyBin, "etcdproxy", "", "etcdproxy binary (make build builds bin/etcdproxy)")
+	flag.StringVar(&c.floorRelayBin, "floorrelay", "", "floorrelay binary, the relay floor (make floor-bin builds .build/floorrelay); not run if empty")
+	flag.StringVar(&c.floorCacheBin, "floorcache", "", "floorcache binary, the cache-hit floor (make floor-bin builds .build/floorcache); not run if empty")
 	flag.StringVar(&c.directAddr, "direct", "", "use this running etcd (host:port) instead of starting one; the etcd-down workload is then skipped")
 	flag.StringVar(&c.grpcProxyAddr, "grpc-proxy", "", "use this running etcd grpc-proxy (host:port) instead of starting one")
 	flag.StringVar(&c.etcdproxyAddr, "etcdproxy-addr", "", "use this running etcdproxy (host:port) instead of starting one")
@@ -50,10 +59,12 @@ func main() {
 	flag.IntVar(&c.grpcProxyPID, "grpc-proxy-pid", 0, "PID of the running etcd grpc-proxy given by -grpc-proxy")
 	flag.IntVar(&c.etcdproxyPID, "etcdproxy-pid", 0, "PID of the running etcdproxy given by -etcdproxy-addr")
 	flag.StringVar(&c.metricsURL, "metrics-url", "", "etcd's Prometheus endpoint (default: http://ETCD/metrics)")
-	flag.BoolVar(&c.quick, "quick", false, "quick mode for development: fewer and shorter rounds, 1000 watchers only (< 2 min)")
+	flag.BoolVar(&c.quick, "quick", false, "quick mode for development: fewer and shorter rounds, 1000 watchers only, fewer client counts")
+	flag.BoolVar(&c.watchers100k, "watchers100k", true, "full mode: also run 100,000 watchers over 1,000 streams through grpc-proxy and etcdproxy (about 1.5 minutes)")
 	flag.IntVar(&c.rounds, "rounds", 0, "rounds per workload (default: 3; watch and etcd-down workloads use fewer)")
 	flag.StringVar(&c.only, "only", "", "run only the workloads whose name matches this regular expression")
-	flag.StringVar(&c.out, "out", "", "write a Markdown report (header, how to read, table, JSON lines) to this file")
+	flag.StringVar(&c.out, "out", "", "write a Markdown report (header, how to read, table, plots, JSON lines) to this file, and the plots next to it")
+	flag.StringVar(&c.plots, "plots", "", "write the SVG plots to this directory (default: the directory of -out; none without either)")
 	flag.StringVar(&c.jsonOut, "json", "", "write JSON lines (one per workload and metric) to this file")
 	flag.Parse()
 	if err := run(c); err != nil {
@@ -104,7 +115,12 @@ func run(c config) error {
 	meta.Wall = time.Since(started).Round(time.Second).String()
 	meta.LoadAfter = loadAvg()
 	logf("done in %v", meta.Wall)
+	return b.writeOutputs(meta)
+}
 
+// writeOutputs prints the table and writes what the flags ask for: JSON lines, the plots, the report.
+func (b *bench) writeOutputs(meta meta) error {
+	c := b.cfg
 	table := renderTable(b.results)
 	fmt.Print(table)
 	lines, err := jsonLines(meta, b.results)
@@ -116,8 +132,27 @@ func run(c config) error {
 			return err
 		}
 	}
+	dir := c.plots
+	if dir == "" && c.out != "" {
+		dir = filepath.Dir(c.out)
+	}
+	var plots []plotFile
+	if dir != "" {
+		if plots, err = writePlots(dir, b.plots()); err != nil {
+			return err
+		}
+		for _, p := range plots {
+			logf("wrote %s", filepath.Join(dir, p.file))
+		}
+	}
 	if c.out != "" {
-		if err := os.WriteFile(c.out, []byte(renderReport(meta, table, lines)), 0o644); err != nil {
+		for i, p := range plots {
+			// The report links each plot relative to itself.
+			if rel, err := filepath.Rel(filepath.Dir(c.out), filepath.Join(dir, p.file)); err == nil {
+				plots[i].file = filepath.ToSlash(rel)
+			}
+		}
+		if err := os.WriteFile(c.out, []byte(renderReport(meta, table, plots, lines)), 0o644); err != nil {
 			return err
 		}
 		logf("wrote %s", c.out)
@@ -134,13 +169,18 @@ type plan struct {
 	hotKeys     int           // key set of the hot serializable get (fits any cache)
 	coldKeys    int           // key set of the cold serializable get, read cyclically (fits no LRU cache smaller than it)
 	putKeys     int           // keys the put workloads write to
-	watchers    []int         // W of the watch fan-out workloads
+	putClients  []int         // C of the put workloads (the ops/s-against-clients plot)
+	getClients  []int         // C of the hot serializable get workloads (the same plot)
+	watchers    []int         // W of the watch fan-out workloads, against every target
+	bigWatchers int           // W of the one watch workload run through the proxies only; 0: not run
 	watchRounds map[int]int   // rounds per W
 	watchPuts   map[int]int   // paced puts per watch round, per W
 	leases      int           // L of the keepalive workload
 	leaseRounds int
 	leaseWindow time.Duration
-	downClients int // clients of the etcd-down workload
+	idleWindow  time.Duration // the idle workload's measured window per target
+	idleTargets []string      // the idle workload's targets (nil: all but floorcache)
+	downClients int           // clients of the etcd-down workload
 	downWindow  time.Duration
 	downRounds  int
 }
@@ -149,20 +189,32 @@ func newPlan(c config) plan {
 	p := plan{
 		mode: "full", rounds: 3, warmup: 300 * time.Millisecond, window: 2 * time.Second,
 		hotKeys: 100, coldKeys: 50000, putKeys: 1000,
+		putClients:  []int{1, 4, 16, 64},
+		getClients:  []int{1, 4, 16, 64},
 		watchers:    []int{1000, 10000},
-		watchRounds: map[int]int{1000: 3, 10000: 2},
-		watchPuts:   map[int]int{1000: 30, 10000: 15},
+		watchRounds: map[int]int{1000: 3, 10000: 2, 100000: 1},
+		watchPuts:   map[int]int{1000: 30, 10000: 15, 100000: 10},
 		leases:      1000, leaseRounds: 3, leaseWindow: 4 * time.Second,
+		// Not the floors: they do nothing on their own, by construction (12 s plus the window each).
+		idleWindow: 30 * time.Second, idleTargets: []string{direct, grpcProxy, etcdproxy},
 		downClients: 8, downWindow: 4 * time.Second, downRounds: 2,
+	}
+	if c.watchers100k {
+		p.bigWatchers = 100000
 	}
 	if c.quick {
 		p = plan{
 			mode: "quick", rounds: 3, warmup: 150 * time.Millisecond, window: 600 * time.Millisecond,
 			hotKeys: 100, coldKeys: 20000, putKeys: 1000,
+			putClients:  []int{1, 16},
+			getClients:  []int{16},
 			watchers:    []int{1000},
 			watchRounds: map[int]int{1000: 1},
 			watchPuts:   map[int]int{1000: 15},
 			leases:      200, leaseRounds: 1, leaseWindow: 2 * time.Second,
+			// The idle workload takes 12 s plus the window per proxy: quick mode measures etcdproxy against
+			// etcd's own rate only.
+			idleWindow: 10 * time.Second, idleTargets: []string{direct, etcdproxy},
 			downClients: 8, downWindow: 3 * time.Second, downRounds: 1,
 		}
 	}

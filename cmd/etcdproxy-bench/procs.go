@@ -95,6 +95,13 @@ func (p *proc) kill() {
 	}
 }
 
+// pause stops the process (SIGSTOP, to its whole group) until resume: it then sends nothing to anyone, while its
+// connections stay open. A paused process still dies with the benchmark (SIGKILL ends a stopped process).
+func (p *proc) pause() error { return syscall.Kill(-p.cmd.Process.Pid, syscall.SIGSTOP) }
+
+// resume continues a paused process (SIGCONT).
+func (p *proc) resume() error { return syscall.Kill(-p.cmd.Process.Pid, syscall.SIGCONT) }
+
 // logTail returns the last lines of the process's log, for error messages.
 func (p *proc) logTail() string {
 	b, err := os.ReadFile(p.logPath)

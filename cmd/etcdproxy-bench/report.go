@@ -69,13 +69,19 @@ var (
 	mExpiryP50  = metric{name: "expiry after last keepalive p50 s", better: lowerBetter}
 	mExpiryMax  = metric{name: "expiry after last keepalive max s", better: lowerBetter}
 	mNotExpired = metric{name: "leases not expired within 3×TTL (must be 0)", better: lowerBetter, agg: sum}
+	// The idle workload: etcd's committed raft proposals per second, as etcd counts them, then minus etcd's own
+	// idle rate (direct's), which is what the proxy costs etcd.
+	mPropFirst   = metric{name: "etcd proposals/s, first 10 s after a read", better: lowerBetter}
+	mPropIdle    = metric{name: "etcd proposals/s, idle (from 12 s after a read)", better: lowerBetter}
+	mPropByFirst = metric{name: "proposals/s from the proxy, first 10 s", better: lowerBetter}
+	mPropByIdle  = metric{name: "proposals/s from the proxy, idle (goal ≤ 0.1)", better: lowerBetter}
 )
 
 // metricOrder is the order of a workload's rows, whatever order the targets measured them in.
 var metricOrder = []metric{mCreateMs, mUpWatch, mUpStreams, mOps, mAttempts, mP50, mP99, mExpiryP50, mExpiryMax,
 	mNotExpired, mErrors, mLost, mDup,
-	mUnanswer, mRenewals, mErrCode, mCacheHit, mEtcdCPU, mProxyCPU, mClientCPU, mProxyMsS, mClientMsS, mProxyRSS,
-	mEtcdRSS}
+	mUnanswer, mRenewals, mErrCode, mCacheHit, mPropFirst, mPropIdle, mPropByFirst, mPropByIdle, mEtcdCPU, mProxyCPU,
+	mClientCPU, mProxyMsS, mClientMsS, mProxyRSS, mEtcdRSS}
 
 func metricRank(m metric) int {
 	i := slices.IndexFunc(metricOrder, func(x metric) bool { return x.name == m.name })
@@ -142,6 +148,7 @@ func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond)
 // workloadResult gathers every round of one workload.
 type workloadResult struct {
 	name    string
+	floor   string                          // the target etcdproxy/floor divides by
 	metrics []metric                        // in the order first measured
 	values  map[string]map[string][]float64 // metric name -> target -> values per round
 	texts   map[string]map[string][]string
@@ -152,7 +159,7 @@ type workloadResult struct {
 }
 
 func newWorkloadResult(name string) *workloadResult {
-	return &workloadResult{name: name, values: map[string]map[string][]float64{}, texts: map[string]map[string][]string{},
+	return &workloadResult{name: name, floor: floorRelay, values: map[string]map[string][]float64{}, texts: map[string]map[string][]string{},
 		errs: map[string][]string{}, notes: map[string][]string{}, rounds: map[string]int{}, skipped: map[string]string{}}
 }
 
@@ -166,22 +173,27 @@ func (w *workloadResult) add(tgt string, m *measurement, err error) {
 		w.notes[tgt] = append(w.notes[tgt], m.note)
 	}
 	for _, s := range m.samples {
-		if !slices.ContainsFunc(w.metrics, func(x metric) bool { return x.name == s.metric.name }) {
-			w.metrics = append(w.metrics, s.metric)
-			slices.SortStableFunc(w.metrics, func(a, b metric) int { return metricRank(a) - metricRank(b) })
-		}
-		if s.metric.text {
-			if w.texts[s.metric.name] == nil {
-				w.texts[s.metric.name] = map[string][]string{}
-			}
-			w.texts[s.metric.name][tgt] = append(w.texts[s.metric.name][tgt], s.text)
-			continue
-		}
-		if w.values[s.metric.name] == nil {
-			w.values[s.metric.name] = map[string][]float64{}
-		}
-		w.values[s.metric.name][tgt] = append(w.values[s.metric.name][tgt], s.value)
+		w.record(tgt, s)
 	}
+}
+
+// record adds one sample of tgt, without counting a round (add counts them; a derived row adds samples after).
+func (w *workloadResult) record(tgt string, s sample) {
+	if !slices.ContainsFunc(w.metrics, func(x metric) bool { return x.name == s.metric.name }) {
+		w.metrics = append(w.metrics, s.metric)
+		slices.SortStableFunc(w.metrics, func(a, b metric) int { return metricRank(a) - metricRank(b) })
+	}
+	if s.metric.text {
+		if w.texts[s.metric.name] == nil {
+			w.texts[s.metric.name] = map[string][]string{}
+		}
+		w.texts[s.metric.name][tgt] = append(w.texts[s.metric.name][tgt], s.text)
+		return
+	}
+	if w.values[s.metric.name] == nil {
+		w.values[s.metric.name] = map[string][]float64{}
+	}
+	w.values[s.metric.name][tgt] = append(w.values[s.metric.name][tgt], s.value)
 }
 
 // value is the cell of metric m for target tgt: the median (or sum) over rounds.
@@ -233,8 +245,7 @@ func count(ss []string, s string) int {
 
 // cell is the text of one cell.
 func (w *workloadResult) cell(m metric, tgt string) string {
-	if why, ok := w.skipped[tgt]; ok {
-		_ = why
+	if _, ok := w.skipped[tgt]; ok {
 		return "not run"
 	}
 	if m.text {
@@ -294,43 +305,58 @@ func fmtRatio(r float64, ok bool) string {
 	}
 }
 
+// tableHead is the results table's header: the targets in column order, then the ratios.
+const tableHead = "| workload | metric | direct | grpc-proxy | floorrelay | floorcache | etcdproxy | etcdproxy/direct | " +
+	"etcdproxy/grpc-proxy | etcdproxy/floor |\n" +
+	"| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+
 // renderTable renders every result as one Markdown table.
 func renderTable(results []*workloadResult) string {
 	var sb strings.Builder
-	sb.WriteString("| workload | metric | direct | grpc-proxy | etcdproxy | etcdproxy/direct | etcdproxy/grpc-proxy |\n")
-	sb.WriteString("| --- | --- | ---: | ---: | ---: | ---: | ---: |\n")
+	sb.WriteString(tableHead)
 	for _, w := range results {
-		first := true
-		name := func() string {
-			if first {
-				first = false
-				return "**" + w.name + "**"
-			}
-			return ""
-		}
-		for _, m := range w.metrics {
-			fmt.Fprintf(&sb, "| %s | %s | %s | %s | %s | %s | %s |\n", name(), m.label(),
-				w.cell(m, direct), w.cell(m, grpcProxy), w.cell(m, etcdproxy),
-				fmtRatio(w.ratio(m, etcdproxy, direct)), fmtRatio(w.ratio(m, etcdproxy, grpcProxy)))
-		}
-		for _, kind := range []struct {
-			label string
-			of    map[string][]string
-		}{{"error", w.errs}, {"note", w.notes}} {
-			if len(kind.of) == 0 {
-				continue
-			}
-			cells := make([]string, len(targetNames))
-			for i, t := range targetNames {
-				cells[i] = describe(kind.of[t], w.rounds[t])
-			}
-			fmt.Fprintf(&sb, "| %s | %s | %s | %s | %s | | |\n", name(), kind.label, cells[0], cells[1], cells[2])
-		}
-		if len(w.metrics) == 0 && len(w.errs) == 0 {
-			fmt.Fprintf(&sb, "| %s | (no result) | | | | | |\n", name())
-		}
+		w.renderRows(&sb)
 	}
 	return sb.String()
+}
+
+// renderRows writes w's rows: one per metric, then its errors and notes; the workload's name on the first.
+func (w *workloadResult) renderRows(sb *strings.Builder) {
+	first := true
+	name := func() string {
+		if first {
+			first = false
+			return "**" + w.name + "**"
+		}
+		return ""
+	}
+	row := func(label string, cells []string, ratios ...string) {
+		fmt.Fprintf(sb, "| %s | %s | %s | %s |\n", name(), label, strings.Join(cells, " | "), strings.Join(ratios, " | "))
+	}
+	for _, m := range w.metrics {
+		cells := make([]string, len(targetNames))
+		for i, t := range targetNames {
+			cells[i] = w.cell(m, t)
+		}
+		row(m.label(), cells, fmtRatio(w.ratio(m, etcdproxy, direct)), fmtRatio(w.ratio(m, etcdproxy, grpcProxy)),
+			fmtRatio(w.ratio(m, etcdproxy, w.floor)))
+	}
+	for _, kind := range []struct {
+		label string
+		of    map[string][]string
+	}{{"error", w.errs}, {"note", w.notes}} {
+		if len(kind.of) == 0 {
+			continue
+		}
+		cells := make([]string, len(targetNames))
+		for i, t := range targetNames {
+			cells[i] = describe(kind.of[t], w.rounds[t])
+		}
+		row(kind.label, cells, "", "", "")
+	}
+	if len(w.metrics) == 0 && len(w.errs) == 0 {
+		row("(no result)", make([]string, len(targetNames)), "", "", "")
+	}
 }
 
 // describe summarises per-round errors or notes for a table cell: "2/3 rounds: first message".
@@ -355,6 +381,8 @@ type jsonLine struct {
 	Rounds   map[string][]float64 `json:"rounds,omitempty"`
 	VsDirect *float64             `json:"etcdproxy_vs_direct,omitempty"`
 	VsProxy  *float64             `json:"etcdproxy_vs_grpc_proxy,omitempty"`
+	Floor    string               `json:"floor,omitempty"` // the target of etcdproxy_vs_floor
+	VsFloor  *float64             `json:"etcdproxy_vs_floor,omitempty"`
 	Errors   map[string][]string  `json:"errors,omitempty"`
 }
 
@@ -365,46 +393,15 @@ func jsonLines(m meta, results []*workloadResult) ([]string, error) {
 	}
 	lines := []string{string(head)}
 	for _, w := range results {
+		var ls []jsonLine
 		for _, met := range w.metrics {
-			l := jsonLine{Workload: w.name, Metric: met.name, Value: map[string]any{}}
-			switch met.better {
-			case higherBetter:
-				l.Better = "higher"
-			case lowerBetter:
-				l.Better = "lower"
-			}
-			for _, t := range targetNames {
-				if met.text {
-					if ts := w.texts[met.name][t]; len(ts) > 0 {
-						l.Value[t] = mostCommon(ts)
-					}
-					continue
-				}
-				if v, ok := w.value(met, t); ok {
-					l.Value[t] = v
-					if l.Rounds == nil {
-						l.Rounds = map[string][]float64{}
-					}
-					l.Rounds[t] = w.values[met.name][t]
-				}
-			}
-			if r, ok := w.ratio(met, etcdproxy, direct); ok {
-				l.VsDirect = &r
-			}
-			if r, ok := w.ratio(met, etcdproxy, grpcProxy); ok {
-				l.VsProxy = &r
-			}
-			if len(w.errs) > 0 {
-				l.Errors = w.errs
-			}
-			b, err := json.Marshal(l)
-			if err != nil {
-				return nil, err
-			}
-			lines = append(lines, string(b))
+			ls = append(ls, w.jsonLine(met))
 		}
 		if len(w.metrics) == 0 && len(w.errs) > 0 {
-			b, err := json.Marshal(jsonLine{Workload: w.name, Metric: "error", Value: map[string]any{}, Errors: w.errs})
+			ls = append(ls, jsonLine{Workload: w.name, Metric: "error", Value: map[string]any{}, Errors: w.errs})
+		}
+		for _, l := range ls {
+			b, err := json.Marshal(l)
 			if err != nil {
 				return nil, err
 			}
@@ -414,12 +411,52 @@ func jsonLines(m meta, results []*workloadResult) ([]string, error) {
 	return lines, nil
 }
 
-// renderReport is BENCHMARKS.md: how the run was made, how to read it, the table, and the JSON lines.
-func renderReport(m meta, table string, lines []string) string {
+// jsonLine is w's line for metric met.
+func (w *workloadResult) jsonLine(met metric) jsonLine {
+	l := jsonLine{Workload: w.name, Metric: met.name, Value: map[string]any{}}
+	switch met.better {
+	case higherBetter:
+		l.Better = "higher"
+	case lowerBetter:
+		l.Better = "lower"
+	}
+	for _, t := range targetNames {
+		if met.text {
+			if ts := w.texts[met.name][t]; len(ts) > 0 {
+				l.Value[t] = mostCommon(ts)
+			}
+			continue
+		}
+		if v, ok := w.value(met, t); ok {
+			l.Value[t] = v
+			if l.Rounds == nil {
+				l.Rounds = map[string][]float64{}
+			}
+			l.Rounds[t] = w.values[met.name][t]
+		}
+	}
+	if r, ok := w.ratio(met, etcdproxy, direct); ok {
+		l.VsDirect = &r
+	}
+	if r, ok := w.ratio(met, etcdproxy, grpcProxy); ok {
+		l.VsProxy = &r
+	}
+	if r, ok := w.ratio(met, etcdproxy, w.floor); ok {
+		l.Floor, l.VsFloor = w.floor, &r
+	}
+	if len(w.errs) > 0 {
+		l.Errors = w.errs
+	}
+	return l
+}
+
+// renderReport is BENCHMARKS.md: how the run was made, how to read it, the table, the plots, and the JSON lines.
+func renderReport(m meta, table string, plots []plotFile, lines []string) string {
 	var sb strings.Builder
 	sb.WriteString("# Benchmarks: direct etcd vs etcd grpc-proxy vs etcdproxy\n\n")
-	sb.WriteString("Written by `make bench` (`go run ./cmd/etcdproxy-bench -etcd .build/etcd -etcdproxy bin/etcdproxy -out BENCHMARKS.md`).\n")
-	sb.WriteString("Regenerate it on the commit you want to measure; `make bench-quick` is the same in under two minutes, printed only.\n\n")
+	sb.WriteString("Written by `make bench` (`go run ./cmd/etcdproxy-bench -etcd .build/etcd -etcdproxy bin/etcdproxy " +
+		"-floorrelay .build/floorrelay -floorcache .build/floorcache -out BENCHMARKS.md`), with the plots next to it.\n")
+	sb.WriteString("Regenerate it on the commit you want to measure; `make bench-quick` is a shorter run of the same, printed only.\n\n")
 	fmt.Fprintf(&sb, "- date: %s; mode: %s; wall time: %s\n", m.Date, m.Mode, m.Wall)
 	fmt.Fprintf(&sb, "- machine: %s (`nproc` = %d); load average at start %s, at end %s\n", m.Machine, m.Cores, m.LoadStart, m.LoadAfter)
 	fmt.Fprintf(&sb, "- versions: %s\n", m.Versions)
@@ -428,6 +465,12 @@ func renderReport(m meta, table string, lines []string) string {
 	sb.WriteString(howToRead)
 	sb.WriteString("\n## Results\n\n")
 	sb.WriteString(table)
+	if len(plots) > 0 {
+		sb.WriteString("\n## Plots\n\n")
+		for _, p := range plots {
+			fmt.Fprintf(&sb, "![%s](%s)\n\n", p.title, p.file)
+		}
+	}
 	sb.WriteString("\n<details><summary>JSON lines (one per workload and metric; first line: the run)</summary>\n\n```jsonl\n")
 	sb.WriteString(strings.Join(lines, "\n"))
 	sb.WriteString("\n```\n\n</details>\n")
@@ -436,28 +479,37 @@ func renderReport(m meta, table string, lines []string) string {
 
 const howToRead = `## How to read this
 
-- Three targets, each its own process on loopback: **direct** is the etcd member itself; **grpc-proxy** is
-  ` + "`etcd grpc-proxy start`" + ` from the same etcd binary; **etcdproxy** is ` + "`bin/etcdproxy start`" + `. The load
-  generator is the benchmark process itself, on the same machine.
-- Each workload runs against the three targets in interleaved rounds (round 1: A B C, round 2: B C A, ...); a cell is
-  the median over rounds (counts such as errors and lost events are summed). The machine is small and shared, so
-  absolute numbers drift between runs: read the **ratios**, etcdproxy's value divided by direct etcd's and by
-  etcd grpc-proxy's, measured minutes apart in the same run.
+- Five targets, each its own process on loopback: **direct** is the etcd member itself; **grpc-proxy** is
+  ` + "`etcd grpc-proxy start`" + ` from the same etcd binary; **etcdproxy** is ` + "`bin/etcdproxy start`" + `. The two
+  floors are measuring devices, not proxies: **floorrelay** is the thinnest gRPC-Go relay (raw bytes, no logic,
+  no waiting for a ready upstream), **floorcache** the thinnest gRPC-Go server that answers a repeated
+  serializable Range from stored response bytes (the first read of each request goes to etcd; never
+  invalidated, so it runs only in the cache-hit workloads, and reads n/a elsewhere). The load generator is the
+  benchmark process itself, on the same machine.
+- Each workload runs against its targets in interleaved rounds (round 1: A B C D, round 2: B C D A, ...); a cell
+  is the median over rounds (counts such as errors and lost events are summed). The machine is small and shared,
+  so absolute numbers drift between runs: read the **ratios**, etcdproxy's value divided by direct etcd's, by
+  etcd grpc-proxy's, and by the floor's, measured minutes apart in the same run.
+- **etcdproxy/floor** divides etcdproxy by the floor of what it did: floorcache for the serializable get "hot"
+  workloads (etcdproxy's cache hits), floorrelay for every other row (a forwarded call). It is what etcdproxy
+  costs above the least any gRPC-Go proxy could cost on this machine; a ratio near 1 leaves nothing to win.
 - ↑ higher is better, ↓ lower is better: for ops/s a ratio above 1 is better; for latency, CPU and memory a ratio
   below 1 is better.
 - ops/s is throughput over the measured window. Unary workloads are closed loops (C clients, each on its own
-  connection, 256-byte values). Watch workloads are paced, so their ops/s (events delivered per second) follows
-  the pace and an op is one event delivered to one watcher; their latency is from the moment the put is sent
-  (straight to etcd, for every target) to the watcher's receipt of the event (timing from the put's
-  acknowledgement would read 0 for direct etcd, which often delivers the event first). For the keepalive workload
-  an op is a keepalive reply, and latency is from a lease's keepalive request to its reply.
+  connection, 256-byte values); put and the hot serializable get run at several C (the ops/s plots). Watch
+  workloads are paced, so their ops/s (events delivered per second) follows the pace and an op is one event
+  delivered to one watcher; their latency is from the moment the put is sent (straight to etcd, for every target)
+  to the watcher's receipt of the event (timing from the put's acknowledgement would read 0 for direct etcd, which
+  often delivers the event first). For the keepalive workload an op is a keepalive reply, and latency is from a
+  lease's keepalive request to its reply.
 - CPU µs/op is the process's user+system CPU time (/proc/PID/stat) over the window divided by the ops in it:
   **etcd CPU** is etcd's, **proxy CPU** the proxy's (n/a for direct). Peak RSS is VmHWM over the window (reset
   before it through /proc/PID/clear_refs).
 - Watch workloads: W watchers over W/100 gRPC streams (100 watchers each) on at most 10 connections. etcd watchers
   and watch streams are etcd's own gauges (etcd_debugging_mvcc_watcher_total, etcd_debugging_mvcc_watch_stream_total)
   once every watcher is created, minus their value before: how much of the fan-out reaches etcd. Lost and
-  duplicated events are counted per watcher by revision and must be 0.
+  duplicated events are counted per watcher by revision and must be 0. W=100000 (one key, burst; full mode,
+  ` + "`-watchers100k`" + `) runs through grpc-proxy and etcdproxy only: 100,000 watchers over 1,000 streams on one proxy.
 - **bench client CPU** is the benchmark process's own CPU per op (its gRPC clients; unary workloads). On this
   machine the clients, etcd and the proxy share the same cores, so it bounds what any proxy can show: with the
   proxy's own CPU at zero, a cached read could reach at most (client + direct etcd CPU) / client times direct
@@ -466,15 +518,28 @@ const howToRead = `## How to read this
   keys that no earlier round read, split between the 16 clients, each walking its share in order; a read is a first
   read unless a client gets through its whole share within the round (only above about 20,000 ops/s here).
   **etcdproxy cache hits %** (its hit and miss counters over the window) shows whether the cache answered any.
+  The hot workloads warm up for 1.5 s (others: 300 ms; 150 ms quick): five targets in turn leave more than 10 s
+  between two rounds of one target, after which etcdproxy's cache stops following etcd's auth revision and serves
+  again from its first poll after the next read, up to 1 s later (see idle below); the warm-up keeps that out of
+  the window.
 - Lease expiry: leases (TTL 3 s) granted straight at etcd, each with a key, are kept alive through the target
   (5 keepalives 500 ms apart), then the client goes away; a watch straight at etcd times each key's deletion from
   the lease's last keepalive request. etcd itself expires a lease TTL after its last renewal, give or take its
   500 ms expiry check; a proxy that renews leases on its own keeps them longer.
+- Idle: what a proxy with no clients costs etcd, in raft proposals (etcd_server_proposals_committed_total, read
+  from etcd's /metrics before and after each window). Each target is measured in turn, with every other proxy
+  the benchmark started paused (SIGSTOP), so that etcd hears from that one only. A proxy gets one serializable
+  read through it, then two windows: the first 10 s after it (etcdproxy's read cache reads etcd's auth revision,
+  a raft entry, every second until 10 polls have passed without a cacheable read), and, from 12 s after it, the
+  idle window (30 s; 10 s in quick mode, where grpc-proxy is not measured; the floors never are). direct's idle
+  window is etcd's own rate; **proposals/s from the proxy** is the target's rate minus it (the goal: ≤ 0.1
+  idle); proxy CPU ms/s is over the idle window.
 - LeaseGrant with etcd down runs last: etcd is killed (SIGKILL), and N clients loop LeaseGrant with a 2 s deadline
   each. Fewer attempts and less CPU are better: a proxy that answers Unavailable at once makes clients spin.
-- ` + "`make bench-floor`" + ` runs the quick benchmark with floorrelay (the thinnest gRPC-Go relay: raw bytes, no
-  logic, no waiting for a ready upstream) in etcdproxy's column: the floor of any gRPC-Go proxy on this machine.
-  Measured on this machine on 2026-11-24: forwarded gets about 0.45–0.5× direct, keepalive reply p50 1.8–2.4×.
+- Plots (SVG, next to this file, full mode): proxy CPU per event and proxy peak RSS against the number of watchers
+  (W = 1,000, 10,000, 100,000; the "one key, burst" watch workloads), and ops/s against the number of clients
+  (C = 1, 4, 16, 64) for put and for the hot serializable get. Each point is the table's cell; the floors are
+  dashed.
 - Go micro-benchmarks of the hot paths (unary forwarding, the watch stream pump; etcd and etcdproxy in-process):
   ` + "`go test ./cmd/etcdproxy-bench -run '^$' -bench . -benchmem`" + `.
 `

@@ -61,6 +61,19 @@ func (b *bench) watchWorkloads() []workload {
 			}
 		}
 	}
+	if W := b.plan.bigWatchers; W > 0 {
+		// Through the proxies only: it is a test of the proxy's fan-out (etcd holding 100,000 watchers itself, as
+		// direct and floorrelay would, measures etcd). One key, burst: the case of the watchers plots.
+		spec := watchSpec{watchers: W, burst: true, puts: b.plan.watchPuts[W]}
+		ws = append(ws, workload{
+			name:    spec.name(),
+			rounds:  b.plan.watchRounds[W],
+			targets: []string{grpcProxy, etcdproxy},
+			run: func(ctx context.Context, t *target, round int) (*measurement, error) {
+				return b.watchRound(ctx, t, spec)
+			},
+		})
+	}
 	return ws
 }
 
