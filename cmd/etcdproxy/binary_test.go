@@ -14,7 +14,6 @@ import (
 
 	"github.com/etcdproxy/etcdproxy/internal/embedetcd"
 	"github.com/etcdproxy/etcdproxy/internal/proxytest"
-	"go.uber.org/goleak"
 )
 
 // The tests that run the built binary share one build (with -race when the tests run under -race, so that a race
@@ -35,8 +34,8 @@ func TestMain(m *testing.M) {
 	}
 	if code == 0 {
 		// The in-process proxies of the TLS tests leave nothing running.
-		if err := goleak.Find(proxytest.LeakOptions()...); err != nil {
-			fmt.Fprintln(os.Stderr, "goleak:", err)
+		if err := proxytest.LeftOver(); err != nil {
+			fmt.Fprintln(os.Stderr, err)
 			code = 1
 		}
 	}

@@ -4,7 +4,9 @@ package proxytest
 
 import (
 	"context"
+	"fmt"
 	"net"
+	"os"
 	"testing"
 	"time"
 
@@ -250,6 +252,35 @@ func LeakOptions() []goleak.Option {
 		goleak.IgnoreAnyFunction("net/http.(*conn).serve"),
 		goleak.IgnoreAnyFunction("net/http.(*connReader).backgroundRead"),
 	}
+}
+
+// VerifyTestMain runs the package's tests and then, if they passed, fails the run when goroutines are left over
+// (LeftOver), as goleak.VerifyTestMain does.
+func VerifyTestMain(m *testing.M) {
+	code := m.Run()
+	if code == 0 {
+		if err := LeftOver(); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			code = 1
+		}
+	}
+	os.Exit(code)
+}
+
+// LeftOver reports the goroutines (LeakOptions aside) still running 10 s from now, or as soon as none is: it gives
+// goroutines that are still ending (a closed client's watch stream, an etcd member's send loop for a stream just
+// closed) the time a loaded machine may take. goleak's own retries last about 2 s; a goroutine that never ends is
+// still reported.
+func LeftOver() error {
+	err := goleak.Find(LeakOptions()...)
+	for deadline := time.Now().Add(10 * time.Second); err != nil && time.Now().Before(deadline); {
+		time.Sleep(100 * time.Millisecond)
+		err = goleak.Find(LeakOptions()...)
+	}
+	if err != nil {
+		return fmt.Errorf("goleak: goroutines left over 10 s after the tests: %w", err)
+	}
+	return nil
 }
 
 // Timeout returns a context that ends after d or when the test ends.

@@ -16,13 +16,12 @@ import (
 	"github.com/etcdproxy/etcdproxy/proxy"
 	"go.etcd.io/etcd/api/v3/authpb"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
-	"go.uber.org/goleak"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 )
 
-func TestMain(m *testing.M) { goleak.VerifyTestMain(m, proxytest.LeakOptions()...) }
+func TestMain(m *testing.M) { proxytest.VerifyTestMain(m) }
 
 var timeout = proxytest.Timeout
 

@@ -12,13 +12,12 @@ import (
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	"go.etcd.io/etcd/server/v3/embed"
-	"go.uber.org/goleak"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 )
 
-func TestMain(m *testing.M) { goleak.VerifyTestMain(m, proxytest.LeakOptions()...) }
+func TestMain(m *testing.M) { proxytest.VerifyTestMain(m) }
 
 // Short elections keep the test quick: etcd ends require-leader streams after 3 election timeouts without a
 // leader, checked once per election timeout.

@@ -11,13 +11,12 @@ import (
 
 	"github.com/etcdproxy/etcdproxy/internal/proxytest"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
-	"go.uber.org/goleak"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
 
-func TestMain(m *testing.M) { goleak.VerifyTestMain(m, proxytest.LeakOptions()...) }
+func TestMain(m *testing.M) { proxytest.VerifyTestMain(m) }
 
 var timeout = proxytest.Timeout
 

@@ -13,11 +13,10 @@ import (
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/client/v3/naming/endpoints"
-	"go.uber.org/goleak"
 	"go.uber.org/zap"
 )
 
-func TestMain(m *testing.M) { goleak.VerifyTestMain(m, proxytest.LeakOptions()...) }
+func TestMain(m *testing.M) { proxytest.VerifyTestMain(m) }
 
 // startProxy serves a proxy in front of e's cluster with MemberList options o (o.Advertise "self" means the
 // proxy's own address) and returns its address.
