@@ -241,27 +241,7 @@ func (cs *clientStream) create(req *pb.WatchCreateRequest) error {
 		}
 		return err
 	}
-	key, end := normalize(req.Key, req.RangeEnd)
-	w := &watcher{cs: cs, rk: rangeKey{key: key, end: end, prevKV: req.PrevKv}, next: req.StartRevision,
-		startRev: req.StartRevision, known: hdr.Revision, idFrom: -1, progressNotify: req.ProgressNotify,
-		hdr: hdr, resolved: make(chan struct{})}
-	if w.next == 0 {
-		w.next = hdr.Revision + 1
-	}
-	for _, f := range req.Filters {
-		switch f {
-		case pb.WatchCreateRequest_NOPUT:
-			w.noPut = true
-		case pb.WatchCreateRequest_NODELETE:
-			w.noDelete = true
-		}
-	}
-	if req.Fragment {
-		// etcd fragments a response after filtering it, at a size only etcd knows (its --max-request-bytes plus
-		// 512 KiB): a fragmenting watcher shares only with watchers of the same filters, on an upstream watch
-		// that asks etcd for the same fragments, which are passed on as they are.
-		w.rk.fragment, w.rk.noPut, w.rk.noDelete = true, w.noPut, w.noDelete
-	}
+	w := cs.newWatcher(req, hdr)
 	h := cs.h
 	h.mu.Lock()
 	if req.WatchId != 0 {
@@ -291,6 +271,32 @@ func (cs *clientStream) create(req *pb.WatchCreateRequest) error {
 	case <-h.ctx.Done():
 		return shared.ErrClosed
 	}
+}
+
+// newWatcher is the watcher req asks for, created when etcd's revision was hdr's; it has no id yet.
+func (cs *clientStream) newWatcher(req *pb.WatchCreateRequest, hdr *pb.ResponseHeader) *watcher {
+	key, end := normalize(req.Key, req.RangeEnd)
+	w := &watcher{cs: cs, rk: rangeKey{key: key, end: end, prevKV: req.PrevKv}, next: req.StartRevision,
+		startRev: req.StartRevision, known: hdr.Revision, idFrom: -1, progressNotify: req.ProgressNotify,
+		hdr: hdr, resolved: make(chan struct{})}
+	if w.next == 0 {
+		w.next = hdr.Revision + 1
+	}
+	for _, f := range req.Filters {
+		switch f {
+		case pb.WatchCreateRequest_NOPUT:
+			w.noPut = true
+		case pb.WatchCreateRequest_NODELETE:
+			w.noDelete = true
+		}
+	}
+	if req.Fragment {
+		// etcd fragments a response after filtering it, at a size only etcd knows (its --max-request-bytes plus
+		// 512 KiB): a fragmenting watcher shares only with watchers of the same filters, on an upstream watch
+		// that asks etcd for the same fragments, which are passed on as they are.
+		w.rk.fragment, w.rk.noPut, w.rk.noDelete = true, w.noPut, w.noDelete
+	}
+	return w
 }
 
 // refusal is etcd's answer to a create it refuses: created and canceled at once, with no watch id (etcd uses none

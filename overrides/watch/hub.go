@@ -149,28 +149,7 @@ func (h *hub) serve() error {
 	upstreamStreams.Inc()
 	defer upstreamStreams.Dec()
 
-	h.mu.Lock()
-	h.connected = true
-	h.outbox, h.creating, h.askedProg = nil, nil, false
-	h.progSent, h.progAnswered = 0, 0
-	for _, bs := range h.ranges {
-		for b := range bs.all {
-			if b.created {
-				// From where it stopped: a catch-up until etcd says otherwise.
-				b.start, b.synced = max(b.rev, 1), false
-			}
-			b.created, b.parts = false, nil
-			h.createUpstream(b)
-		}
-	}
-	if h.clock != nil {
-		h.clock.created = false
-		h.createUpstream(h.clock)
-	}
-	if len(h.progress) > 0 || h.tick {
-		h.askProgress()
-	}
-	h.mu.Unlock()
+	h.connect()
 	defer func() {
 		h.mu.Lock()
 		h.connected = false
@@ -202,6 +181,33 @@ func (h *hub) serve() error {
 			return err
 		default:
 		}
+	}
+}
+
+// connect marks the hub connected to a new upstream stream and queues on it the creation of every broadcast (a
+// created one from where it stopped) and of the clock, and a progress request if one is owed.
+func (h *hub) connect() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.connected = true
+	h.outbox, h.creating, h.askedProg = nil, nil, false
+	h.progSent, h.progAnswered = 0, 0
+	for _, bs := range h.ranges {
+		for b := range bs.all {
+			if b.created {
+				// From where it stopped: a catch-up until etcd says otherwise.
+				b.start, b.synced = max(b.rev, 1), false
+			}
+			b.created, b.parts = false, nil
+			h.createUpstream(b)
+		}
+	}
+	if h.clock != nil {
+		h.clock.created = false
+		h.createUpstream(h.clock)
+	}
+	if len(h.progress) > 0 || h.tick {
+		h.askProgress()
 	}
 }
 
