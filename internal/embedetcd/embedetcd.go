@@ -87,39 +87,9 @@ func Start(o Options) (*Cluster, error) {
 		initial = append(initial, m.Name+"="+m.PeerURL)
 	}
 	for _, m := range c.Members {
-		cfg := embed.NewConfig()
-		cfg.Name = m.Name
-		cfg.Dir = filepath.Join(o.Dir, m.Name+".etcd")
-		cu, err := url.Parse(m.ClientURL)
-		if err != nil {
-			return nil, fmt.Errorf("embedetcd: client URL: %w", err)
+		if m.cfg, err = memberConfig(o, m, strings.Join(initial, ",")); err != nil {
+			return nil, err
 		}
-		pu, err := url.Parse(m.PeerURL)
-		if err != nil {
-			return nil, fmt.Errorf("embedetcd: peer URL: %w", err)
-		}
-		cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{*cu}, []url.URL{*cu}
-		cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{*pu}, []url.URL{*pu}
-		cfg.InitialCluster = strings.Join(initial, ",")
-		cfg.InitialClusterToken = "etcdproxy"
-		cfg.LogLevel = o.LogLevel
-		if cfg.LogLevel == "" {
-			cfg.LogLevel = "error"
-		}
-		if o.Logger != nil {
-			level, err := zapcore.ParseLevel(cfg.LogLevel)
-			if err != nil {
-				return nil, fmt.Errorf("embedetcd: log level: %w", err)
-			}
-			lg := o.Logger.WithOptions(zap.IncreaseLevel(level), zap.WrapCore(func(c zapcore.Core) zapcore.Core {
-				return quietStop{Core: c, stopping: &m.stopping}
-			}))
-			cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(lg)
-		}
-		if o.Configure != nil {
-			o.Configure(cfg)
-		}
-		m.cfg = cfg
 	}
 	timeout := o.ReadyTimeout
 	if timeout == 0 {
@@ -145,6 +115,43 @@ func Start(o Options) (*Cluster, error) {
 		return nil, err
 	}
 	return c, nil
+}
+
+// memberConfig is m's etcd configuration in a new cluster of initial (name=peerURL,...).
+func memberConfig(o Options, m *Member, initial string) (*embed.Config, error) {
+	cfg := embed.NewConfig()
+	cfg.Name = m.Name
+	cfg.Dir = filepath.Join(o.Dir, m.Name+".etcd")
+	cu, err := url.Parse(m.ClientURL)
+	if err != nil {
+		return nil, fmt.Errorf("embedetcd: client URL: %w", err)
+	}
+	pu, err := url.Parse(m.PeerURL)
+	if err != nil {
+		return nil, fmt.Errorf("embedetcd: peer URL: %w", err)
+	}
+	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{*cu}, []url.URL{*cu}
+	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{*pu}, []url.URL{*pu}
+	cfg.InitialCluster = initial
+	cfg.InitialClusterToken = "etcdproxy"
+	cfg.LogLevel = o.LogLevel
+	if cfg.LogLevel == "" {
+		cfg.LogLevel = "error"
+	}
+	if o.Logger != nil {
+		level, err := zapcore.ParseLevel(cfg.LogLevel)
+		if err != nil {
+			return nil, fmt.Errorf("embedetcd: log level: %w", err)
+		}
+		lg := o.Logger.WithOptions(zap.IncreaseLevel(level), zap.WrapCore(func(c zapcore.Core) zapcore.Core {
+			return quietStop{Core: c, stopping: &m.stopping}
+		}))
+		cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(lg)
+	}
+	if o.Configure != nil {
+		o.Configure(cfg)
+	}
+	return cfg, nil
 }
 
 // settle waits until every member has applied the cluster version that its leader sets through raft soon after a

@@ -8,8 +8,8 @@
 // that needs permission: etcd monitors require-leader streams themselves, so the tracker works with auth enabled and
 // without credentials of its own.
 //
-// Presence is also learned off the probe's path (seed: "have a way to update the leadership status off the watch
-// path"): every RPC that goes through consensus and succeeds calls MarkPresent, so recovery is seen at once rather
+// Presence is also learned off the probe's path (a note of etcd grpc-proxy's leader tracking, which updates the
+// status from the watch path only): every RPC that goes through consensus and succeeds calls MarkPresent, so recovery is seen at once rather
 // than at the probe's next retry.
 package leader
 

@@ -5,7 +5,7 @@ import (
 	"go.etcd.io/etcd/api/v3/mvccpb"
 )
 
-// broadcasts holds the broadcasts of one range (WatchBroadcasts in the seed's terms). Usually there is one; a
+// broadcasts holds the broadcasts of one range (etcd grpc-proxy's WatchBroadcasts). Usually there is one; a
 // watcher that must start before what a broadcast has already delivered gets a broadcast of its own, which catches
 // up and is merged into the other once both have delivered the same revision.
 type broadcasts struct {
@@ -14,7 +14,7 @@ type broadcasts struct {
 	all map[*broadcast]struct{}
 }
 
-// broadcast is one upstream watch and the client watchers it fans out to (WatchBroadcast in the seed's terms).
+// broadcast is one upstream watch and the client watchers it fans out to (etcd grpc-proxy's WatchBroadcast).
 type broadcast struct {
 	bs *broadcasts
 	id int64 // upstream watch id
@@ -44,102 +44,6 @@ type broadcast struct {
 }
 
 func (bs *broadcasts) remove(b *broadcast) { delete(bs.all, b) }
-
-// attach hands w, which must receive every event from revision w.next on, to a broadcast of the range (see
-// watcher.canRide), else to a new one. Called with h.mu held.
-func (h *hub) attach(w *watcher) {
-	bs := h.ranges[w.rk]
-	if bs == nil {
-		bs = &broadcasts{h: h, rk: w.rk, all: map[*broadcast]struct{}{}}
-		h.ranges[w.rk] = bs
-	}
-	var best *broadcast
-	// With auth on, a new watcher gets an upstream watch of its own, so that etcd checks the caller's permission
-	// on the range exactly as it would; a progress round then lets it merge into the shared broadcast.
-	if !(h.authed && !w.announced) {
-		for b := range bs.all {
-			if w.canRide(b) && (best == nil || len(b.watchers) > len(best.watchers)) {
-				best = b
-			}
-		}
-	}
-	if best == nil {
-		best = h.newBroadcast(bs, w)
-	}
-	w.b = best
-	if !best.created {
-		best.waiting = append(best.waiting, w)
-		return
-	}
-	w.startAfter(best.rev, nil)
-	best.watchers[w] = struct{}{}
-	if !w.announced {
-		w.announce()
-	}
-}
-
-// canRide says whether w can be served by b. A watcher being created rides only a broadcast whose upstream watch
-// etcd holds as synced, or one about to be created from now: joining a catch-up broadcast would expose it to that
-// watch's compaction (etcd compacts no watcher from now) and to its batched catch-up responses. A watcher that
-// starts at a revision etcd already has gets a broadcast of its own from that revision, so that etcd applies its
-// compaction rule to it. A watcher resuming after it lagged rides any broadcast that has not passed it.
-func (w *watcher) canRide(b *broadcast) bool {
-	fromNow := !b.created && b.start == 0
-	switch {
-	case w.announced:
-		return !fromNow && b.rev <= w.next-1
-	case w.startRev == 0:
-		return fromNow || b.synced
-	case w.startRev > w.known:
-		return fromNow || (b.synced && b.rev <= w.next-1)
-	default:
-		return false
-	}
-}
-
-// newBroadcast starts a broadcast of bs for w. Called with h.mu held.
-func (h *hub) newBroadcast(bs *broadcasts, w *watcher) *broadcast {
-	b := &broadcast{bs: bs, id: h.nextID, rk: w.rk, watchers: map[*watcher]struct{}{}}
-	h.nextID++
-	switch {
-	case w.announced:
-		b.rev = w.next - 1
-		b.start = max(b.rev, 1)
-	case w.startRev == 0 || w.startRev > w.known:
-		// From now, as etcd would hold the watcher: synced at once. A watcher from a future revision skips
-		// what comes before it; had etcd passed that revision by the time it created the watch, the watcher
-		// moves to a broadcast from its own start (broadcast.confirm).
-	default:
-		b.rev = w.next - 1
-		b.start = w.next
-	}
-	bs.all[b] = struct{}{}
-	h.byID[b.id] = b
-	upstreamWatchers.Inc()
-	if h.connected {
-		h.createUpstream(b)
-	}
-	return b
-}
-
-// detach takes w off its broadcast, dropping the broadcast when nobody is left on it. Called with h.mu held.
-func (h *hub) detach(w *watcher) {
-	b := w.b
-	if b == nil {
-		return
-	}
-	w.b = nil
-	delete(b.watchers, w)
-	for i, x := range b.waiting {
-		if x == w {
-			b.waiting = append(b.waiting[:i], b.waiting[i+1:]...)
-			break
-		}
-	}
-	if len(b.watchers) == 0 && len(b.waiting) == 0 {
-		h.cancelUpstream(b)
-	}
-}
 
 // confirm runs when the upstream watch is created (hdr is etcd's created header): waiting watchers are
 // announced and start receiving.

@@ -12,20 +12,19 @@ import (
 
 	"github.com/etcdproxy/etcdproxy/overrides/internal/shared"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
-	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/metadata"
 )
 
-// A hub holds everything the proxy watches on behalf of clients with one identity (WatchRanges in the seed's
-// terms): the broadcasts of every range, and the one upstream Watch stream they share. Its run goroutine keeps that
+// A hub holds everything the proxy watches on behalf of clients with one identity (etcd grpc-proxy's
+// WatchRanges): the broadcasts of every range, and the one upstream Watch stream they share. Its run goroutine keeps that
 // stream open, re-creating every broadcast from where it stopped when the stream has to be reopened, so clients
 // notice nothing: no gap, no duplicate, no second "created".
 //
 // mu is the one lock of a hub: it protects the broadcasts, their watchers and the watcher maps of the hub's client
-// streams. Fan-out happens under it and never blocks (see clientStream.enqueue).
+// streams. Fan-out happens under it and never blocks (see clientStream.enqueueEvents and enqueueControl).
 type hub struct {
 	w      *Watch
 	ctx    context.Context // cancelled when the last client stream leaves
@@ -150,28 +149,7 @@ func (h *hub) serve() error {
 	upstreamStreams.Inc()
 	defer upstreamStreams.Dec()
 
-	h.mu.Lock()
-	h.connected = true
-	h.outbox, h.creating, h.askedProg = nil, nil, false
-	h.progSent, h.progAnswered = 0, 0
-	for _, bs := range h.ranges {
-		for b := range bs.all {
-			if b.created {
-				// From where it stopped: a catch-up until etcd says otherwise.
-				b.start, b.synced = max(b.rev, 1), false
-			}
-			b.created, b.parts = false, nil
-			h.createUpstream(b)
-		}
-	}
-	if h.clock != nil {
-		h.clock.created = false
-		h.createUpstream(h.clock)
-	}
-	if len(h.progress) > 0 || h.tick {
-		h.askProgress()
-	}
-	h.mu.Unlock()
+	h.connect()
 	defer func() {
 		h.mu.Lock()
 		h.connected = false
@@ -203,6 +181,33 @@ func (h *hub) serve() error {
 			return err
 		default:
 		}
+	}
+}
+
+// connect marks the hub connected to a new upstream stream and queues on it the creation of every broadcast (a
+// created one from where it stopped) and of the clock, and a progress request if one is owed.
+func (h *hub) connect() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.connected = true
+	h.outbox, h.creating, h.askedProg = nil, nil, false
+	h.progSent, h.progAnswered = 0, 0
+	for _, bs := range h.ranges {
+		for b := range bs.all {
+			if b.created {
+				// From where it stopped: a catch-up until etcd says otherwise.
+				b.start, b.synced = max(b.rev, 1), false
+			}
+			b.created, b.parts = false, nil
+			h.createUpstream(b)
+		}
+	}
+	if h.clock != nil {
+		h.clock.created = false
+		h.createUpstream(h.clock)
+	}
+	if len(h.progress) > 0 || h.tick {
+		h.askProgress()
 	}
 }
 
@@ -479,21 +484,103 @@ func normalize(key, end []byte) (string, string) {
 	return string(key), string(end)
 }
 
-// filtered returns the events of evs that w receives: revision at or after w.next, minus filtered types.
-func filtered(evs []*mvccpb.Event, w *watcher) []*mvccpb.Event {
-	keep := evs[:0:0]
-	all := true
-	for _, ev := range evs {
-		ok := ev.Kv.ModRevision >= w.next &&
-			!(w.noPut && ev.Type == mvccpb.PUT) && !(w.noDelete && ev.Type == mvccpb.DELETE)
-		if ok {
-			keep = append(keep, ev)
-		} else {
-			all = false
+// resume re-attaches the watchers detached for lagging, once the stream has drained: each continues from its first
+// undelivered revision, on a broadcast that has not passed it or on a catch-up broadcast of its own.
+func (h *hub) resume(cs *clientStream) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	cs.qmu.Lock()
+	busy := cs.queuedEvents > cs.queueLen/4
+	cs.qmu.Unlock()
+	if busy || cs.closed {
+		return
+	}
+	lagging := cs.lagging
+	cs.lagging = nil
+	cs.lagged.Store(false)
+	for _, w := range lagging {
+		h.attach(w)
+	}
+	for _, c := range h.progress {
+		if c == cs {
+			h.askProgress()
 		}
 	}
-	if all {
-		return evs
+}
+
+// attach hands w, which must receive every event from revision w.next on, to a broadcast of the range (see
+// watcher.canRide), else to a new one. Called with h.mu held.
+func (h *hub) attach(w *watcher) {
+	bs := h.ranges[w.rk]
+	if bs == nil {
+		bs = &broadcasts{h: h, rk: w.rk, all: map[*broadcast]struct{}{}}
+		h.ranges[w.rk] = bs
 	}
-	return keep
+	var best *broadcast
+	// With auth on, a new watcher gets an upstream watch of its own, so that etcd checks the caller's permission
+	// on the range exactly as it would; a progress round then lets it merge into the shared broadcast.
+	if !(h.authed && !w.announced) {
+		for b := range bs.all {
+			if w.canRide(b) && (best == nil || len(b.watchers) > len(best.watchers)) {
+				best = b
+			}
+		}
+	}
+	if best == nil {
+		best = h.newBroadcast(bs, w)
+	}
+	w.b = best
+	if !best.created {
+		best.waiting = append(best.waiting, w)
+		return
+	}
+	w.startAfter(best.rev, nil)
+	best.watchers[w] = struct{}{}
+	if !w.announced {
+		w.announce()
+	}
+}
+
+// newBroadcast starts a broadcast of bs for w. Called with h.mu held.
+func (h *hub) newBroadcast(bs *broadcasts, w *watcher) *broadcast {
+	b := &broadcast{bs: bs, id: h.nextID, rk: w.rk, watchers: map[*watcher]struct{}{}}
+	h.nextID++
+	switch {
+	case w.announced:
+		b.rev = w.next - 1
+		b.start = max(b.rev, 1)
+	case w.startRev == 0 || w.startRev > w.known:
+		// From now, as etcd would hold the watcher: synced at once. A watcher from a future revision skips
+		// what comes before it; had etcd passed that revision by the time it created the watch, the watcher
+		// moves to a broadcast from its own start (broadcast.confirm).
+	default:
+		b.rev = w.next - 1
+		b.start = w.next
+	}
+	bs.all[b] = struct{}{}
+	h.byID[b.id] = b
+	upstreamWatchers.Inc()
+	if h.connected {
+		h.createUpstream(b)
+	}
+	return b
+}
+
+// detach takes w off its broadcast, dropping the broadcast when nobody is left on it. Called with h.mu held.
+func (h *hub) detach(w *watcher) {
+	b := w.b
+	if b == nil {
+		return
+	}
+	w.b = nil
+	delete(b.watchers, w)
+	for i, x := range b.waiting {
+		if x == w {
+			b.waiting = append(b.waiting[:i], b.waiting[i+1:]...)
+			break
+		}
+	}
+	if len(b.watchers) == 0 && len(b.waiting) == 0 {
+		h.cancelUpstream(b)
+	}
 }
