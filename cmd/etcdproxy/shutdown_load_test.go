@@ -90,8 +90,15 @@ func TestShutdownUnderLoad(t *testing.T) {
 		took := time.Since(sent)
 		t.Logf("SIGTERM with %d watchers and %d keepalive streams open: the process exited in %v (%v)",
 			nWatchers, nKeepalives, took.Round(time.Millisecond), err)
-		if err != nil || took > time.Second {
-			t.Errorf("exit %v after %v, want 0 within 1s\nlogs:\n%s", err, took, p.logs.String())
+		// The bound is 1 s; a binary built with -race runs several times slower, and make test runs it
+		// beside other packages' tests on two cores, so there the bound is 3 s (measured here: 126 ms with the
+		// machine otherwise idle, 1.2 s with the whole suite and two fuzzers running).
+		bound := time.Second
+		if raceEnabled {
+			bound = 3 * time.Second
+		}
+		if err != nil || took > bound {
+			t.Errorf("exit %v after %v, want 0 within %v\nlogs:\n%s", err, took, bound, p.logs.String())
 		}
 	case <-time.After(10 * time.Second):
 		_ = p.cmd.Process.Kill()
