@@ -8,6 +8,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/etcdproxy/etcdproxy/overrides/internal/upstream"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	"go.uber.org/zap"
@@ -261,31 +262,14 @@ func (inv *invalidator) apply(resp *pb.WatchResponse) {
 
 func (inv *invalidator) run() {
 	defer close(inv.done)
-	backoff := retryMin
-	for inv.ctx.Err() == nil {
-		start := time.Now()
+	upstream.Keep(inv.ctx, upstream.Backoff{Min: 100 * time.Millisecond, Max: 10 * time.Second}, func() (bool, error) {
 		err := inv.once()
 		inv.setLive(false, 0)
-		if inv.ctx.Err() != nil {
-			return
-		}
+		return false, err
+	}, func(err error) {
 		inv.logger.Warn("kv cache invalidation watch ended; the cache serves nothing until it is back", zap.Error(err))
-		if time.Since(start) > retryMax {
-			backoff = retryMin
-		}
-		select {
-		case <-inv.ctx.Done():
-			return
-		case <-time.After(backoff):
-		}
-		backoff = min(2*backoff, retryMax)
-	}
+	})
 }
-
-const (
-	retryMin = 100 * time.Millisecond
-	retryMax = 10 * time.Second
-)
 
 var errRefused = errors.New("etcd refused the keyspace watch (with auth enabled the proxy needs read permission on every key)")
 
