@@ -4,6 +4,7 @@ import (
 	"reflect"
 	"testing"
 
+	"github.com/etcdproxy/etcdproxy/overrides/crashguard"
 	"github.com/etcdproxy/etcdproxy/overrides/kvcache"
 	"github.com/etcdproxy/etcdproxy/overrides/leader"
 	"github.com/etcdproxy/etcdproxy/overrides/lease"
@@ -33,6 +34,7 @@ func TestOverridesShadowOnlyServiceMethods(t *testing.T) {
 		{(*ryw.KV)(nil), (*pb.KVServer)(nil), nil},
 		{(*kvcache.Auth)(nil), (*pb.AuthServer)(nil), nil},
 		{(*members.Cluster)(nil), (*pb.ClusterServer)(nil), []string{"Close"}},
+		{(*crashguard.Maintenance)(nil), (*pb.MaintenanceServer)(nil), nil},
 		{(*namespace.KV)(nil), (*pb.KVServer)(nil), nil},
 		{(*namespace.Watch)(nil), (*pb.WatchServer)(nil), nil},
 		{(*namespace.Lease)(nil), (*pb.LeaseServer)(nil), nil},

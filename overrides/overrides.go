@@ -7,6 +7,7 @@ import (
 	"sync"
 
 	"github.com/etcdproxy/etcdproxy/gen"
+	"github.com/etcdproxy/etcdproxy/overrides/crashguard"
 	"github.com/etcdproxy/etcdproxy/overrides/kvcache"
 	"github.com/etcdproxy/etcdproxy/overrides/leader"
 	"github.com/etcdproxy/etcdproxy/overrides/lease"
@@ -97,6 +98,7 @@ func Apply(s *gen.Services, d Deps) *Set {
 		s.Auth = kvcache.NewAuth(s.Auth, set.KVCache)
 	}
 	s.Cluster = closing(set, members.New(s.Cluster, own, d.Logger.Named("members"), d.Members))
+	s.Maintenance = crashguard.New(s.Maintenance)
 	namespace.Apply(s, d.Namespace) // outermost: every override above sees namespaced keys
 	return set
 }

@@ -18,7 +18,7 @@ func TestAttribution(t *testing.T) {
 	k := &KV{index: newIndex(), opts: Options{TTL: time.Minute}}
 	k.cache = ccache.New(ccache.Configure[*entry]().MaxSize(1 << 20).OnDelete(k.index.evicted))
 	defer k.cache.Stop()
-	inv := newInvalidator(nil, k, zap.NewNop())
+	inv := newInvalidator(nil, k.cache, k.index, time.Second, zap.NewNop())
 	k.watch = inv
 	inv.setLive(true, 1)
 
@@ -77,8 +77,8 @@ func TestAttribution(t *testing.T) {
 	apply(16, 1)
 	inv.endWrite(w, 0) // failed, or did not say what it wrote
 	check("failed write", l, r, 0, 1)
-	if len(inv.localRevs) != 0 {
-		t.Errorf("local revisions %v kept after the watch passed them", inv.localRevs)
+	if len(inv.sources.localRevs) != 0 {
+		t.Errorf("local revisions %v kept after the watch passed them", inv.sources.localRevs)
 	}
 
 	// A write stuck in flight: invalidations wait, at most maxPending of them, the overflow counted remote.
@@ -86,11 +86,11 @@ func TestAttribution(t *testing.T) {
 	stuck := inv.beginWrite()
 	for rev := int64(100); rev < 100+maxPending+5; rev++ {
 		inv.mu.Lock()
-		inv.attribute(rev, 1)
+		inv.sources.attribute(rev, 1)
 		inv.mu.Unlock()
 	}
-	if len(inv.pending) > maxPending {
-		t.Errorf("%d invalidations pending, more than %d", len(inv.pending), maxPending)
+	if len(inv.sources.pending) > maxPending {
+		t.Errorf("%d invalidations pending, more than %d", len(inv.sources.pending), maxPending)
 	}
 	check("overflow while a write is stuck", l, r, 0, 5)
 	inv.endWrite(stuck, 0)
@@ -101,8 +101,8 @@ func TestAttribution(t *testing.T) {
 	for range 100 {
 		inv.endWrite(inv.beginWrite(), 1000)
 	}
-	if len(inv.pending) != 0 || len(inv.queue) != 0 || len(inv.inFlight) != 0 || len(inv.localRevs) != 0 {
-		t.Errorf("left over: %d pending, %d queued, %d in flight, %d local revisions", len(inv.pending),
-			len(inv.queue), len(inv.inFlight), len(inv.localRevs))
+	if len(inv.sources.pending) != 0 || len(inv.sources.queue) != 0 || len(inv.sources.inFlight) != 0 || len(inv.sources.localRevs) != 0 {
+		t.Errorf("left over: %d pending, %d queued, %d in flight, %d local revisions", len(inv.sources.pending),
+			len(inv.sources.queue), len(inv.sources.inFlight), len(inv.sources.localRevs))
 	}
 }

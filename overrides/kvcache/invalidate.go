@@ -8,6 +8,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/etcdproxy/etcdproxy/overrides/internal/upstream"
+	"github.com/karlseguin/ccache/v3"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	"go.uber.org/zap"
@@ -25,12 +27,14 @@ import (
 // is flushed and serves nothing; each (re)start begins a new generation, and entries of an older generation are
 // never served.
 type invalidator struct {
-	watch  pb.WatchClient
-	kv     *KV
-	logger *zap.Logger
-	ctx    context.Context
-	cancel context.CancelFunc
-	done   chan struct{}
+	watch     pb.WatchClient
+	cache     *ccache.Cache[*entry] // the entries it invalidates, and flushes
+	index     *index                // which entries hold a key
+	writeWait time.Duration         // Options.WriteWait
+	logger    *zap.Logger
+	ctx       context.Context
+	cancel    context.CancelFunc
+	done      chan struct{}
 
 	// mu protects pos and advanced, orders invalidations against stores, and is held to change live and gen,
 	// which are atomics so that the read path (state) takes no lock.
@@ -40,101 +44,28 @@ type invalidator struct {
 	pos      int64         // every write up to pos has been applied to the cache
 	advanced chan struct{} // closed (and replaced) whenever pos advances or the watch stops
 
-	// Attribution of invalidations to their source (mu protects these too): a write through this proxy
-	// ("local") or any other ("remote"). The watch may apply a local write before the write's response reaches
-	// the proxy, so an invalidation applied while local writes are in flight waits in pending until the write
-	// whose revision it is reports it (local), or every write that was in flight then has ended (remote).
-	writeSeq  uint64              // sequence numbers of local writes, in start order
-	inFlight  map[uint64]struct{} // local writes started and not yet ended
-	localRevs map[int64]struct{}  // revisions of ended local writes that the live watch has not reached
-	pending   map[int64]pendingInvalidation
-	queue     []int64 // revisions of pending, in the order applied (so by seq); settled ones are skipped
+	// sources attributes each invalidation to a write through this proxy or elsewhere (mu protects it too).
+	sources attribution
 }
-
-// pendingInvalidation is n invalidations at one revision, applied while the local writes up to seq were in flight.
-type pendingInvalidation struct {
-	n   int
-	seq uint64
-}
-
-// maxPending bounds the invalidations that wait for attribution; past it the oldest are counted as remote.
-const maxPending = 10000
 
 // beginWrite registers a local write about to be forwarded; its endWrite must follow, whatever happens.
 func (inv *invalidator) beginWrite() uint64 {
 	inv.mu.Lock()
 	defer inv.mu.Unlock()
-	inv.writeSeq++
-	inv.inFlight[inv.writeSeq] = struct{}{}
-	return inv.writeSeq
+	return inv.sources.begin()
 }
 
-// endWrite ends the local write seq, which wrote at revision rev (0: it failed, or did not say what it wrote), and
-// settles the invalidations that waited for it.
+// endWrite ends the local write seq, which wrote at revision rev (0: it failed, or did not say what it wrote).
 func (inv *invalidator) endWrite(seq uint64, rev int64) {
 	inv.mu.Lock()
 	defer inv.mu.Unlock()
-	delete(inv.inFlight, seq)
-	if p, ok := inv.pending[rev]; ok && rev > 0 {
-		invalidatedLocal.Add(float64(p.n))
-		delete(inv.pending, rev)
-	} else if rev > inv.pos && inv.live.Load() {
-		inv.localRevs[rev] = struct{}{} // its events are still to come
-	}
-	if len(inv.queue) == 0 {
-		return // the common case: nothing waits, no need to find the oldest write in flight
-	}
-	oldest := inv.writeSeq + 1 // the oldest local write still in flight
-	for s := range inv.inFlight {
-		oldest = min(oldest, s)
-	}
-	// Whatever waited only for writes that have all ended now is remote.
-	for len(inv.queue) > 0 {
-		p, ok := inv.pending[inv.queue[0]]
-		if ok && p.seq >= oldest {
-			break
-		}
-		inv.settleFront()
-	}
+	inv.sources.end(seq, rev, rev > inv.pos && inv.live.Load())
 }
 
-// settleFront counts the oldest queued invalidation as remote, unless it was settled already. Called with inv.mu
-// held.
-func (inv *invalidator) settleFront() {
-	rev := inv.queue[0]
-	inv.queue[0] = 0
-	inv.queue = inv.queue[1:]
-	if p, ok := inv.pending[rev]; ok {
-		invalidatedRemote.Add(float64(p.n))
-		delete(inv.pending, rev)
-	}
-}
-
-// attribute counts n invalidations made by the events of revision rev. Called with inv.mu held.
-func (inv *invalidator) attribute(rev int64, n int) {
-	_, local := inv.localRevs[rev]
-	switch {
-	case n == 0:
-	case local:
-		invalidatedLocal.Add(float64(n))
-	case len(inv.inFlight) > 0:
-		for len(inv.pending) >= maxPending || len(inv.queue) >= 2*maxPending {
-			inv.settleFront()
-		}
-		p := inv.pending[rev]
-		if p.n == 0 {
-			inv.queue = append(inv.queue, rev)
-		}
-		inv.pending[rev] = pendingInvalidation{n: p.n + n, seq: inv.writeSeq}
-	default:
-		invalidatedRemote.Add(float64(n))
-	}
-}
-
-func newInvalidator(cc grpc.ClientConnInterface, kv *KV, lg *zap.Logger) *invalidator {
-	inv := &invalidator{watch: pb.NewWatchClient(cc), kv: kv, logger: lg, done: make(chan struct{}),
-		advanced: make(chan struct{}), inFlight: map[uint64]struct{}{}, localRevs: map[int64]struct{}{},
-		pending: map[int64]pendingInvalidation{}}
+func newInvalidator(cc grpc.ClientConnInterface, cache *ccache.Cache[*entry], ix *index, writeWait time.Duration,
+	lg *zap.Logger) *invalidator {
+	inv := &invalidator{watch: pb.NewWatchClient(cc), cache: cache, index: ix, writeWait: writeWait, logger: lg,
+		done: make(chan struct{}), advanced: make(chan struct{}), sources: newAttribution()}
 	inv.ctx, inv.cancel = context.WithCancel(context.Background())
 	return inv
 }
@@ -166,7 +97,7 @@ func (inv *invalidator) store(e *entry, rev int64, put func()) {
 // configured wait (or ctx ends first), it flushes the cache instead, so that the caller still reads its write.
 func (inv *invalidator) await(ctx context.Context, rev int64) {
 	start := time.Now()
-	timer := time.NewTimer(inv.kv.opts.WriteWait)
+	timer := time.NewTimer(inv.writeWait)
 	defer timer.Stop()
 	for {
 		inv.mu.Lock()
@@ -200,8 +131,8 @@ func (inv *invalidator) flush(why string) {
 
 func (inv *invalidator) flushLocked() {
 	inv.gen.Add(1)
-	inv.kv.cache.Clear()
-	inv.kv.index.clear()
+	inv.cache.Clear()
+	inv.index.clear()
 }
 
 // setLive marks the watch live from revision pos on (a new generation), or not live.
@@ -211,7 +142,7 @@ func (inv *invalidator) setLive(live bool, pos int64) {
 	inv.flushLocked()
 	inv.live.Store(live)
 	inv.pos = pos
-	clear(inv.localRevs) // a new watch starts after them, or none runs
+	clear(inv.sources.localRevs) // a new watch starts after them, or none runs
 	close(inv.advanced)
 	inv.advanced = make(chan struct{})
 	if live {
@@ -237,23 +168,19 @@ func (inv *invalidator) apply(resp *pb.WatchResponse) {
 	n, at := 0, int64(0) // invalidations made by the events of revision at
 	for _, ev := range resp.Events {
 		if ev.Kv.ModRevision != at {
-			inv.attribute(at, n)
+			inv.sources.attribute(at, n)
 			n, at = 0, ev.Kv.ModRevision
 		}
-		for _, e := range inv.kv.index.covering(string(ev.Kv.Key)) {
-			inv.kv.cache.Delete(e.key)
+		for _, e := range inv.index.covering(string(ev.Kv.Key)) {
+			inv.cache.Delete(e.key)
 			n++
 		}
 		rev = max(rev, ev.Kv.ModRevision)
 	}
-	inv.attribute(at, n)
+	inv.sources.attribute(at, n)
 	if rev > inv.pos {
 		inv.pos = rev
-		for r := range inv.localRevs {
-			if r <= rev {
-				delete(inv.localRevs, r)
-			}
-		}
+		inv.sources.reached(rev)
 		close(inv.advanced)
 		inv.advanced = make(chan struct{})
 	}
@@ -261,31 +188,14 @@ func (inv *invalidator) apply(resp *pb.WatchResponse) {
 
 func (inv *invalidator) run() {
 	defer close(inv.done)
-	backoff := retryMin
-	for inv.ctx.Err() == nil {
-		start := time.Now()
+	upstream.Keep(inv.ctx, upstream.Backoff{Min: 100 * time.Millisecond, Max: 10 * time.Second}, func() (bool, error) {
 		err := inv.once()
 		inv.setLive(false, 0)
-		if inv.ctx.Err() != nil {
-			return
-		}
+		return false, err
+	}, func(err error) {
 		inv.logger.Warn("kv cache invalidation watch ended; the cache serves nothing until it is back", zap.Error(err))
-		if time.Since(start) > retryMax {
-			backoff = retryMin
-		}
-		select {
-		case <-inv.ctx.Done():
-			return
-		case <-time.After(backoff):
-		}
-		backoff = min(2*backoff, retryMax)
-	}
+	})
 }
-
-const (
-	retryMin = 100 * time.Millisecond
-	retryMax = 10 * time.Second
-)
 
 var errRefused = errors.New("etcd refused the keyspace watch (with auth enabled the proxy needs read permission on every key)")
 

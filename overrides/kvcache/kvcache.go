@@ -92,7 +92,7 @@ func New(base pb.KVServer, cc grpc.ClientConnInterface, lg *zap.Logger, opts Opt
 	}
 	k := &KV{KVServer: base, opts: opts, logger: lg, index: newIndex()}
 	k.cache = ccache.New(ccache.Configure[*entry]().MaxSize(opts.MaxBytes).OnDelete(k.index.evicted))
-	k.watch = newInvalidator(cc, k, lg)
+	k.watch = newInvalidator(cc, k.cache, k.index, opts.WriteWait, lg)
 	go k.watch.run()
 	var ctx context.Context
 	ctx, k.stopAuth = context.WithCancel(context.Background())

@@ -19,6 +19,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/etcdproxy/etcdproxy/overrides/internal/upstream"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	"go.uber.org/zap"
@@ -137,24 +138,8 @@ func (t *Tracker) markLost(err error) {
 // probe keeps a require-leader watch stream open upstream until ctx ends.
 func (t *Tracker) probe(ctx context.Context) {
 	defer close(t.done)
-	backoff := t.opts.RetryMin
-	for ctx.Err() == nil {
-		start := time.Now()
-		err := t.probeOnce(ctx)
-		if ctx.Err() != nil {
-			return
-		}
-		t.markLost(err)
-		if time.Since(start) > t.opts.RetryMax {
-			backoff = t.opts.RetryMin // the probe had been up for a while: this is a fresh failure
-		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(backoff):
-		}
-		backoff = min(2*backoff, t.opts.RetryMax)
-	}
+	upstream.Keep(ctx, upstream.Backoff{Min: t.opts.RetryMin, Max: t.opts.RetryMax},
+		func() (bool, error) { return false, t.probeOnce(ctx) }, t.markLost)
 }
 
 // probeOnce opens one probe stream; once etcd accepts it, the leader is present. It returns when the stream ends.

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/etcdproxy/etcdproxy/overrides/internal/shared"
+	"github.com/etcdproxy/etcdproxy/overrides/internal/upstream"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	"go.uber.org/zap"
@@ -73,24 +74,9 @@ func (g *group) sendLocked(r *request) {
 
 // Run keeps an upstream stream open while the group has clients.
 func (g *group) Run() {
-	backoff := retryMin
-	for g.ctx.Err() == nil {
-		answered, err := g.serve()
-		if g.ctx.Err() != nil {
-			return
-		}
+	upstream.Keep(g.ctx, upstream.Backoff{Min: retryMin, Max: retryMax}, g.serve, func(err error) {
 		g.logger.Debug("lease keepalive upstream stream ended; reopening", zap.Error(err))
-		if answered {
-			backoff = retryMin
-			continue
-		}
-		select {
-		case <-g.ctx.Done():
-			return
-		case <-time.After(backoff):
-		}
-		backoff = min(2*backoff, retryMax)
-	}
+	})
 }
 
 // serve opens one upstream stream, sends the queued requests on it, and routes its replies until it fails. It

@@ -247,7 +247,8 @@ func (cs *clientStream) create(req *pb.WatchCreateRequest) error {
 	if req.WatchId != 0 {
 		if _, dup := cs.watchers[req.WatchId]; dup {
 			h.mu.Unlock()
-			cs.enqueueControl(refusal(hdr, errDuplicateID))
+			// etcd looks at the range before the id: an empty range is refused as such, even with a duplicate id.
+			cs.enqueueControl(refusal(hdr, w.rk.duplicateRefusal()))
 			return nil
 		}
 		w.id = req.WatchId
@@ -317,8 +318,21 @@ func authRefusal(err error) (string, bool) {
 	return "", false
 }
 
-// errDuplicateID is etcd's cancel reason for a create that reuses a live watch id of the stream.
-const errDuplicateID = "mvcc: duplicate watch ID provided on the WatchStream"
+// errDuplicateID is etcd's cancel reason for a create that reuses a live watch id of the stream, and
+// errEmptyRange its reason for a range whose end is not above its key (mvcc's errors, as etcd sends them).
+const (
+	errDuplicateID = "mvcc: duplicate watch ID provided on the WatchStream"
+	errEmptyRange  = "mvcc: watcher range is empty"
+)
+
+// duplicateRefusal is etcd's reason for refusing a create of rk with a watch id already in use: the empty range,
+// which etcd checks first, else the duplicate id.
+func (rk rangeKey) duplicateRefusal() string {
+	if rk.end != "" && rk.end != "\x00" && rk.key >= rk.end {
+		return errEmptyRange
+	}
+	return errDuplicateID
+}
 
 // cancel handles a cancel request; like etcd, an unknown id gets no answer.
 func (cs *clientStream) cancel(id int64) error {

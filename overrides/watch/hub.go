@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/etcdproxy/etcdproxy/overrides/internal/shared"
+	"github.com/etcdproxy/etcdproxy/overrides/internal/upstream"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	"go.uber.org/zap"
@@ -83,35 +84,19 @@ func (h *hub) send(req *pb.WatchRequest) {
 
 // Run keeps the upstream stream open until the hub is closed.
 func (h *hub) Run() {
-	backoff := retryMin
-	for h.ctx.Err() == nil {
-		start := time.Now()
+	upstream.Keep(h.ctx, retry, func() (bool, error) {
 		err := h.serve()
-		if h.ctx.Err() != nil {
-			return
+		return errors.Is(err, errLeaderFound), err // a leader found: reopen at once, require-leader
+	}, func(err error) {
+		if !errors.Is(err, errLeaderFound) {
+			h.w.logger.Debug("upstream watch stream ended; reopening", zap.Error(err))
+			upstreamReconnects.Inc()
 		}
-		if errors.Is(err, errLeaderFound) {
-			backoff = retryMin
-			continue
-		}
-		h.w.logger.Debug("upstream watch stream ended; reopening", zap.Error(err))
-		upstreamReconnects.Inc()
-		if time.Since(start) > retryMax {
-			backoff = retryMin
-		}
-		select {
-		case <-h.ctx.Done():
-			return
-		case <-time.After(backoff):
-		}
-		backoff = min(2*backoff, retryMax)
-	}
+	})
 }
 
-const (
-	retryMin = 50 * time.Millisecond
-	retryMax = 2 * time.Second
-)
+// retry bounds the wait between upstream stream attempts (and between lookups of etcd's revision for a create).
+var retry = upstream.Backoff{Min: 50 * time.Millisecond, Max: 2 * time.Second}
 
 // errLeaderFound ends a plain upstream stream when the cluster has a leader again.
 var errLeaderFound = errors.New("the cluster has a leader again: the upstream watch stream becomes require-leader")
@@ -433,7 +418,7 @@ func (h *hub) requestProgress(cs *clientStream) {
 // of the caller's credentials (etcd unreachable, no leader) does not end the client's stream: the lookup is
 // retried, as the upstream watch would be, until it succeeds, the client goes away or the hub closes.
 func (h *hub) currentForCreate(ctx context.Context) (*pb.ResponseHeader, error) {
-	backoff := retryMin
+	backoff := retry.Min
 	for {
 		hdr, err := h.revs.current(ctx)
 		if err == nil {
@@ -450,7 +435,7 @@ func (h *hub) currentForCreate(ctx context.Context) (*pb.ResponseHeader, error) 
 			return nil, shared.ErrClosed
 		case <-time.After(backoff):
 		}
-		backoff = min(2*backoff, retryMax)
+		backoff = min(2*backoff, retry.Max)
 	}
 }
 

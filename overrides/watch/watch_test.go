@@ -214,6 +214,9 @@ func TestSemantics(t *testing.T) {
 	step(p, "created from revision 3", &pb.WatchCreateRequest{Key: []byte("s/a"), StartRevision: 3, WatchId: 7})
 	recvBoth(p, "events from revision 3", 1)
 	step(p, "duplicate id", &pb.WatchCreateRequest{Key: []byte("s/a"), WatchId: 7})
+	// etcd checks the range before the id (found by FuzzWatch).
+	step(p, "duplicate id on an empty range", &pb.WatchCreateRequest{Key: []byte("s/b"), RangeEnd: []byte("s/a"), WatchId: 7})
+	step(p, "duplicate id on a from-key range", &pb.WatchCreateRequest{Key: []byte("s/b"), RangeEnd: []byte{0}, WatchId: 7})
 	step(p, "auto id after a chosen one", &pb.WatchCreateRequest{Key: []byte("s/"), RangeEnd: []byte("s0"),
 		Filters: []pb.WatchCreateRequest_FilterType{pb.WatchCreateRequest_NODELETE}, PrevKv: true})
 	cur := put(t, ctx, e.Direct, "s/a", "6")

@@ -1,0 +1,57 @@
+// Package upstream keeps the overrides' long-lived upstream streams open: the one retry loop used by the leader
+// probe, the watch hub, the lease keepalive group and the read cache's invalidation watch, so that a reconnect
+// fix is made once. It owns the loop and its backoff only; what a stream does, and what its end means, stay with
+// its override.
+package upstream
+
+import (
+	"context"
+	"time"
+
+	"github.com/cenkalti/backoff/v5"
+)
+
+// Backoff bounds the wait between attempts.
+type Backoff struct {
+	// Min is the first wait after a failed attempt, and the wait again after an attempt that lasted longer than
+	// Max; Max bounds the wait as quick failures repeat.
+	Min, Max time.Duration
+}
+
+// jitter spreads the waits of many proxies that lost etcd at the same moment (±20%), so that they do not come
+// back in step.
+const jitter = 0.2
+
+// Keep runs attempt until ctx ends. After each attempt that ends while ctx is live, ended (if not nil) gets its
+// error; then the next attempt starts at once if attempt said fresh (its stream worked: the failure is new, not
+// a repeat), else after a wait that doubles, with jitter, from b.Min to b.Max while attempts keep failing, and
+// starts again from b.Min after an attempt that lasted longer than b.Max.
+func Keep(ctx context.Context, b Backoff, attempt func() (fresh bool, err error), ended func(error)) {
+	eb := &backoff.ExponentialBackOff{InitialInterval: b.Min, MaxInterval: b.Max, Multiplier: 2,
+		RandomizationFactor: jitter}
+	eb.Reset()
+	for ctx.Err() == nil {
+		start := time.Now()
+		fresh, err := attempt()
+		if ctx.Err() != nil {
+			return
+		}
+		if ended != nil {
+			ended(err)
+		}
+		if fresh {
+			eb.Reset()
+			continue
+		}
+		if time.Since(start) > b.Max {
+			eb.Reset()
+		}
+		t := time.NewTimer(eb.NextBackOff())
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+		}
+	}
+}
