@@ -4,7 +4,7 @@ BUF     := $(GO) tool -modfile=tools/go.mod buf
 BUILD   := .build
 RUN_DIR ?= $(BUILD)/run
 
-.PHONY: all build run test generate api-diff lint bench bench-quick floor-bin etcd-bin clean
+.PHONY: all build run test fuzz generate api-diff lint bench bench-quick floor-bin etcd-bin clean
 
 all: build
 
@@ -21,6 +21,19 @@ test:
 	$(GO) vet ./...
 	$(GO) test -race -count=1 -timeout 15m ./...
 	cd tools && $(GO) test -count=1 ./apidiff
+
+## fuzz: each fuzz target of internal/fuzz in turn, for FUZZTIME each (`make fuzz FUZZTIME=10m`). Go fuzzes one
+## target per run; a failing input is written to internal/fuzz/testdata/fuzz, where every `make test` runs it.
+## Go also spends up to -fuzzminimizetime (60 s by default) shrinking each new interesting input, running it over
+## and over while nothing else runs; the targets carry state from input to input, so that buys little: 10 s.
+FUZZTIME ?= 1m
+FUZZMINIMIZETIME ?= 10s
+fuzz:
+	@for t in $$($(GO) test -list '^Fuzz' ./internal/fuzz | grep '^Fuzz'); do \
+		echo "$$t ($(FUZZTIME))"; \
+		$(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINIMIZETIME) \
+			./internal/fuzz || exit 1; \
+	done
 
 ## generate: rebuild gen/ from the etcd API pinned in go.mod with buf and protoc-gen-etcdproxy (offline).
 generate:

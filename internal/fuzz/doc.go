@@ -1,0 +1,5 @@
+// Package fuzz holds etcdproxy's Go native fuzz targets (its _test.go files): requests of every RPC of etcd's API
+// built from fuzz bytes, sent through the proxy and straight to etcd, with the answers compared. The proxy must
+// never panic or hang and must answer with etcd's status. `make fuzz FUZZTIME=10m` runs each target in turn; the
+// seed corpus in testdata/fuzz runs with every `go test`.
+package fuzz
