@@ -14,12 +14,10 @@ import (
 	"time"
 
 	"github.com/etcdproxy/etcdproxy/internal/proxytest"
-	"github.com/etcdproxy/etcdproxy/internal/testcerts"
 	"github.com/etcdproxy/etcdproxy/proxy"
 	"github.com/google/go-cmp/cmp"
 	"github.com/gorilla/websocket"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
-	"go.etcd.io/etcd/client/pkg/v3/transport"
 	"go.etcd.io/etcd/server/v3/etcdserver/api/v3lock/v3lockpb"
 	"go.uber.org/goleak"
 	"google.golang.org/protobuf/encoding/protojson"
@@ -31,19 +29,8 @@ import (
 // while the stream is open, so each message is flushed through TLS and h2Conn as it comes.
 func TestGatewayTLS(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
-	ca := testcerts.NewCA(t, "ca")
-	srv := ca.Issue(t, testcerts.Options{Name: "server"})
-	raw, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	l, err := transport.NewTLSListener(raw, &transport.TLSInfo{CertFile: srv.CertFile, KeyFile: srv.KeyFile})
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := proxytest.ServeOn(t, proxy.Config{Upstream: e.Upstream}, l)
-	proxytest.Eventually(t, 10*time.Second, p.HasLeader, "the proxy saw no leader within 10s")
-	base := "https://" + raw.Addr().String()
+	ca, addr := serveTLS(t, proxy.Config{Upstream: e.Upstream})
+	base := "https://" + addr
 	direct := &http.Client{Transport: &http.Transport{}}
 	t.Cleanup(direct.CloseIdleConnections)
 

@@ -16,11 +16,11 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
-// TestTLSServeHTTP: on a TLS listener (etcd's transport.NewTLSListener below the proxy's multiplexer, as
-// etcdproxy start builds it), one port serves gRPC to a clientv3 client and HTTP (/health, /metrics, pprof) to
-// HTTP/1.1 and HTTP/2 clients. HTTP/2 is what an HTTP client negotiates with etcd's TLS configuration (ALPN h2).
-func TestTLSServeHTTP(t *testing.T) {
-	e := proxytest.Start(t, proxytest.Options{})
+// serveTLS serves a proxy with cfg on a TLS listener as etcdproxy start builds it (etcd's transport.NewTLSListener
+// below the proxy's multiplexer), with a server certificate of a new CA; it returns the CA and the address, once
+// the proxy has seen the leader.
+func serveTLS(t *testing.T, cfg proxy.Config) (*testcerts.CA, string) {
+	t.Helper()
 	ca := testcerts.NewCA(t, "ca")
 	srv := ca.Issue(t, testcerts.Options{Name: "server"})
 	raw, err := net.Listen("tcp", "127.0.0.1:0")
@@ -31,9 +31,17 @@ func TestTLSServeHTTP(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := proxytest.ServeOn(t, proxy.Config{Upstream: e.Upstream, EnablePprof: true}, l)
-	addr := raw.Addr().String()
+	p := proxytest.ServeOn(t, cfg, l)
 	proxytest.Eventually(t, 10*time.Second, p.HasLeader, "the proxy saw no leader within 10s")
+	return ca, raw.Addr().String()
+}
+
+// TestTLSServeHTTP: on a TLS listener (etcd's transport.NewTLSListener below the proxy's multiplexer, as
+// etcdproxy start builds it), one port serves gRPC to a clientv3 client and HTTP (/health, /metrics, pprof) to
+// HTTP/1.1 and HTTP/2 clients. HTTP/2 is what an HTTP client negotiates with etcd's TLS configuration (ALPN h2).
+func TestTLSServeHTTP(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{})
+	ca, addr := serveTLS(t, proxy.Config{Upstream: e.Upstream, EnablePprof: true})
 
 	c := proxytest.Client(t, addr, func(cfg *clientv3.Config) { cfg.TLS = &tls.Config{RootCAs: ca.Pool()} })
 	ctx := proxytest.Timeout(t, 10*time.Second)
