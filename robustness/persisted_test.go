@@ -21,8 +21,9 @@ import (
 // persistedRequests is etcd's report.PersistedRequestsCluster, which reads the requests the cluster persisted from
 // every member's WAL (and merges them by raft index), except that AuthStatus entries are left out.
 //
-// Why: the proxy's read cache follows etcd's auth revision while cacheable (serializable) reads come, with one
-// AuthStatus call a second, and etcd serves AuthStatus through raft, so it is a WAL entry. etcd's WAL reader knows
+// Why: the proxy's read cache reads etcd's auth revision with one AuthStatus call a second, from its start (ten
+// polls) and for as long as cacheable (serializable) reads come (overrides/kvcache/auth.go), and etcd serves
+// AuthStatus through raft, so each is a WAL entry: every history has some. etcd's WAL reader knows
 // only the requests etcd's own traffic makes and panics on any other ("Unhandled raft request"). Leaving AuthStatus
 // out does not weaken the check: AuthStatus changes no key, no lease and no revision, so the model's state after
 // each persisted request, the revisions and the watch events replayed from them are exactly the same with or
@@ -32,6 +33,8 @@ import (
 // emptied (so they count as the leader's empty entries, which etcd's reader skips; the raft index and term stay, so
 // the merge of the members' logs is the same) and the entries are written to a new WAL under work; then etcd's
 // report.PersistedRequests reads and merges them all, unchanged.
+//
+// authStatus is how many AuthStatus entries were left out (of the member's WAL that had the most).
 func persistedRequests(lg *zap.Logger, clus *e2e.EtcdProcessCluster, work string) (requests []model.EtcdRequest, authStatus int, err error) {
 	var dataDirs []string
 	for i, proc := range clus.Procs {
@@ -50,7 +53,7 @@ func persistedRequests(lg *zap.Logger, clus *e2e.EtcdProcessCluster, work string
 			dataDirs = append(dataDirs, dataDir)
 			continue
 		}
-		authStatus += n
+		authStatus = max(authStatus, n) // the members' logs are copies of one log
 		dir := filepath.Join(work, fmt.Sprintf("member-%d", i))
 		if err := writeWAL(lg, dir, state, entries); err != nil {
 			return nil, 0, err

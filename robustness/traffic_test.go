@@ -128,9 +128,8 @@ const serializableReadQPS = 200
 // linearizable, or at a past revision), so that the proxy's read cache serves some of them.
 //
 // Each read is recorded in etcd's model as a read at the revision of its own response header: a serializable
-// read may be stale, but it must be exactly the store at the revision it reports. etcd's validation checks such
-// reads (validate's serializable check, as for its stale reads) against the state replayed from the members'
-// WAL at that revision, and the linearization accepts one only at or after that revision was reached.
+// read may be stale, but it must be exactly the store at the revision it reports. checkSerializableReads checks
+// that against the store replayed from the members' WAL, as etcd checks its stale reads.
 type serializableReader struct {
 	id       int
 	client   *clientv3.Client
