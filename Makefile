@@ -4,7 +4,7 @@ BUF     := $(GO) tool -modfile=tools/go.mod buf
 BUILD   := .build
 RUN_DIR ?= $(BUILD)/run
 
-.PHONY: all build run test fuzz generate api-diff lint bench bench-quick floor-bin etcd-bin clean
+.PHONY: all build run test fuzz generate api-diff lint bench bench-quick floor-bin etcd-bin robustness robustness-smoke clean
 
 all: build
 
@@ -59,6 +59,25 @@ bench-quick: build etcd-bin floor-bin
 floor-bin:
 	$(GO) build -o $(BUILD)/floorrelay ./cmd/etcdproxy-bench/floorrelay
 	$(GO) build -o $(BUILD)/floorcache ./cmd/etcdproxy-bench/floorcache
+
+## robustness: etcd's own robustness test (go.etcd.io/etcd/tests/v3/robustness: its traffic, faults and validation)
+## with every client going through bin/etcdproxy, run as its own process in front of three etcd members (.build/etcd).
+## HISTORIES histories, each a new cluster and proxy, TRAFFIC of traffic and one fault; faults and traffic profiles
+## rotate (FAULTS, PROFILES: comma-separated subsets; names in robustness/robustness_test.go). Evidence: make
+## robustness HISTORIES=100. Failed histories keep their logs and etcd's report under RESULTS_DIR (/tmp/etcdproxy-robustness).
+## Memory: one process keeps every history's reports; 30 histories of the high-traffic profiles grew it to 24 GiB
+## here (the machine swapped): run at most ~10 per invocation and repeat for more.
+## robustness-smoke: two histories (an etcd member killed, etcdproxy restarted under serializable reads), about 2 minutes.
+HISTORIES ?= 6
+TRAFFIC   ?= 10s
+FAULTS    ?=
+PROFILES  ?=
+robustness: build etcd-bin
+	cd robustness && $(GO) test -v -count=1 -run '^TestRobustnessThroughProxy$$' -timeout $$(( $(HISTORIES) * 3 + 10 ))m ./... \
+		-args -histories=$(HISTORIES) -traffic=$(TRAFFIC) -faults=$(FAULTS) -profiles=$(PROFILES)
+
+robustness-smoke:
+	$(MAKE) robustness HISTORIES=2 FAULTS=Kill,EtcdproxyRestart PROFILES=KubernetesLowTraffic,EtcdSerializableReads
 
 ## etcd-bin: etcd itself (server and `etcd grpc-proxy`) at the version pinned in go.mod, for the benchmark.
 etcd-bin:
