@@ -97,10 +97,13 @@ func etcdFailpoint(f failpoint.Failpoint) func(*proxyProcess) failpoint.Failpoin
 	return func(*proxyProcess) failpoint.Failpoint { return f }
 }
 
-func faultNames() []string {
+func faultNames() []string { return namesOf(faults, func(f fault) string { return f.name }) }
+
+// namesOf lists the names of xs, for flag help and errors.
+func namesOf[T any](xs []T, name func(T) string) []string {
 	var names []string
-	for _, f := range faults {
-		names = append(names, f.name)
+	for _, x := range xs {
+		names = append(names, name(x))
 	}
 	return names
 }
@@ -123,13 +126,7 @@ var profiles = []profile{
 	{name: "EtcdSerializableReads", base: "EtcdTrafficDeleteLeases", readers: 2},
 }
 
-func profileNames() []string {
-	var names []string
-	for _, p := range profiles {
-		names = append(names, p.name)
-	}
-	return names
-}
+func profileNames() []string { return namesOf(profiles, func(p profile) string { return p.name }) }
 
 // summary is what one history did.
 type summary struct {
