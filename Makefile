@@ -4,7 +4,7 @@ BUF     := $(GO) tool -modfile=tools/go.mod buf
 BUILD   := .build
 RUN_DIR ?= $(BUILD)/run
 
-.PHONY: all build run test fuzz generate api-diff lint bench bench-quick floor-bin etcd-bin robustness robustness-smoke clean
+.PHONY: all build run test fuzz generate api-diff lint bench bench-quick floor-bin etcd-bin robustness robustness-smoke soak clean
 
 all: build
 
@@ -28,12 +28,18 @@ test:
 ## and over while nothing else runs; the targets carry state from input to input, so that buys little: 10 s.
 FUZZTIME ?= 1m
 FUZZMINIMIZETIME ?= 10s
+## Go discards the output of its fuzzing workers: a worker that died ("fuzzing process hung or terminated
+## unexpectedly") left its crash output in TMPDIR (/tmp)/etcdproxy-fuzz-crash-PID-*.log, printed here.
+FUZZ_TARGETS ?= $$($(GO) test -list '^Fuzz' ./internal/fuzz | grep '^Fuzz')
 fuzz:
-	@for t in $$($(GO) test -list '^Fuzz' ./internal/fuzz | grep '^Fuzz'); do \
+	@crash=$${TMPDIR:-/tmp}/etcdproxy-fuzz-crash-; rm -f $$crash*; \
+	for t in $(FUZZ_TARGETS); do \
 		echo "$$t ($(FUZZTIME))"; \
 		$(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINIMIZETIME) \
-			./internal/fuzz || exit 1; \
-	done
+			./internal/fuzz && continue; \
+		for f in $$crash*; do if [ -s "$$f" ]; then echo "crash output of a worker ($$f):"; cat "$$f"; fi; done; \
+		exit 1; \
+	done; rm -f $$crash*
 
 ## generate: rebuild gen/ from the etcd API pinned in go.mod with buf and protoc-gen-etcdproxy (offline).
 generate:
@@ -65,19 +71,39 @@ floor-bin:
 ## HISTORIES histories, each a new cluster and proxy, TRAFFIC of traffic and one fault; faults and traffic profiles
 ## rotate (FAULTS, PROFILES: comma-separated subsets; names in robustness/robustness_test.go). Evidence: make
 ## robustness HISTORIES=100. Failed histories keep their logs and etcd's report under RESULTS_DIR (/tmp/etcdproxy-robustness).
-## Memory: one process keeps every history's reports; 30 histories of the high-traffic profiles grew it to 24 GiB
-## here (the machine swapped): run at most ~10 per invocation and repeat for more.
+## The histories run in batches of BATCH, each batch its own test process (etcd's suite keeps every history's reports
+## in memory: 30 high-traffic histories in one process grew it to 24 GiB here), the rotation continuing from batch to
+## batch; the log of the whole run is $(BUILD)/robustness.log, and its last lines are the totals, by fault and overall.
 ## robustness-smoke: two histories (an etcd member killed, etcdproxy restarted under serializable reads), about 2 minutes.
 HISTORIES ?= 6
+BATCH     ?= 10
 TRAFFIC   ?= 10s
 FAULTS    ?=
 PROFILES  ?=
+robustness: SHELL := /bin/bash
 robustness: build etcd-bin
-	cd robustness && $(GO) test -v -count=1 -run '^TestRobustnessThroughProxy$$' -timeout $$(( $(HISTORIES) * 3 + 10 ))m ./... \
-		-args -histories=$(HISTORIES) -traffic=$(TRAFFIC) -faults=$(FAULTS) -profiles=$(PROFILES)
+	@log=$(BUILD)/robustness.log; : > $$log; status=0; \
+	for first in $$(seq 0 $(BATCH) $$(( $(HISTORIES) - 1 ))); do \
+		n=$$(( $(HISTORIES) - first )); if [ $$n -gt $(BATCH) ]; then n=$(BATCH); fi; \
+		(cd robustness && $(GO) test -v -count=1 -run '^TestRobustnessThroughProxy$$' -timeout $$(( n * 3 + 10 ))m ./... \
+			-args -first=$$first -histories=$$n -of=$(HISTORIES) -traffic=$(TRAFFIC) -faults=$(FAULTS) -profiles=$(PROFILES)) 2>&1 \
+			| tee -a $$log; \
+		if [ $${PIPESTATUS[0]} -ne 0 ]; then status=1; fi; \
+	done; \
+	awk -f robustness/totals.awk $$log; exit $$status
 
 robustness-smoke:
 	$(MAKE) robustness HISTORIES=2 FAULTS=Kill,EtcdproxyRestart PROFILES=KubernetesLowTraffic,EtcdSerializableReads
+
+## soak: one etcdproxy in front of three etcd members for DURATION, with 10,000 watchers, 1,000 leases kept alive,
+## writes and cached reads through it and a member killed and restarted every 5 minutes; samples the proxy's RSS and
+## goroutines every 10 s and fails on a growth trend, on any event not delivered exactly once, or on a lost lease.
+## Writes soak.md, soak.csv and two SVG plots to SOAK_OUT (RELIABILITY.md quotes the last 1 h run).
+DURATION  ?= 1h
+SOAK_OUT  ?= $(BUILD)/soak
+SOAK_FLAGS ?=
+soak: build etcd-bin
+	$(GO) run ./cmd/etcdproxy-bench -etcd $(BUILD)/etcd -etcdproxy bin/etcdproxy -soak $(DURATION) -soak-out $(SOAK_OUT) $(SOAK_FLAGS)
 
 ## etcd-bin: etcd itself (server and `etcd grpc-proxy`) at the version pinned in go.mod, for the benchmark.
 etcd-bin:

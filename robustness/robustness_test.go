@@ -40,6 +40,8 @@ import (
 )
 
 var (
+	first       = flag.Int("first", 0, "index of the first history: faults and profiles rotate from it (make robustness runs batches with it)")
+	of          = flag.Int("of", 0, "the number of histories of the whole run, for the log lines (default: first+histories)")
 	histories   = flag.Int("histories", 6, "number of histories (each: a new cluster and proxy, traffic, one fault, validation)")
 	trafficTime = flag.Duration("traffic", 10*time.Second, "traffic per history: half of it before the fault, half after the fault ended")
 	proxyBin    = flag.String("etcdproxy", "../bin/etcdproxy", "the etcdproxy binary")
@@ -180,7 +182,7 @@ func TestRobustnessThroughProxy(t *testing.T) {
 
 	var total summary
 	var passed, violations, inconclusive, errs int
-	for i := range *histories {
+	for i := *first; i < *first+*histories; i++ {
 		// Every fault with every profile: round r pairs fault f with profile f+r.
 		f := i % len(fs)
 		p := profs[(f+i/len(fs))%len(profs)]
@@ -205,7 +207,7 @@ func TestRobustnessThroughProxy(t *testing.T) {
 			result = "ERROR"
 		}
 		line := fmt.Sprintf("history %d/%d: fault=%s profile=%s operations=%d (failed %d) watch-events=%d",
-			i+1, *histories, s.fault, s.profile, s.operations, s.failed, s.watchEvents)
+			i+1, max(*of, *first+*histories), s.fault, s.profile, s.operations, s.failed, s.watchEvents)
 		if p.readers > 0 {
 			line += fmt.Sprintf(" serializable-reads=%d cache-hits=%.0f cache-misses=%.0f",
 				s.serializable, s.cache.hits, s.cache.misses)

@@ -44,6 +44,7 @@ type config struct {
 	plots                               string // directory of the SVG plots (default: -out's)
 	jsonOut                             string
 	watchers100k                        bool
+	soak                                soakConfig // run when soak.duration > 0
 }
 
 func main() {
@@ -66,7 +67,28 @@ func main() {
 	flag.StringVar(&c.out, "out", "", "write a Markdown report (header, how to read, table, plots, JSON lines) to this file, and the plots next to it")
 	flag.StringVar(&c.plots, "plots", "", "write the SVG plots to this directory (default: the directory of -out; none without either)")
 	flag.StringVar(&c.jsonOut, "json", "", "write JSON lines (one per workload and metric) to this file")
+	flag.DurationVar(&c.soak.duration, "soak", 0, "instead of the benchmark, soak etcdproxy for this long (`make soak DURATION=1h`): see soak.go")
+	flag.DurationVar(&c.soak.sampleEvery, "soak-sample", 10*time.Second, "soak: sample the proxy's RSS and goroutines this often")
+	flag.DurationVar(&c.soak.restartEvery, "soak-restart", 5*time.Minute, "soak: kill and restart an etcd member this often, in turn")
+	flag.DurationVar(&c.soak.compactEvery, "soak-compact", 5*time.Minute, "soak: compact this often, to the revision seen one period before")
+	flag.IntVar(&c.soak.watchers, "soak-watchers", 10000, "soak: watchers through the proxy")
+	flag.IntVar(&c.soak.keys, "soak-keys", 100, "soak: keys the watchers watch and the load writes and reads")
+	flag.IntVar(&c.soak.leases, "soak-leases", 1000, "soak: leases kept alive through the proxy")
+	flag.Int64Var(&c.soak.leaseTTL, "soak-lease-ttl", 15, "soak: the leases' TTL in seconds")
+	flag.IntVar(&c.soak.writeRate, "soak-puts", 20, "soak: puts per second through the proxy")
+	flag.IntVar(&c.soak.readRate, "soak-reads", 500, "soak: serializable reads per second through the proxy")
+	flag.StringVar(&c.soak.out, "soak-out", "", "soak: write soak.md, soak.csv, soak-rss.svg and soak-goroutines.svg to this directory")
 	flag.Parse()
+	if c.soak.duration > 0 {
+		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+		err := runSoak(ctx, c.etcdBin, c.etcdproxyBin, c.soak)
+		stop()
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "etcdproxy-bench:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if err := run(c); err != nil {
 		fmt.Fprintln(os.Stderr, "etcdproxy-bench:", err)
 		os.Exit(1)

@@ -15,6 +15,12 @@ import (
 type chart struct {
 	title, xLabel, yLabel string
 	series                []series
+	// linearX puts x on a linear scale from its least to its greatest value, ticked at round steps (time series);
+	// points then carry no marker of their own.
+	linearX bool
+	// marks are xs where something happened, drawn as grey vertical lines with one legend entry, marksLabel.
+	marks      []float64
+	marksLabel string
 }
 
 type series struct {
@@ -44,9 +50,10 @@ func (c chart) svg() string {
 	sx, sy, yTicks := c.scales()
 	c.axes(&sb, sx, sy, yTicks)
 	for i, s := range c.series {
-		s.render(&sb, sx, sy)
+		s.render(&sb, sx, sy, c.linearX)
 		s.legend(&sb, i)
 	}
+	c.renderMarks(&sb, sx)
 	sb.WriteString("</svg>\n")
 	return sb.String()
 }
@@ -57,15 +64,19 @@ func (c chart) scales() (sx, sy func(float64) float64, yTicks []float64) {
 	xs := c.xs()
 	left, width := float64(padLeft), float64(plotW-padLeft-padRight)
 	inner := width * 0.05 // so that the first and last points do not sit on the axes
+	scale := math.Log10
+	if c.linearX {
+		scale = func(x float64) float64 { return x }
+	}
 	lo, hi := 0.0, 1.0
 	if len(xs) > 0 {
-		lo, hi = math.Log10(xs[0]), math.Log10(xs[len(xs)-1])
+		lo, hi = scale(xs[0]), scale(xs[len(xs)-1])
 	}
 	sx = func(x float64) float64 {
 		if hi == lo {
 			return left + width/2
 		}
-		return left + inner + (math.Log10(x)-lo)/(hi-lo)*(width-2*inner)
+		return left + inner + (scale(x)-lo)/(hi-lo)*(width-2*inner)
 	}
 	ymin, ymax := 0.0, 0.0
 	for _, s := range c.series {
@@ -86,18 +97,33 @@ func (c chart) scales() (sx, sy func(float64) float64, yTicks []float64) {
 	return sx, sy, yTicks
 }
 
-// xs is every distinct positive x, sorted (a log scale has no place for x <= 0).
+// xs is every distinct x, sorted; positive ones only on a log scale (it has no place for x <= 0).
 func (c chart) xs() []float64 {
 	var xs []float64
 	for _, s := range c.series {
 		for _, p := range s.points {
-			if p.x > 0 && !slices.Contains(xs, p.x) {
+			if (p.x > 0 || c.linearX) && !slices.Contains(xs, p.x) {
 				xs = append(xs, p.x)
 			}
 		}
 	}
 	slices.Sort(xs)
 	return xs
+}
+
+// xTicks are the data's xs on a log scale, and round steps across them on a linear one.
+func (c chart) xTicks() []float64 {
+	xs := c.xs()
+	if !c.linearX || len(xs) < 2 {
+		return xs
+	}
+	lo, hi := xs[0], xs[len(xs)-1]
+	step := niceStep((hi - lo) / 8)
+	var ticks []float64
+	for i := math.Ceil(lo / step); i*step <= hi; i++ {
+		ticks = append(ticks, i*step)
+	}
+	return ticks
 }
 
 // niceStep rounds raw up to 1, 2 or 5 times a power of ten.
@@ -127,7 +153,7 @@ func (c chart) axes(sb *strings.Builder, sx, sy func(float64) float64, yTicks []
 		fmt.Fprintf(sb, `<line x1="%.1f" y1="%.1f" x2="%.1f" y2="%.1f" stroke="#dddddd"/>`+"\n", x0, y, x1, y)
 		fmt.Fprintf(sb, `<text x="%.1f" y="%.1f" text-anchor="end">%s</text>`+"\n", x0-6, y+4, esc(fmtAxis(v, step)))
 	}
-	for _, x := range c.xs() {
+	for _, x := range c.xTicks() {
 		px := sx(x)
 		fmt.Fprintf(sb, `<line x1="%.1f" y1="%.1f" x2="%.1f" y2="%.1f" stroke="black"/>`+"\n", px, y1, px, y1+5)
 		fmt.Fprintf(sb, `<text x="%.1f" y="%.1f" text-anchor="middle">%s</text>`+"\n", px, y1+19, esc(fmtTick(x)))
@@ -153,8 +179,9 @@ func fmtTick(x float64) string {
 	return fmt.Sprintf("%g", x)
 }
 
-// render draws s as a line through its points, with a marker and a tooltip at each.
-func (s series) render(sb *strings.Builder, sx, sy func(float64) float64) {
+// render draws s as a line through its points, with a marker and a tooltip at each (none on a linear x scale: a
+// time series has too many points for them).
+func (s series) render(sb *strings.Builder, sx, sy func(float64) float64, linear bool) {
 	fmt.Fprintf(sb, `<g class="series" data-series="%s">`+"\n", esc(s.name))
 	var pts []string
 	for _, p := range s.points {
@@ -167,6 +194,9 @@ func (s series) render(sb *strings.Builder, sx, sy func(float64) float64) {
 	fmt.Fprintf(sb, `<polyline points="%s" fill="none" stroke="%s" stroke-width="2"%s/>`+"\n",
 		strings.Join(pts, " "), s.color, dash)
 	for _, p := range s.points {
+		if linear {
+			break
+		}
 		fmt.Fprintf(sb, `<circle cx="%.1f" cy="%.1f" r="3.5" fill="%s"><title>%s</title></circle>`+"\n",
 			sx(p.x), sy(p.y), s.color, esc(fmt.Sprintf("%s: %s at %s", s.name, fmtNum(p.y), fmtTick(p.x))))
 	}
@@ -183,6 +213,29 @@ func (s series) legend(sb *strings.Builder, i int) {
 	fmt.Fprintf(sb, `<line x1="%.1f" y1="%.1f" x2="%.1f" y2="%.1f" stroke="%s" stroke-width="2"%s/>`+"\n",
 		x, y, x+24, y, s.color, dash)
 	fmt.Fprintf(sb, `<text x="%.1f" y="%.1f">%s</text>`+"\n", x+30, y+4, esc(s.name))
+}
+
+// renderMarks draws c's marks inside the plot and their legend entry below the series'.
+func (c chart) renderMarks(sb *strings.Builder, sx func(float64) float64) {
+	if len(c.marks) == 0 {
+		return
+	}
+	const color = "#888888"
+	y0, y1 := float64(padTop), float64(plotH-padBelow)
+	sb.WriteString(`<g class="marks">` + "\n")
+	xs := c.xs()
+	for _, x := range c.marks {
+		if len(xs) == 0 || x < xs[0] || x > xs[len(xs)-1] {
+			continue // outside the data: off the plot
+		}
+		fmt.Fprintf(sb, `<line x1="%.1f" y1="%.1f" x2="%.1f" y2="%.1f" stroke="%s" stroke-dasharray="2 3"/>`+"\n",
+			sx(x), y0, sx(x), y1, color)
+	}
+	sb.WriteString("</g>\n")
+	lx, ly := float64(plotW-padRight+14), float64(padTop+10+len(c.series)*22)
+	fmt.Fprintf(sb, `<line x1="%.1f" y1="%.1f" x2="%.1f" y2="%.1f" stroke="%s" stroke-dasharray="2 3"/>`+"\n",
+		lx+12, ly-8, lx+12, ly+8, color)
+	fmt.Fprintf(sb, `<text x="%.1f" y="%.1f">%s</text>`+"\n", lx+30, ly+4, esc(c.marksLabel))
 }
 
 // esc escapes s for XML text and attribute values.

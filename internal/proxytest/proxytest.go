@@ -261,14 +261,17 @@ func LeakOptions() []goleak.Option {
 }
 
 // VerifyTestMain runs the package's tests and then, if they passed, fails the run when goroutines are left over
-// (LeftOver), as goleak.VerifyTestMain does.
-func VerifyTestMain(m *testing.M) {
+// (LeftOver), as goleak.VerifyTestMain does; atExit run last, before the process exits.
+func VerifyTestMain(m *testing.M, atExit ...func()) {
 	code := m.Run()
 	if code == 0 {
 		if err := LeftOver(); err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			code = 1
 		}
+	}
+	for _, f := range atExit {
+		f()
 	}
 	os.Exit(code)
 }
