@@ -339,3 +339,158 @@ func TestLinearizableLaggingWatch(t *testing.T) {
 		t.Errorf("after the member caught up, the proxy reads %q", got)
 	}
 }
+
+// TestLinearizableAuth: with auth on, linearizable reads are never answered from the cache (etcd checks the
+// caller's token and rights when it serves a linearizable read; the cache could only vouch for them up to its auth
+// poll): each gets etcd's answer or error, for a reader, for a caller without the right, for one without a token.
+func TestLinearizableAuth(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{User: "root", Password: "r", BeforeProxy: func(c *embedetcd.Cluster) {
+		enableAuth(t, timeout(t, 30*time.Second), proxytest.Conn(t, c.Members[0].ClientURL))
+	}})
+	ctx := timeout(t, 30*time.Second)
+	req := &pb.RangeRequest{Key: []byte("a1")}
+	callers := []struct {
+		name        string
+		via, direct context.Context
+	}{
+		{"alice", as(t, ctx, e.Via, "alice"), as(t, ctx, e.Direct, "alice")},
+		{"bob", as(t, ctx, e.Via, "bob"), as(t, ctx, e.Direct, "bob")},
+		{"no token", ctx, ctx},
+	}
+	hits0, auth0 := linHits(t), linFallbacks(t, "auth")+linFallbacks(t, "backoff")
+	for round := range 5 {
+		for _, c := range callers {
+			via, viaErr := pb.NewKVClient(e.Via).Range(c.via, req)
+			direct, directErr := pb.NewKVClient(e.Direct).Range(c.direct, req)
+			if c.name == "alice" && viaErr == nil && directErr == nil {
+				via.Header.MemberId, direct.Header.MemberId = 0, 0
+			}
+			sameAs(t, fmt.Sprintf("round %d, %s", round, c.name), via, viaErr, direct, directErr)
+		}
+	}
+	if linHits(t) != hits0 {
+		t.Errorf("with auth on, %v linearizable reads were answered from the cache", linHits(t)-hits0)
+	}
+	if linFallbacks(t, "auth")+linFallbacks(t, "backoff") == auth0 {
+		t.Error("no fallback counted for auth")
+	}
+}
+
+// TestLinearizableAuthEnabledElsewhere: a key's linearizable read is cached while auth is off; auth is enabled
+// straight on etcd (the proxy's auth poll has not seen it): the next linearizable reads through the proxy get
+// etcd's answers at once (refused without a token, read by a caller with the right); once auth is disabled again
+// they are answered from the cache again.
+func TestLinearizableAuthEnabledElsewhere(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) { c.KVCache.AuthPoll = time.Hour }})
+	ctx := timeout(t, 30*time.Second)
+	req := &pb.RangeRequest{Key: []byte("a1")}
+	put(t, ctx, e.Direct, "a1", "secret")
+	linCached(t, ctx, e.Via, req)
+	proxytest.EnableAuth(t, ctx, e.Direct, "r", proxytest.User{Name: "alice", Password: "alice", ReadFrom: "a", ReadTo: "b"})
+	hits0 := linHits(t)
+	alice, directAlice := as(t, ctx, e.Via, "alice"), as(t, ctx, e.Direct, "alice")
+	for round := range 3 {
+		via, viaErr := pb.NewKVClient(e.Via).Range(ctx, req)
+		direct, directErr := pb.NewKVClient(e.Direct).Range(ctx, req)
+		sameAs(t, fmt.Sprintf("round %d, no token", round), via, viaErr, direct, directErr)
+		via, viaErr = pb.NewKVClient(e.Via).Range(alice, req)
+		direct, directErr = pb.NewKVClient(e.Direct).Range(directAlice, req)
+		sameAs(t, fmt.Sprintf("round %d, alice", round), via, viaErr, direct, directErr)
+	}
+	if linHits(t) != hits0 {
+		t.Errorf("%v linearizable reads answered from the cache after auth was enabled", linHits(t)-hits0)
+	}
+	root := proxytest.As(t, ctx, e.Direct, "root", "r")
+	if _, err := pb.NewAuthClient(e.Direct).AuthDisable(root, &pb.AuthDisableRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	proxytest.Eventually(t, 5*time.Second, func() bool {
+		before := linHits(t)
+		r, err := pb.NewKVClient(e.Via).Range(ctx, req)
+		return err == nil && value(r) == "secret" && linHits(t) > before
+	}, "linearizable reads were not answered from the cache again after auth was disabled")
+}
+
+// TestLinearizableCompaction: a compaction does not stop current-revision linearizable reads from being answered
+// from the cache, and they still equal etcd's; a read at a compacted revision gets etcd's compacted error.
+func TestLinearizableCompaction(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{})
+	ctx := timeout(t, 30*time.Second)
+	req := &pb.RangeRequest{Key: []byte("c")}
+	for i := range 5 {
+		put(t, ctx, e.Direct, "c", fmt.Sprint(i))
+	}
+	linCached(t, ctx, e.Via, req)
+	last := put(t, ctx, e.Direct, "c", "last")
+	if _, err := pb.NewKVClient(e.Via).Compact(ctx, &pb.CompactionRequest{Revision: last.Header.Revision}); err != nil {
+		t.Fatal(err)
+	}
+	linCached(t, ctx, e.Via, req)
+	for range 3 {
+		before := linHits(t)
+		via, viaErr := pb.NewKVClient(e.Via).Range(ctx, req)
+		if linHits(t) == before {
+			t.Error("a current-revision linearizable read after a compaction was not answered from the cache")
+		}
+		direct, directErr := pb.NewKVClient(e.Direct).Range(ctx, req)
+		sameAs(t, "after a compaction", via, viaErr, direct, directErr)
+	}
+	old := &pb.RangeRequest{Key: []byte("c"), Revision: 2}
+	via, viaErr := pb.NewKVClient(e.Via).Range(ctx, old)
+	direct, directErr := pb.NewKVClient(e.Direct).Range(ctx, old)
+	if directErr == nil {
+		t.Fatal("etcd answered a read at a compacted revision")
+	}
+	sameAs(t, "a read at a compacted revision", via, viaErr, direct, directErr)
+}
+
+// TestLinearizableLeaderLoss: when the cluster loses its leader, a linearizable read through the proxy of a cached
+// key gets etcd's own error (code and message), as the same read straight to the member does; once the leader is
+// back, reads are answered from the cache again.
+func TestLinearizableLeaderLoss(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{Members: 3,
+		Upstream: func(c *embedetcd.Cluster) []string { return []string{c.Members[0].ClientURL} }})
+	ctx := timeout(t, 90*time.Second)
+	req := &pb.RangeRequest{Key: []byte("ll/k")}
+	put(t, ctx, e.Direct, "ll/k", "v")
+	linCached(t, ctx, e.Via, req)
+	e.Cluster.Members[1].Stop()
+	e.Cluster.Members[2].Stop()
+	hits0 := linHits(t)
+	type answer struct {
+		r   *pb.RangeResponse
+		err error
+	}
+	read := func(cc *grpc.ClientConn) <-chan answer {
+		ch := make(chan answer, 1)
+		go func() {
+			rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			defer cancel()
+			r, err := pb.NewKVClient(cc).Range(rctx, req)
+			ch <- answer{r, err}
+		}()
+		return ch
+	}
+	via, direct := read(e.Via), read(e.Direct)
+	v, d := <-via, <-direct
+	if d.err == nil {
+		t.Fatalf("etcd answered a linearizable read without a leader: %v", d.r)
+	}
+	sameAs(t, "without a leader", v.r, v.err, d.r, d.err)
+	t.Logf("without a leader: %v", d.err)
+	if linHits(t) != hits0 {
+		t.Error("a linearizable read was answered from the cache without a leader")
+	}
+	for _, m := range e.Cluster.Members[1:] {
+		if err := m.Restart(30 * time.Second); err != nil {
+			t.Fatal(err)
+		}
+	}
+	proxytest.Eventually(t, 30*time.Second, func() bool {
+		before := linHits(t)
+		rctx, cancel := context.WithTimeout(ctx, time.Second)
+		defer cancel()
+		r, err := pb.NewKVClient(e.Via).Range(rctx, req)
+		return err == nil && value(r) == "v" && linHits(t) > before
+	}, "linearizable reads were not answered from the cache once the leader was back")
+}
