@@ -1,14 +1,21 @@
-// Package kvcache overrides KV with a coherent cache of serializable reads (github.com/karlseguin/ccache/v3).
+// Package kvcache overrides KV with a coherent cache of reads (github.com/karlseguin/ccache/v3).
 //
-// Replaces: Range (serializable, current revision: served from the cache when it can vouch for an entry) and the
+// Replaces: Range (current revision: served from the cache when it can vouch for an entry; a linearizable one only
+// when that is provably linearizable, linearizable.go) and the
 // Auth RPCs that change rights (forwarded, then the cache is flushed). Every RPC that writes keys (ryw.KeyWriter)
 // is held, through the ryw interceptor and this cache's BeginWrite, EndWrite and Await, until the cache has seen
 // its revision, so a client reads its own writes through this proxy. RangeStream and Compact fall through.
 //
 // Guarantees:
-//   - Linearizable reads always go to etcd; so do reads at a historical revision (revision > 0), whose answer
-//     depends on compaction, which the proxy would otherwise have to track: etcd answers them, compacted error
-//     included, and a compaction never stops current-revision reads from being cached.
+//   - A linearizable read is answered from the cache only with etcd's answer at a revision R etcd had committed
+//     after the read arrived: R is the revision of a linearizable barrier read sent after it (one shared by a batch
+//     of reads), the invalidation watch must have delivered every event up to R, and the entry must not have been
+//     invalidated then. The barrier carries no credentials, so with auth enabled etcd refuses it and linearizable
+//     reads go to etcd, which checks the caller's token and rights as it serves them. Otherwise (barrier failed,
+//     watch behind, a miss) etcd answers (linearizable.go).
+//   - Reads at a historical revision (revision > 0) always go to etcd: their answer depends on compaction, which
+//     the proxy would otherwise have to track: etcd answers them, compacted error included, and a compaction never
+//     stops current-revision reads from being cached.
 //   - Coherence: one keyspace-wide upstream watch (invalidate.go) invalidates every entry whose range holds a key
 //     written anywhere, through this proxy or not. While that watch is not live (startup, reconnect, leader loss,
 //     no permission to watch), the cache serves nothing and stores nothing. A response is stored only if no write
@@ -169,7 +176,8 @@ func cacheable(req *pb.RangeRequest) bool {
 	return req.Serializable && req.Revision == 0
 }
 
-// Range serves serializable current-revision reads from the cache when it can vouch for the entry.
+// Range serves current-revision reads from the cache when it can vouch for the entry: serializable ones here,
+// linearizable ones in linearizable.go.
 func (k *KV) Range(ctx context.Context, req *pb.RangeRequest) (*pb.RangeResponse, error) {
 	if !cacheable(req) {
 		if !req.Serializable && req.Revision == 0 && !k.opts.SerializableOnly {
