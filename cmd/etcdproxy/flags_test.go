@@ -91,3 +91,20 @@ func TestMembersFlags(t *testing.T) {
 		}
 	}
 }
+
+// TestLinearizableCacheFlag: --kv-cache-linearizable is on by default, and false keeps linearizable reads away
+// from the cache.
+func TestLinearizableCacheFlag(t *testing.T) {
+	for _, c := range []struct {
+		args []string
+		want bool
+	}{{nil, false}, {[]string{"--kv-cache-linearizable=false"}, true}, {[]string{"--kv-cache-linearizable"}, false}} {
+		f := &startFlags{}
+		if err := startCommand(f, runStart).ParseFlags(c.args); err != nil {
+			t.Fatal(err)
+		}
+		if got := f.proxyConfig().KVCache.SerializableOnly; got != c.want {
+			t.Errorf("%v: SerializableOnly %v, want %v", c.args, got, c.want)
+		}
+	}
+}

@@ -58,6 +58,7 @@ type startFlags struct {
 	password     string
 	kvCacheBytes int64
 	kvCacheTTL   time.Duration
+	kvCacheLin   bool
 	metricsAddr  string
 	metricsURL   string // --metrics-addr's scheme: http, https or unix
 	enablePprof  bool
@@ -127,8 +128,9 @@ func (f *startFlags) addFlags(fs *pflag.FlagSet) {
 	fs.BoolVar(&f.insecureSkipTLSVerify, "insecure-skip-tls-verify", false, "skip authentication of etcd server TLS certificates (CAUTION: for testing only)")
 	fs.StringVar(&f.user, "user", "", "the proxy's own etcd user, as username or username:password, for its internal calls only (the read cache's keyspace watch needs read permission on every key when auth is enabled); client calls always carry the client's own credentials")
 	fs.StringVar(&f.password, "password", "", "password of --user (or give it as username:password)")
-	fs.Int64Var(&f.kvCacheBytes, "kv-cache-bytes", 64<<20, "size of the cache of serializable reads, in bytes of cached responses; 0 turns the cache off")
+	fs.Int64Var(&f.kvCacheBytes, "kv-cache-bytes", 64<<20, "size of the read cache (serializable reads, and linearizable ones with --kv-cache-linearizable), in bytes of cached responses; 0 turns the cache off")
 	fs.DurationVar(&f.kvCacheTTL, "kv-cache-ttl", 30*time.Second, "longest life of a cached read; the cache is kept coherent by a watch, this is a backstop")
+	fs.BoolVar(&f.kvCacheLin, "kv-cache-linearizable", true, "also answer linearizable reads from the cache when that is provably linearizable (one shared linearizable barrier read to etcd per batch of reads, then the cache's watch must have reached its revision; with auth enabled they always go to etcd); false sends every linearizable read to etcd")
 	fs.StringVar(&f.metricsAddr, "metrics-addr", "", "also serve /metrics and /health (and /debug/pprof with --enable-pprof) on this URL, as etcd grpc-proxy takes it: http://host:port, https://host:port (TLS toward clients, as on --listen-addr; needs --cert-file/--key-file or --auto-tls) or unix://name (a unix socket; the URL's host part is the socket file, as with etcd); host:port works too, as http; they are always served on --listen-addr too")
 	fs.StringVar(&f.namespace, "namespace", "", "string to prefix to all keys for namespacing requests (every keyed service: KV, Watch, LeaseTimeToLive keys, Election and Lock names and keys; end it with a separator, e.g. /tenant1/: /t1 and /t10 overlap, /t1/ and /t10/ do not)")
 	fs.BoolVar(&f.enablePprof, "enable-pprof", false, "serve runtime profiling data at /debug/pprof/")
@@ -378,7 +380,7 @@ func (f *startFlags) proxyConfig() proxy.Config {
 		KeepaliveInterval:    f.grpcKeepAliveInterval,
 		KeepaliveTimeout:     f.grpcKeepAliveTimeout,
 		EnablePprof:          f.enablePprof,
-		KVCache:              kvcache.Options{MaxBytes: f.kvCacheBytes, TTL: f.kvCacheTTL},
+		KVCache:              kvcache.Options{MaxBytes: f.kvCacheBytes, TTL: f.kvCacheTTL, SerializableOnly: !f.kvCacheLin},
 		ReadYourWrites:       ryw.Options{Ordering: f.serializableOrdering},
 		Namespace:            f.namespace,
 		LogCalls:             f.logCalls,

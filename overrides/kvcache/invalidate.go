@@ -12,6 +12,7 @@ import (
 	"github.com/karlseguin/ccache/v3"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/metadata"
@@ -46,6 +47,10 @@ type invalidator struct {
 
 	// sources attributes each invalidation to a write through this proxy or elsewhere (mu protects it too).
 	sources attribution
+
+	// progress asks the live watch's stream for a progress notification (linearizable.go); a request already
+	// pending covers the next. answered says one has come back (a response with no event and no watch id).
+	progress, answered chan struct{}
 }
 
 // beginWrite registers a local write about to be forwarded; its endWrite must follow, whatever happens.
@@ -65,7 +70,8 @@ func (inv *invalidator) endWrite(seq uint64, rev int64) {
 func newInvalidator(cc grpc.ClientConnInterface, cache *ccache.Cache[*entry], ix *index, writeWait time.Duration,
 	lg *zap.Logger) *invalidator {
 	inv := &invalidator{watch: pb.NewWatchClient(cc), cache: cache, index: ix, writeWait: writeWait, logger: lg,
-		done: make(chan struct{}), advanced: make(chan struct{}), sources: newAttribution()}
+		done: make(chan struct{}), advanced: make(chan struct{}), sources: newAttribution(),
+		progress: make(chan struct{}, 1), answered: make(chan struct{}, 1)}
 	inv.ctx, inv.cancel = context.WithCancel(context.Background())
 	return inv
 }
@@ -117,6 +123,63 @@ func (inv *invalidator) await(ctx context.Context, rev int64) {
 			inv.flush("a write's caller gave up before the invalidation watch saw it")
 			return
 		}
+	}
+}
+
+// A linearizable read's wait (reach) asks for a progress notification once it has waited progressEvery for events
+// (every revision has an event, so the watch usually gets there by itself), and again every progressEvery. The
+// stream has one request outstanding at most: the next is sent once it is answered, or after progressRetry, since
+// etcd answers a progress request only when every watcher of the stream is synced (watchable_store.go
+// progressIfSync) and drops it otherwise. So a watch that lags is not sent more to answer than it can read.
+const (
+	progressEvery = 20 * time.Millisecond
+	progressRetry = 100 * time.Millisecond
+)
+
+// reach waits until every write up to rev has been applied to the cache, asking etcd for a progress notification
+// while it has not, for at most d or until ctx ends. It returns the generation in which that happened, or false
+// (the watch is not live, or did not get there in time). Only what the watch delivered counts: its events and
+// its progress notifications, which etcd sends only once it has sent every event up to their revision; so a watch
+// on a member that lags, or is cut off from the cluster, never vouches for a revision it has not reached.
+func (inv *invalidator) reach(ctx context.Context, rev int64, d time.Duration) (uint64, bool) {
+	var timer *time.Timer
+	var tick *time.Ticker
+	defer func() {
+		if timer != nil {
+			timer.Stop()
+			tick.Stop()
+		}
+	}()
+	for {
+		inv.mu.Lock()
+		live, pos, gen, advanced := inv.live.Load(), inv.pos, inv.gen.Load(), inv.advanced
+		inv.mu.Unlock()
+		switch {
+		case !live:
+			return 0, false
+		case pos >= rev:
+			return gen, true
+		}
+		if timer == nil {
+			timer, tick = time.NewTimer(d), time.NewTicker(progressEvery)
+		}
+		select {
+		case <-advanced:
+		case <-tick.C:
+			inv.requestProgress()
+		case <-timer.C:
+			return 0, false
+		case <-ctx.Done():
+			return 0, false
+		}
+	}
+}
+
+// requestProgress asks the live watch for a progress notification, unless a request is pending already.
+func (inv *invalidator) requestProgress() {
+	select {
+	case inv.progress <- struct{}{}:
+	default:
 	}
 }
 
@@ -212,6 +275,40 @@ func (inv *invalidator) once() error {
 		Key: []byte{0}, RangeEnd: []byte{0}, ProgressNotify: true}}}); err != nil {
 		return err
 	}
+	// From here on one goroutine sends on the stream (gRPC allows one sender at a time): the progress requests of
+	// linearizable reads (reach). Their answers are responses without events, applied as any progress notification.
+	sender := make(chan struct{})
+	defer func() {
+		cancel()
+		<-sender
+	}()
+	go func() {
+		defer close(sender)
+		req := &pb.WatchRequest{RequestUnion: &pb.WatchRequest_ProgressRequest{ProgressRequest: &pb.WatchProgressRequest{}}}
+		retry := time.NewTimer(progressRetry)
+		defer retry.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-inv.progress:
+			}
+			select {
+			case <-inv.answered: // an answer to an earlier request, not to this one
+			default:
+			}
+			if ws.Send(req) != nil {
+				return // the stream has failed: Recv says why
+			}
+			retry.Reset(progressRetry)
+			select {
+			case <-ctx.Done():
+				return
+			case <-inv.answered:
+			case <-retry.C:
+			}
+		}
+	}()
 	for {
 		resp, err := ws.Recv()
 		if err != nil {
@@ -230,6 +327,12 @@ func (inv *invalidator) once() error {
 			return errors.New("etcd cancelled the invalidation watch: " + resp.CancelReason)
 		default:
 			inv.apply(resp)
+			if len(resp.Events) == 0 && resp.WatchId == clientv3.InvalidWatchID {
+				select { // a requested progress notification
+				case inv.answered <- struct{}{}:
+				default:
+				}
+			}
 		}
 	}
 }

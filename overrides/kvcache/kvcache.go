@@ -1,14 +1,21 @@
-// Package kvcache overrides KV with a coherent cache of serializable reads (github.com/karlseguin/ccache/v3).
+// Package kvcache overrides KV with a coherent cache of reads (github.com/karlseguin/ccache/v3).
 //
-// Replaces: Range (serializable, current revision: served from the cache when it can vouch for an entry) and the
+// Replaces: Range (current revision: served from the cache when it can vouch for an entry; a linearizable one only
+// when that is provably linearizable, linearizable.go) and the
 // Auth RPCs that change rights (forwarded, then the cache is flushed). Every RPC that writes keys (ryw.KeyWriter)
 // is held, through the ryw interceptor and this cache's BeginWrite, EndWrite and Await, until the cache has seen
 // its revision, so a client reads its own writes through this proxy. RangeStream and Compact fall through.
 //
 // Guarantees:
-//   - Linearizable reads always go to etcd; so do reads at a historical revision (revision > 0), whose answer
-//     depends on compaction, which the proxy would otherwise have to track: etcd answers them, compacted error
-//     included, and a compaction never stops current-revision reads from being cached.
+//   - A linearizable read is answered from the cache only with etcd's answer at a revision R etcd had committed
+//     after the read arrived: R is the revision of a linearizable barrier read sent after it (one shared by a batch
+//     of reads), the invalidation watch must have delivered every event up to R, and the entry must not have been
+//     invalidated then. The barrier carries no credentials, so with auth enabled etcd refuses it and linearizable
+//     reads go to etcd, which checks the caller's token and rights as it serves them. Otherwise (barrier failed,
+//     watch behind, a miss) etcd answers (linearizable.go).
+//   - Reads at a historical revision (revision > 0) always go to etcd: their answer depends on compaction, which
+//     the proxy would otherwise have to track: etcd answers them, compacted error included, and a compaction never
+//     stops current-revision reads from being cached.
 //   - Coherence: one keyspace-wide upstream watch (invalidate.go) invalidates every entry whose range holds a key
 //     written anywhere, through this proxy or not. While that watch is not live (startup, reconnect, leader loss,
 //     no permission to watch), the cache serves nothing and stores nothing. A response is stored only if no write
@@ -51,6 +58,13 @@ type Options struct {
 	// must not exceed etcd's --auth-token-ttl (simple tokens expire that long after their last use, and a refill
 	// is a use that renews them).
 	TokenCheck time.Duration
+	// SerializableOnly sends every linearizable read to etcd (--kv-cache-linearizable=false). By default a
+	// linearizable read at the current revision is answered from the cache when that is provably linearizable
+	// (linearizable.go).
+	SerializableOnly bool
+	// LinearizableWait bounds how long a linearizable read waits for its barrier read and for the invalidation
+	// watch to reach the barrier's revision before it reads from etcd instead; 0 means 500ms.
+	LinearizableWait time.Duration
 	// Floor, if set, is a revision below which a cached answer is not served (a hit whose header is older is
 	// read again): --experimental-serializable-ordering keeps answers from going back in time.
 	Floor func() int64
@@ -74,6 +88,10 @@ type KV struct {
 	read                   atomic.Bool
 	// flights lets identical misses share one read (flight.go).
 	flights flights
+	// batches sends the barrier reads of linearizable reads (linearizable.go), until stopLin ends linCtx.
+	batches batcher
+	linCtx  context.Context
+	stopLin context.CancelFunc
 }
 
 // New wraps base. The invalidation watch runs on cc until Close.
@@ -90,9 +108,13 @@ func New(base pb.KVServer, cc grpc.ClientConnInterface, lg *zap.Logger, opts Opt
 	if opts.AuthPoll == 0 {
 		opts.AuthPoll = time.Second
 	}
+	if opts.LinearizableWait <= 0 {
+		opts.LinearizableWait = 500 * time.Millisecond
+	}
 	k := &KV{KVServer: base, opts: opts, logger: lg, index: newIndex()}
 	k.cache = ccache.New(ccache.Configure[*entry]().MaxSize(opts.MaxBytes).OnDelete(k.index.evicted))
 	k.watch = newInvalidator(cc, k.cache, k.index, opts.WriteWait, lg)
+	k.linCtx, k.stopLin = context.WithCancel(context.Background())
 	go k.watch.run()
 	var ctx context.Context
 	ctx, k.stopAuth = context.WithCancel(context.Background())
@@ -118,6 +140,7 @@ func (k *KV) Live() bool {
 // Close stops the invalidation watch and the cache.
 func (k *KV) Close() {
 	caches.Delete(k)
+	k.closeBatches()
 	k.stopAuth()
 	<-k.authDone
 	k.watch.stop()
@@ -153,9 +176,13 @@ func cacheable(req *pb.RangeRequest) bool {
 	return req.Serializable && req.Revision == 0
 }
 
-// Range serves serializable current-revision reads from the cache when it can vouch for the entry.
+// Range serves current-revision reads from the cache when it can vouch for the entry: serializable ones here,
+// linearizable ones in linearizable.go.
 func (k *KV) Range(ctx context.Context, req *pb.RangeRequest) (*pb.RangeResponse, error) {
 	if !cacheable(req) {
+		if !req.Serializable && req.Revision == 0 && !k.opts.SerializableOnly {
+			return k.linearizable(ctx, req)
+		}
 		return k.KVServer.Range(ctx, req)
 	}
 	key, creds, ok := cacheKey(ctx, req)
@@ -189,9 +216,18 @@ func (k *KV) Range(ctx context.Context, req *pb.RangeRequest) (*pb.RangeResponse
 		}
 	}
 	misses.Inc()
+	if !live {
+		return k.KVServer.Range(ctx, req)
+	}
+	return k.fill(ctx, req, key, creds, gen)
+}
+
+// fill reads req from etcd and stores the answer under key, made in generation gen, unless the cache may not
+// take it (invalidator.store) or the caller's credentials give it no time to live.
+func (k *KV) fill(ctx context.Context, req *pb.RangeRequest, key string, creds shared.Creds, gen uint64) (*pb.RangeResponse, error) {
 	sent := time.Now()
 	resp, err := k.KVServer.Range(ctx, req)
-	if err != nil || !live {
+	if err != nil {
 		return resp, err
 	}
 	ttl := k.opts.TTL

@@ -70,7 +70,7 @@ func TestReviewedKVMethods(t *testing.T) {
 }
 
 // TestHitsMatchEtcd: a repeated serializable read is served from the cache and equals etcd's answer; linearizable
-// reads and reads at a revision always go to etcd.
+// reads (which have a path of their own: linearizable_test.go) and reads at a revision are never serializable hits.
 func TestHitsMatchEtcd(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
 	ctx := timeout(t, 30*time.Second)

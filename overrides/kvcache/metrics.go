@@ -62,8 +62,36 @@ var (
 		Help:    "Time a write through the proxy waited for the invalidation watch to see it: the staleness window of the cache.",
 		Buckets: prometheus.ExponentialBuckets(0.00005, 2, 16),
 	})
+	linHits = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "etcdproxy", Subsystem: "kvcache", Name: "linearizable_hits_total",
+		Help: "Linearizable Range requests answered from the cache, after a barrier read and the invalidation watch reaching its revision.",
+	})
+	linBatches = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "etcdproxy", Subsystem: "kvcache", Name: "linearizable_batches_total",
+		Help: "Barrier reads sent to etcd (one linearizable count-only Range each), each shared by the linearizable reads that came before it was sent.",
+	})
+	linWait = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Namespace: "etcdproxy", Subsystem: "kvcache", Name: "linearizable_wait_seconds",
+		Help:    "Time a barrier read's batch waited for the invalidation watch to reach the barrier's revision (timeouts included).",
+		Buckets: prometheus.ExponentialBuckets(0.00005, 2, 16),
+	})
+	linFallbacks = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "etcdproxy", Subsystem: "kvcache", Name: "linearizable_fallbacks_total",
+		Help: "Linearizable Range requests read from etcd instead of the cache, by reason: miss (not cached; the answer " +
+			"fills the cache), auth (etcd refused the barrier read: auth is on), barrier_failed, watch_behind (the " +
+			"invalidation watch did not reach the barrier's revision in time), timeout, slow_barrier, backoff (after " +
+			"a failed barrier or wait), not_live, uncacheable, closed.",
+	}, []string{"reason"})
 )
 
+// linFallbackReasons are the reasons of linFallbacks, every series created at start.
+var linFallbackReasons = []string{"miss", "auth", "barrier_failed", "watch_behind", "timeout", "slow_barrier",
+	"backoff", "not_live", "uncacheable", "closed"}
+
 func init() {
-	prometheus.MustRegister(hits, misses, sharedMisses, invalidations, evictions, authPolls, flushes, entries, cacheLive, writeWait)
+	for _, r := range linFallbackReasons {
+		linFallbacks.WithLabelValues(r)
+	}
+	prometheus.MustRegister(hits, misses, sharedMisses, invalidations, evictions, authPolls, flushes, entries, cacheLive, writeWait,
+		linHits, linBatches, linWait, linFallbacks)
 }
