@@ -876,7 +876,7 @@ func startTwins(t *testing.T, members int) (a, b *twinSide) {
 				// The read cache reads etcd's auth revision once a second, and AuthStatus goes through raft: one
 				// entry a second, which Status (raft index) and Hash (consistent index) would show. The twins
 				// must stay entry for entry identical, so the poll is off here (it is tested in kvcache).
-				c.KVCache.AuthPoll = -1
+				c.Overrides.KVCache.AuthPoll = -1
 			},
 		})
 	}

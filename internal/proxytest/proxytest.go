@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/etcdproxy/etcdproxy/internal/embedetcd"
+	"github.com/etcdproxy/etcdproxy/overrides"
 	"github.com/etcdproxy/etcdproxy/overrides/kvcache"
 	"github.com/etcdproxy/etcdproxy/proxy"
 	"github.com/prometheus/client_golang/prometheus"
@@ -72,8 +73,7 @@ func Start(t testing.TB, o Options) *Env {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { e.Upstream.Close() })
-	// The proxy as etcdproxy start runs it: the read cache on, with its command-line defaults.
-	cfg := proxy.Config{Upstream: e.Upstream, KVCache: kvcache.Options{MaxBytes: 64 << 20}}
+	cfg := defaults(e.Upstream)
 	if o.User != "" {
 		internal, err := proxy.Dial(clientv3.Config{Endpoints: endpoints, DialTimeout: 5 * time.Second,
 			Username: o.User, Password: o.Password})
@@ -96,6 +96,12 @@ func Start(t testing.TB, o Options) *Env {
 		Eventually(t, 10*time.Second, e.Proxy.Steady, "the proxy's read cache was not live within 10s of starting")
 	}
 	return e
+}
+
+// defaults is the proxy's configuration on up as etcdproxy start runs it: the read cache on, with its
+// command-line defaults.
+func defaults(up *clientv3.Client) proxy.Config {
+	return proxy.Config{Upstream: up, Overrides: overrides.Config{KVCache: kvcache.Options{MaxBytes: 64 << 20}}}
 }
 
 // serve starts a proxy with cfg on a loopback port and stops it at cleanup.
@@ -135,7 +141,7 @@ func (e *Env) AnotherProxy(t testing.TB, configure ...func(*proxy.Config)) *grpc
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { up.Close() })
-	cfg := proxy.Config{Upstream: up, KVCache: kvcache.Options{MaxBytes: 64 << 20}}
+	cfg := defaults(up)
 	for _, c := range configure {
 		c(&cfg)
 	}

@@ -43,7 +43,7 @@ func TestEveryAuthChangeFlushes(t *testing.T) {
 // made through the proxy can drop her cached answer).
 func TestGrantReplacingReadFlushes(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{User: "root", Password: "r",
-		Proxy: func(c *proxy.Config) { c.KVCache.AuthPoll = -1 },
+		Proxy: func(c *proxy.Config) { c.Overrides.KVCache.AuthPoll = -1 },
 		BeforeProxy: func(c *embedetcd.Cluster) {
 			enableAuth(t, timeout(t, 30*time.Second), proxytest.Conn(t, c.Members[0].ClientURL))
 		}})

@@ -462,7 +462,7 @@ func TestInvalidationSources(t *testing.T) {
 
 // TestEvictions: a cache over its size evicts entries, counts them, and its index keeps in step.
 func TestEvictions(t *testing.T) {
-	e := proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) { c.KVCache.MaxBytes = 4 << 10 }})
+	e := proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) { c.Overrides.KVCache.MaxBytes = 4 << 10 }})
 	ctx := timeout(t, 30*time.Second)
 	const n = 200
 	for i := range n {
@@ -491,7 +491,7 @@ func TestEvictions(t *testing.T) {
 func TestIdleStopsAuthPoll(t *testing.T) {
 	const poll = 50 * time.Millisecond
 	e := proxytest.Start(t, proxytest.Options{User: "root", Password: "r",
-		Proxy: func(c *proxy.Config) { c.KVCache.AuthPoll = poll },
+		Proxy: func(c *proxy.Config) { c.Overrides.KVCache.AuthPoll = poll },
 		BeforeProxy: func(c *embedetcd.Cluster) {
 			enableAuth(t, timeout(t, 30*time.Second), proxytest.Conn(t, c.Members[0].ClientURL))
 		}})

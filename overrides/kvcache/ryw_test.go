@@ -133,7 +133,7 @@ func TestEveryWriteRPCReadsItsWrites(t *testing.T) {
 	g := newGate()
 	var e *proxytest.Env
 	e = proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) {
-		c.KVCache.WriteWait = 200 * time.Millisecond
+		c.Overrides.KVCache.WriteWait = 200 * time.Millisecond
 		gated(t, g, func() []string { return c.Upstream.Endpoints() })(c)
 	}})
 	ctx := timeout(t, 60*time.Second)
@@ -223,7 +223,7 @@ func TestEveryWriteRPCReadsItsWrites(t *testing.T) {
 func TestCatchUpHeaderAheadOfEvents(t *testing.T) {
 	g := newGate()
 	e := proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) {
-		c.KVCache.WriteWait = 20 * time.Second
+		c.Overrides.KVCache.WriteWait = 20 * time.Second
 		gated(t, g, func() []string { return c.Upstream.Endpoints() })(c)
 	}})
 	ctx := timeout(t, 90*time.Second)
@@ -298,9 +298,9 @@ func TestReadYourWritesLaggingMember(t *testing.T) {
 				Upstream: func(c *embedetcd.Cluster) []string { return []string{c.Members[0].ClientURL} },
 				Proxy: func(c *proxy.Config) {
 					if !tc.cache {
-						c.KVCache.MaxBytes = 0
+						c.Overrides.KVCache.MaxBytes = 0
 					}
-					c.ReadYourWrites.Ordering = tc.ordering
+					c.Overrides.ReadYourWrites.Ordering = tc.ordering
 					var err error
 					internal, err = proxy.Dial(clientv3.Config{Endpoints: c.Upstream.Endpoints(), DialTimeout: 5 * time.Second})
 					if err != nil {
@@ -423,8 +423,8 @@ func TestOrderingFromStart(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{Members: 3,
 		Upstream: func(c *embedetcd.Cluster) []string { return []string{c.Members[2].ClientURL} },
 		Proxy: func(c *proxy.Config) {
-			c.KVCache.MaxBytes = 0
-			c.ReadYourWrites.Ordering = true
+			c.Overrides.KVCache.MaxBytes = 0
+			c.Overrides.ReadYourWrites.Ordering = true
 		},
 		BeforeProxy: func(c *embedetcd.Cluster) {
 			ctx := timeout(t, 30*time.Second)

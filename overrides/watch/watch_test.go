@@ -288,7 +288,7 @@ func TestSemantics(t *testing.T) {
 // TestSlowConsumer: a client that stops reading never stalls the others and, once it reads again, gets every
 // event exactly once, in order.
 func TestSlowConsumer(t *testing.T) {
-	e := proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) { c.Watch = watch.Options{QueueLen: 8} }})
+	e := proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) { c.Overrides.Watch = watch.Options{QueueLen: 8} }})
 	ctx := timeout(t, 120*time.Second)
 	slowCtx, stopSlow := context.WithCancel(ctx)
 	defer stopSlow()
@@ -562,7 +562,7 @@ func TestDisconnectDuringFanOut(t *testing.T) {
 // TestCompactionDuringCatchUp: a slow client's watcher catching up from a revision that a compaction has since
 // removed ends with etcd's compacted response, as etcd ends a slow watcher; the fast client is not affected.
 func TestCompactionDuringCatchUp(t *testing.T) {
-	e := proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) { c.Watch = watch.Options{QueueLen: 4} }})
+	e := proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) { c.Overrides.Watch = watch.Options{QueueLen: 4} }})
 	ctx := timeout(t, 60*time.Second)
 	slowCtx, stopSlow := context.WithCancel(ctx)
 	defer stopSlow()
