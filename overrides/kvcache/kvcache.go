@@ -24,7 +24,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/etcdproxy/etcdproxy/overrides/internal/shared"
+	"github.com/etcdproxy/etcdproxy/overrides/internal/upstream"
 	"github.com/karlseguin/ccache/v3"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.uber.org/zap"
@@ -139,12 +139,12 @@ type entry struct {
 func (e *entry) Size() int64 { return e.size }
 
 // cacheKey identifies a request and the credentials it is made with.
-func cacheKey(ctx context.Context, req *pb.RangeRequest) (string, shared.Creds, bool) {
+func cacheKey(ctx context.Context, req *pb.RangeRequest) (string, upstream.Creds, bool) {
 	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(req)
 	if err != nil {
-		return "", shared.Creds{}, false
+		return "", upstream.Creds{}, false
 	}
-	c := shared.CredsOf(ctx)
+	c := upstream.CredsOf(ctx)
 	return c.Token + "\x00" + c.Authorization + "\x00" + string(b), c, true
 }
 
@@ -195,7 +195,7 @@ func (k *KV) Range(ctx context.Context, req *pb.RangeRequest) (*pb.RangeResponse
 		return resp, err
 	}
 	ttl := k.opts.TTL
-	if creds != (shared.Creds{}) {
+	if creds != (upstream.Creds{}) {
 		if ttl = min(ttl, k.opts.TokenCheck-time.Since(sent)); ttl <= 0 {
 			return resp, nil
 		}

@@ -21,10 +21,8 @@ import (
 
 	"github.com/etcdproxy/etcdproxy/overrides/internal/upstream"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
-	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/metadata"
 )
 
 // Options tune a Tracker; the zero value is the production setting.
@@ -146,8 +144,7 @@ func (t *Tracker) probe(ctx context.Context) {
 func (t *Tracker) probeOnce(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	ctx = metadata.AppendToOutgoingContext(ctx, rpctypes.MetadataRequireLeaderKey, rpctypes.MetadataHasLeader)
-	ws, err := t.watch.Watch(ctx, grpc.WaitForReady(true))
+	ws, err := t.watch.Watch(upstream.Creds{}.Outgoing(ctx, true), grpc.WaitForReady(true))
 	if err != nil {
 		return err
 	}
