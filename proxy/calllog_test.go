@@ -24,7 +24,7 @@ func TestCallLog(t *testing.T) {
 		c.Logger = zap.New(core)
 		c.Overrides.Namespace = "/ns/" // the log shows the client's keys, not the ones sent to etcd
 	}})
-	ctx := timeout(t, 30*time.Second)
+	ctx := proxytest.Timeout(t, 30*time.Second)
 	proxytest.EnableAuth(t, ctx, e.Direct, "rootsecret", proxytest.User{Name: "alice", Password: "alicesecret", ReadFrom: "a"})
 	root := proxytest.As(t, ctx, e.Via, "root", "rootsecret") // Authenticate through the proxy: password in, token out
 	md, _ := metadata.FromOutgoingContext(root)

@@ -17,7 +17,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -28,6 +27,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/etcdproxy/etcdproxy/internal/embedetcd"
 	"github.com/etcdproxy/etcdproxy/internal/etcdapi"
 	"github.com/etcdproxy/etcdproxy/internal/proxytest"
 	"github.com/etcdproxy/etcdproxy/proxy"
@@ -77,22 +77,13 @@ const (
 // fails if an RPC of the API (as compiled into the etcd packages in go.mod) has no step, so that an RPC added by
 // regeneration needs a differential step too.
 func TestDifferential(t *testing.T) {
-	leaks := []goleak.Option{goleak.IgnoreCurrent(),
-		// etcd's Election and Lock servers hold sessions through an in-process clientv3 (v3client) that etcd never
-		// closes: its lease keepalive loops outlive the member.
-		goleak.IgnoreAnyFunction("go.etcd.io/etcd/client/v3.(*lessor).recvKeepAliveLoop"),
-		goleak.IgnoreTopFunction("go.etcd.io/etcd/client/v3.(*lessor).sendKeepAliveLoop"),
-		goleak.IgnoreTopFunction("go.etcd.io/etcd/client/v3.(*lessor).deadlineLoop"),
-		goleak.IgnoreAnyFunction("go.etcd.io/etcd/server/v3/proxy/grpcproxy/adapter.(*ls2lcServerStream).Recv"),
-		goleak.IgnoreAnyFunction("go.etcd.io/etcd/server/v3/proxy/grpcproxy/adapter.newPipeStream.func1"),
-	}
+	// etcd's goroutines aside (its Election and Lock servers' in-process clientv3, its peers' HTTP connections):
+	// nothing this test started outlives it.
+	before := goleak.IgnoreCurrent()
 	t.Cleanup(func() {
-		// etcd's peer HTTP connections take up to its 5 s read timeout to go away after the members stop.
-		deadline := time.Now().Add(10 * time.Second)
-		for goleak.Find(leaks...) != nil && time.Now().Before(deadline) {
-			time.Sleep(100 * time.Millisecond)
+		if err := proxytest.LeftOver(before); err != nil {
+			t.Error(err)
 		}
-		goleak.VerifyNone(t, leaks...)
 	})
 	exercised := map[string]bool{}
 	ran := 0
@@ -910,7 +901,11 @@ func newTwinSide(t *testing.T, name string, env *proxytest.Env, target string) *
 		s.canonURLs[m.ClientURL] = "http://" + m.Name + ".client"
 		s.clusterID = uint64(srv.Cluster().ID())
 	}
-	s.learnerPeer, s.learnerURL = freeLoopbackURL(t), freeLoopbackURL(t)
+	ports, err := embedetcd.FreePorts(2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.learnerPeer, s.learnerURL = fmt.Sprintf("http://127.0.0.1:%d", ports[0]), fmt.Sprintf("http://127.0.0.1:%d", ports[1])
 	s.canonURLs[s.learnerPeer] = "http://" + learnerName + ".peer"
 	s.canonURLs[s.learnerURL] = "http://" + learnerName + ".client"
 	return s
@@ -962,7 +957,7 @@ func (s *twinSide) startLearner(t *testing.T) {
 func (s *twinSide) waitLearnerInSync(t *testing.T) {
 	t.Helper()
 	leader := s.env.Cluster.Members[0].Etcd().Server
-	pollUntil(t, 10*time.Second, func() bool { return s.learner.Server.AppliedIndex() >= leader.CommittedIndex() },
+	proxytest.Eventually(t, 10*time.Second, func() bool { return s.learner.Server.AppliedIndex() >= leader.CommittedIndex() },
 		"the learner of %s did not catch up with the leader", s.name)
 }
 
@@ -971,7 +966,7 @@ func (s *twinSide) makeLeader(t *testing.T, i int) {
 	t.Helper()
 	target := s.memberID(i)
 	ms := s.env.Cluster.Members
-	pollUntil(t, 10*time.Second, func() bool { return ms[i].Etcd().Server.Lead() != 0 }, "no leader in %s's cluster", s.name)
+	proxytest.Eventually(t, 10*time.Second, func() bool { return ms[i].Etcd().Server.Lead() != 0 }, "no leader in %s's cluster", s.name)
 	lead := ms[i].Etcd().Server.Lead()
 	if lead != target {
 		for _, m := range ms {
@@ -986,7 +981,7 @@ func (s *twinSide) makeLeader(t *testing.T, i int) {
 			}
 		}
 	}
-	pollUntil(t, 10*time.Second, func() bool {
+	proxytest.Eventually(t, 10*time.Second, func() bool {
 		for _, m := range ms {
 			if m.Etcd().Server.Lead() != target {
 				return false
@@ -1058,7 +1053,7 @@ func (s *twinSide) do(t *testing.T, st diffStep) diffOutcome {
 // normalize rewrites in place what differs between the twins by construction: cluster and member ids and member
 // URLs; it orders what etcd lists in no fixed order, or in the order of member ids.
 func (s *twinSide) normalize(m proto.Message) {
-	walkMessages(m.ProtoReflect(), func(m protoreflect.Message) {
+	proxytest.WalkMessages(m.ProtoReflect(), func(m protoreflect.Message) {
 		switch m := m.Interface().(type) {
 		case *pb.ResponseHeader:
 			if m.ClusterId == s.clusterID {
@@ -1111,30 +1106,6 @@ func (s *twinSide) canonURLList(urls []string) []string {
 
 func sortMembers(ms []*pb.Member) {
 	sort.Slice(ms, func(i, j int) bool { return ms[i].ID < ms[j].ID })
-}
-
-// walkMessages calls f on every message within m, children before their parent.
-func walkMessages(m protoreflect.Message, f func(protoreflect.Message)) {
-	m.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
-		switch {
-		case fd.IsMap():
-			if fd.MapValue().Message() != nil {
-				v.Map().Range(func(_ protoreflect.MapKey, v protoreflect.Value) bool {
-					walkMessages(v.Message(), f)
-					return true
-				})
-			}
-		case fd.Message() == nil:
-		case fd.IsList():
-			for i := 0; i < v.List().Len(); i++ {
-				walkMessages(v.List().Get(i).Message(), f)
-			}
-		default:
-			walkMessages(v.Message(), f)
-		}
-		return true
-	})
-	f(m)
 }
 
 // --- Comparison --------------------------------------------------------------------------------------------------
@@ -1254,17 +1225,6 @@ func dialLogged(t *testing.T, target string, log *callLog) *grpc.ClientConn {
 	return cc
 }
 
-// freeLoopbackURL returns an http URL on a loopback port that was free a moment ago.
-func freeLoopbackURL(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return "http://" + l.Addr().String()
-}
-
 func mustParseURL(t *testing.T, s string) url.URL {
 	t.Helper()
 	u, err := url.Parse(s)
@@ -1273,6 +1233,3 @@ func mustParseURL(t *testing.T, s string) url.URL {
 	}
 	return *u
 }
-
-// pollUntil checks cond every 10ms until it holds, or fails the test after d.
-var pollUntil = proxytest.Eventually

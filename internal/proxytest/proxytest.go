@@ -1,5 +1,7 @@
 // Package proxytest starts what a test of etcdproxy needs: real etcd members in-process, an etcdproxy in front of
-// them on a loopback TCP port, and gRPC connections to both, all stopped by t.Cleanup.
+// them on a loopback TCP port, and gRPC connections to both, all stopped by t.Cleanup; and it holds the helpers
+// the tests of every package share (Timeout, Eventually, Put, EnableAuth, As, Gauge, WalkMessages, the leak
+// checks), so that none is written twice. Only tests import it: the etcdproxy binary must not.
 package proxytest
 
 import (
@@ -279,15 +281,16 @@ func VerifyTestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// LeftOver reports the goroutines (LeakOptions aside) still running 10 s from now, or as soon as none is: it gives
-// goroutines that are still ending (a closed client's watch stream, an etcd member's send loop for a stream just
-// closed) the time a loaded machine may take. goleak's own retries last about 2 s; a goroutine that never ends is
-// still reported.
-func LeftOver() error {
-	err := goleak.Find(LeakOptions()...)
+// LeftOver reports the goroutines (LeakOptions and extra aside) still running 10 s from now, or as soon as none
+// is: it gives goroutines that are still ending (a closed client's watch stream, an etcd member's send loop for a
+// stream just closed, its peers' HTTP connections) the time a loaded machine may take. goleak's own retries last
+// about 2 s; a goroutine that never ends is still reported.
+func LeftOver(extra ...goleak.Option) error {
+	opts := append(LeakOptions(), extra...)
+	err := goleak.Find(opts...)
 	for deadline := time.Now().Add(10 * time.Second); err != nil && time.Now().Before(deadline); {
 		time.Sleep(100 * time.Millisecond)
-		err = goleak.Find(LeakOptions()...)
+		err = goleak.Find(opts...)
 	}
 	if err != nil {
 		return fmt.Errorf("goleak: goroutines left over 10 s after the tests: %w", err)
@@ -300,6 +303,16 @@ func Timeout(t testing.TB, d time.Duration) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), d)
 	t.Cleanup(cancel)
 	return ctx
+}
+
+// Put writes key=value through cc and returns the revision of the write.
+func Put(t testing.TB, ctx context.Context, cc *grpc.ClientConn, key, value string) int64 {
+	t.Helper()
+	r, err := pb.NewKVClient(cc).Put(ctx, &pb.PutRequest{Key: []byte(key), Value: []byte(value)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r.Header.Revision
 }
 
 // User is an etcd user for EnableAuth: it gets a role of its own that may read [ReadFrom, ReadTo) (a single key

@@ -136,7 +136,7 @@ func TestEveryWriteRPCReadsItsWrites(t *testing.T) {
 		c.Overrides.KVCache.WriteWait = 200 * time.Millisecond
 		gated(t, g, func() []string { return c.Upstream.Endpoints() })(c)
 	}})
-	ctx := timeout(t, 60*time.Second)
+	ctx := proxytest.Timeout(t, 60*time.Second)
 	kv, el, lk := pb.NewKVClient(e.Via), epb.NewElectionClient(e.Via), lpb.NewLockClient(e.Via)
 	lease := func() int64 {
 		t.Helper()
@@ -226,8 +226,8 @@ func TestCatchUpHeaderAheadOfEvents(t *testing.T) {
 		c.Overrides.KVCache.WriteWait = 20 * time.Second
 		gated(t, g, func() []string { return c.Upstream.Endpoints() })(c)
 	}})
-	ctx := timeout(t, 90*time.Second)
-	put(t, ctx, e.Direct, "cu/k", "old")
+	ctx := proxytest.Timeout(t, 90*time.Second)
+	proxytest.Put(t, ctx, e.Direct, "cu/k", "old")
 	req := &pb.RangeRequest{Key: []byte("cu/k"), Serializable: true}
 	cached(t, ctx, e.Via, req)
 	g.close()
@@ -309,11 +309,11 @@ func TestReadYourWritesLaggingMember(t *testing.T) {
 					t.Cleanup(func() { internal.Close() })
 					c.Internal = internal
 				}})
-			ctx := timeout(t, 60*time.Second)
+			ctx := proxytest.Timeout(t, 60*time.Second)
 			lagging := e.Cluster.Members[2]
 			atLagging := proxytest.Conn(t, lagging.ClientURL)
 			req := &pb.RangeRequest{Key: []byte("ryw/k"), Serializable: true}
-			put(t, ctx, e.Direct, "ryw/k", "old")
+			proxytest.Put(t, ctx, e.Direct, "ryw/k", "old")
 			proxytest.Eventually(t, 5*time.Second, func() bool { return value(get(t, ctx, atLagging, req)) == "old" },
 				"the third member never applied the first write")
 			if tc.cache {
@@ -324,12 +324,12 @@ func TestReadYourWritesLaggingMember(t *testing.T) {
 			var unlock sync.Once
 			t.Cleanup(func() { unlock.Do(tx.Unlock) })
 			if tc.elsewhere {
-				put(t, ctx, e.Direct, "ryw/k", "new")
+				proxytest.Put(t, ctx, e.Direct, "ryw/k", "new")
 				if got := value(get(t, ctx, e.Via, &pb.RangeRequest{Key: []byte("ryw/k")})); got != "new" {
 					t.Fatalf("a linearizable read through the proxy reads %q", got)
 				}
 			} else {
-				put(t, ctx, e.Via, "ryw/k", "new")
+				proxytest.Put(t, ctx, e.Via, "ryw/k", "new")
 			}
 			if got := value(get(t, ctx, atLagging, req)); got != "old" {
 				t.Fatalf("the lagging member reads %q: it is not lagging", got)
@@ -427,18 +427,18 @@ func TestOrderingFromStart(t *testing.T) {
 			c.Overrides.ReadYourWrites.Ordering = true
 		},
 		BeforeProxy: func(c *embedetcd.Cluster) {
-			ctx := timeout(t, 30*time.Second)
+			ctx := proxytest.Timeout(t, 30*time.Second)
 			first, lagging := proxytest.Conn(t, c.Members[0].ClientURL), proxytest.Conn(t, c.Members[2].ClientURL)
 			req := &pb.RangeRequest{Key: []byte("ord/k"), Serializable: true}
-			put(t, ctx, first, "ord/k", "old")
+			proxytest.Put(t, ctx, first, "ord/k", "old")
 			proxytest.Eventually(t, 5*time.Second, func() bool { return value(get(t, ctx, lagging, req)) == "old" },
 				"the third member never applied the first write")
 			tx = c.Members[2].Etcd().Server.Backend().BatchTx()
 			tx.Lock() // the member's apply stalls on its backend; its local reads still answer
 			t.Cleanup(func() { unlock.Do(tx.Unlock) })
-			put(t, ctx, first, "ord/k", "new")
+			proxytest.Put(t, ctx, first, "ord/k", "new")
 		}})
-	ctx := timeout(t, 30*time.Second)
+	ctx := proxytest.Timeout(t, 30*time.Second)
 	req := &pb.RangeRequest{Key: []byte("ord/k"), Serializable: true}
 	if got := value(get(t, ctx, proxytest.Conn(t, e.Cluster.Members[2].ClientURL), req)); got != "old" {
 		t.Fatalf("the lagging member reads %q: it is not lagging", got)
