@@ -1,6 +1,9 @@
 // Package overrides is the one composition point for hand-written overrides of the generated passthrough. An
 // override wraps the service it replaces (embedding the server it is given, so a method it does not shadow falls
 // through to the passthrough) and is wired here by one line.
+//
+// It owns that wiring, the order of the overrides, what they run on (Deps) and what they do (Config); it must not hold
+// an override's logic, which is its package's, nor know of the server that uses it (package proxy).
 package overrides
 
 import (

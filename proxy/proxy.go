@@ -1,5 +1,9 @@
 // Package proxy assembles etcdproxy's gRPC server: the generated passthrough for every etcd service, the
 // overrides, the server limits, and a last line of defence that turns a panic into codes.Internal.
+//
+// It owns the server (its options, interceptor order and shutdown), the upstream connection (Dial), registration
+// (Register), the HTTP endpoints and etcd's HTTP/JSON gateway; it must not hold what an override does (overrides) nor
+// how a call is forwarded (forward, gen).
 package proxy
 
 import (

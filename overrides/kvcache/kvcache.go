@@ -17,6 +17,9 @@
 //     metadata are part of the cache key, and a permission change flushes the cache (auth.go): at once when made
 //     through this proxy, within about a second when made elsewhere.
 //   - A cached response is shared, never mutated.
+//
+// It owns the cache, its keyspace watch and the auth poll; it must not answer a read it cannot vouch for, and writes
+// nothing into etcd.
 package kvcache
 
 import (

@@ -11,6 +11,9 @@
 // Presence is also learned off the probe's path (a note of etcd grpc-proxy's leader tracking, which updates the
 // status from the watch path only): every RPC that goes through consensus and succeeds calls MarkPresent, so recovery is seen at once rather
 // than at the probe's next retry.
+//
+// It owns the probe, the leader's presence and the require-leader interceptors; it must not refuse or end a call whose
+// client did not ask for a leader.
 package leader
 
 import (

@@ -17,6 +17,9 @@
 //     all clients share one upstream stream.
 //   - Require-leader client streams end with etcd's no-leader error when the leader is lost (overrides/leader);
 //     upstream streams are require-leader, so a member that loses the cluster does not hold them.
+//
+// It owns the shared upstream keepalive streams and the routing of their replies; it must not renew a lease on its own,
+// nor touch the other Lease RPCs.
 package lease
 
 import (

@@ -19,6 +19,9 @@
 // Identity: etcd checks a watch against the caller's token when it is created, so upstream streams and broadcasts
 // are shared only by callers with the same credentials (token and authorization metadata). With auth off, all
 // clients share.
+//
+// It owns the upstream watch streams it shares and every client Watch stream; it must not hand a client watcher
+// anything etcd would not have sent it (an event out of order, a duplicate, an event of another identity's watch).
 package watch
 
 import (
