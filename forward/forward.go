@@ -7,6 +7,9 @@
 // (a client half-close is forwarded, the upstream stream keeps delivering); the handler never waits on a goroutine
 // blocked in a server-side Recv (returning from the handler ends that Recv); every upstream context is cancelled
 // when the handler returns.
+//
+// It owns the forwarding of one call and nothing else: it knows no etcd service and no override, and must not look
+// inside the messages it carries.
 package forward
 
 import (

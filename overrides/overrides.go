@@ -1,6 +1,9 @@
 // Package overrides is the one composition point for hand-written overrides of the generated passthrough. An
 // override wraps the service it replaces (embedding the server it is given, so a method it does not shadow falls
 // through to the passthrough) and is wired here by one line.
+//
+// It owns that wiring, the order of the overrides, what they run on (Deps) and what they do (Config); it must not hold
+// an override's logic, which is its package's, nor know of the server that uses it (package proxy).
 package overrides
 
 import (
@@ -21,25 +24,34 @@ import (
 	"google.golang.org/grpc"
 )
 
-// Deps are the dependencies an override may take.
+// Deps are what the overrides run on: the connections to etcd and the logger. What they do is Config.
 type Deps struct {
-	// Upstream is the proxy's clientv3 connection to etcd, for client calls.
+	// Upstream is the connection to etcd that client calls are forwarded on.
 	Upstream *clientv3.Client
-	// Internal is the connection for the proxy's own calls (leader probe, cache invalidation), with the proxy's
-	// own credentials if it has any; nil means Upstream.
+	// Internal is the connection for the proxy's own calls (leader probe, cache invalidation, the registered
+	// proxies' watch), with the proxy's own credentials if it has any; nil means Upstream.
 	Internal *clientv3.Client
 	Logger   *zap.Logger
-	// Leader tunes the leader tracker (tests shorten or lengthen its retry).
+}
+
+// Config is what the overrides do, each field an override's own options; the zero value is the production
+// setting with the read cache off. It is declared here only: proxy.Config carries it as its Overrides.
+type Config struct {
+	// Leader tunes the leader tracker (tests shorten or lengthen its retry). Its ProbePrefix is set from
+	// Namespace by Apply.
 	Leader leader.Options
 	// Watch tunes the watch coalescer.
 	Watch watch.Options
-	// KVCache configures the cache of serializable reads; MaxBytes 0 turns it off.
+	// KVCache configures the read cache (serializable reads, and linearizable ones unless SerializableOnly);
+	// MaxBytes 0 turns it off. Its Floor is set by Apply when ReadYourWrites.Ordering is on.
 	KVCache kvcache.Options
-	// ReadYourWrites tunes the read-your-writes tracker.
+	// ReadYourWrites tunes the read-your-writes tracker (ordering: --experimental-serializable-ordering).
 	ReadYourWrites ryw.Options
-	// Namespace, if set, is the prefix every key of a client lives under (etcdproxy start --namespace).
+	// Namespace, if set, confines clients to the keys under this prefix (--namespace): see overrides/namespace.
 	Namespace string
-	// Members says whether MemberList answers with the proxies (--advertise-client-url, --resolver-prefix).
+	// Members says whether MemberList answers with the proxies instead of etcd's members (--advertise-client-url,
+	// --resolver-prefix): see overrides/members. Its Prefix is the registration prefix as stored in etcd
+	// (Namespace is not added to it).
 	Members members.Options
 }
 
@@ -66,10 +78,10 @@ func (s *Set) Close() {
 	})
 }
 
-// Apply replaces services of s with their overrides, one line each, innermost first.
-func Apply(s *gen.Services, d Deps) *Set {
+// Apply replaces services of s with their overrides as c says, running on d, one line each, innermost first.
+func Apply(s *gen.Services, d Deps, c Config) *Set {
 	set := &Set{}
-	d.Leader.ProbePrefix = d.Namespace
+	c.Leader.ProbePrefix = c.Namespace
 	cc := d.Upstream.ActiveConnection()
 	own := d.Upstream
 	if d.Internal != nil {
@@ -77,29 +89,29 @@ func Apply(s *gen.Services, d Deps) *Set {
 	}
 	internal := own.ActiveConnection()
 
-	set.Leader = closing(set, leader.NewTracker(internal, d.Logger.Named("leader"), d.Leader))
+	set.Leader = closing(set, leader.NewTracker(internal, d.Logger.Named("leader"), c.Leader))
 	set.Unary = append(set.Unary, set.Leader.UnaryInterceptor)
 	set.Stream = append(set.Stream, set.Leader.StreamInterceptor)
 	s.KV = leader.NewKV(s.KV, set.Leader)
 	s.Lease = leader.NewLease(s.Lease, set.Leader)
 	s.Lease = closing(set, lease.New(s.Lease, cc, d.Logger.Named("lease")))
-	s.Watch = closing(set, watch.New(s.Watch, cc, set.Leader, d.Logger.Named("watch"), d.Watch))
-	writes := ryw.New(d.ReadYourWrites)
-	closing(set, writes.Seed(pb.NewKVClient(internal), []byte(d.Namespace+"\x00etcdproxy/ordering")))
+	s.Watch = closing(set, watch.New(s.Watch, cc, set.Leader, d.Logger.Named("watch"), c.Watch))
+	writes := ryw.New(c.ReadYourWrites)
+	closing(set, writes.Seed(pb.NewKVClient(internal), []byte(c.Namespace+"\x00etcdproxy/ordering")))
 	set.Unary = append(set.Unary, writes.Unary)
 	s.KV = ryw.NewKV(s.KV, writes)
-	if d.KVCache.MaxBytes > 0 {
-		if d.ReadYourWrites.Ordering {
-			d.KVCache.Floor = writes.Floor
+	if c.KVCache.MaxBytes > 0 {
+		if c.ReadYourWrites.Ordering {
+			c.KVCache.Floor = writes.Floor
 		}
-		set.KVCache = closing(set, kvcache.New(s.KV, internal, d.Logger.Named("kvcache"), d.KVCache))
+		set.KVCache = closing(set, kvcache.New(s.KV, internal, d.Logger.Named("kvcache"), c.KVCache))
 		writes.KeepCoherent(set.KVCache)
 		s.KV = set.KVCache
 		s.Auth = kvcache.NewAuth(s.Auth, set.KVCache)
 	}
-	s.Cluster = closing(set, members.New(s.Cluster, own, d.Logger.Named("members"), d.Members))
+	s.Cluster = closing(set, members.New(s.Cluster, own, d.Logger.Named("members"), c.Members))
 	s.Maintenance = crashguard.New(s.Maintenance)
-	namespace.Apply(s, d.Namespace) // outermost: every override above sees namespaced keys
+	namespace.Apply(s, c.Namespace) // outermost: every override above sees namespaced keys
 	return set
 }
 

@@ -10,6 +10,9 @@
 //
 // It generates for every file to generate that declares a service; all services land in the one package named
 // by `package`, so run it with buf's `strategy: all`.
+//
+// It owns the shape of gen/ (names, types, registration); what a forwarded call does at run time belongs to package
+// forward, and must not be written into the generated code.
 package main
 
 import (

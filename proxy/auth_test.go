@@ -16,7 +16,7 @@ import (
 // refused exactly as etcd refuses it.
 func TestAuth(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
-	ctx := timeout(t, 30*time.Second)
+	ctx := proxytest.Timeout(t, 30*time.Second)
 	proxytest.EnableAuth(t, ctx, e.Direct, "rootpw", proxytest.User{Name: "alice", Password: "alicepw", ReadFrom: "a", ReadTo: "b"})
 	must := func(_ any, err error) {
 		t.Helper()

@@ -22,9 +22,9 @@ func TestCallLog(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) {
 		c.LogCalls = true
 		c.Logger = zap.New(core)
-		c.Namespace = "/ns/" // the log shows the client's keys, not the ones sent to etcd
+		c.Overrides.Namespace = "/ns/" // the log shows the client's keys, not the ones sent to etcd
 	}})
-	ctx := timeout(t, 30*time.Second)
+	ctx := proxytest.Timeout(t, 30*time.Second)
 	proxytest.EnableAuth(t, ctx, e.Direct, "rootsecret", proxytest.User{Name: "alice", Password: "alicesecret", ReadFrom: "a"})
 	root := proxytest.As(t, ctx, e.Via, "root", "rootsecret") // Authenticate through the proxy: password in, token out
 	md, _ := metadata.FromOutgoingContext(root)

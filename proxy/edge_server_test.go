@@ -57,7 +57,7 @@ func TestServeShutdownRace(t *testing.T) {
 // token, are checked alongside.
 func TestWatchNegativeRevisionBadToken(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
-	ctx := timeout(t, 30*time.Second)
+	ctx := proxytest.Timeout(t, 30*time.Second)
 	proxytest.EnableAuth(t, ctx, e.Direct, "r", proxytest.User{Name: "bob", Password: "b", ReadFrom: "w"})
 	create := func(cc *grpc.ClientConn, tokenCtx context.Context, rev int64) string {
 		wctx, cancel := context.WithTimeout(tokenCtx, 10*time.Second)

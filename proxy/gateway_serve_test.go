@@ -119,7 +119,7 @@ func watchOverHTTPS(ctx context.Context, t *testing.T, hc *http.Client, base str
 // included. With --namespace, a put of "a" through the gateway writes "ns/a" in etcd, and a range of "a" answers
 // with the key "a"; a gateway that called etcd on a connection of its own would write "a".
 func TestGatewayNamespace(t *testing.T) {
-	e := proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) { c.Namespace = "ns/" }})
+	e := proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) { c.Overrides.Namespace = "ns/" }})
 	hc := &http.Client{Transport: &http.Transport{}}
 	t.Cleanup(hc.CloseIdleConnections)
 	ctx := proxytest.Timeout(t, 15*time.Second)

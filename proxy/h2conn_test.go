@@ -106,7 +106,7 @@ func TestShortHTTP1Request(t *testing.T) {
 // gRPC, as etcd serves it.
 func TestGRPCContentSubtype(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
-	ctx := timeout(t, 10*time.Second)
+	ctx := proxytest.Timeout(t, 10*time.Second)
 	for name, cc := range map[string]*grpc.ClientConn{"etcd": e.Direct, "proxy": e.Via} {
 		if _, err := pb.NewKVClient(cc).Put(ctx, &pb.PutRequest{Key: []byte("k")}, grpc.CallContentSubtype("proto")); err != nil {
 			t.Errorf("%s: a put with content-type application/grpc+proto: %v", name, err)

@@ -24,7 +24,7 @@ import (
 func TestLargeMessages(t *testing.T) {
 	const limit = 8 << 20
 	e := proxytest.Start(t, proxytest.Options{Configure: func(c *embed.Config) { c.MaxRequestBytes = limit }})
-	ctx := timeout(t, 120*time.Second)
+	ctx := proxytest.Timeout(t, 120*time.Second)
 	big := bytes.Repeat([]byte("x"), 5<<20)
 
 	// Each step runs directly, then through the proxy, and must give the same answer: what it returns (sizes and

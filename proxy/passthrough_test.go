@@ -22,8 +22,6 @@ import (
 
 func TestMain(m *testing.M) { proxytest.VerifyTestMain(m) }
 
-var timeout = proxytest.Timeout
-
 // sameError fails unless direct and via carry the same gRPC code and message.
 func sameError(t *testing.T, what string, direct, via error) {
 	t.Helper()
@@ -40,7 +38,7 @@ func sameError(t *testing.T, what string, direct, via error) {
 // same gRPC code and message.
 func TestErrorsUnchanged(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
-	ctx := timeout(t, 30*time.Second)
+	ctx := proxytest.Timeout(t, 30*time.Second)
 	direct := pb.NewKVClient(e.Direct)
 	for i := 0; i < 5; i++ {
 		if _, err := direct.Put(ctx, &pb.PutRequest{Key: []byte("k"), Value: []byte{byte(i)}}); err != nil {
@@ -156,7 +154,7 @@ func TestErrorsUnchanged(t *testing.T) {
 // watch stream instead).
 func TestHalfClose(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
-	ctx := timeout(t, 20*time.Second)
+	ctx := proxytest.Timeout(t, 20*time.Second)
 
 	lease, err := pb.NewLeaseClient(e.Via).LeaseGrant(ctx, &pb.LeaseGrantRequest{TTL: 30})
 	if err != nil {
@@ -208,7 +206,7 @@ func TestCancelReachesEtcd(t *testing.T) {
 	const n = 10
 	var cancels []context.CancelFunc
 	for i := 0; i < n; i++ {
-		ctx, cancel := context.WithCancel(timeout(t, 20*time.Second))
+		ctx, cancel := context.WithCancel(proxytest.Timeout(t, 20*time.Second))
 		cancels = append(cancels, cancel)
 		w, err := pb.NewWatchClient(e.Via).Watch(ctx)
 		if err != nil {
@@ -235,7 +233,7 @@ func TestCancelReachesEtcd(t *testing.T) {
 // Unavailable so that clients reconnect elsewhere.
 func TestShutdownEndsStreams(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
-	ctx := timeout(t, 20*time.Second)
+	ctx := proxytest.Timeout(t, 20*time.Second)
 	w, err := pb.NewWatchClient(e.Via).Watch(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -270,7 +268,7 @@ func TestShutdownEndsStreams(t *testing.T) {
 // TestMaxConcurrentStreams: --max-concurrent-streams is applied to the server (etcd's grpc-proxy ignores it).
 func TestMaxConcurrentStreams(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) { c.MaxConcurrentStreams = 2 }})
-	ctx := timeout(t, 20*time.Second)
+	ctx := proxytest.Timeout(t, 20*time.Second)
 	// open opens a watch stream and creates a watcher on it, in the background: gRPC holds back a stream over the
 	// limit until one ends. The returned channel reports when the watcher is created.
 	open := func() (context.CancelFunc, <-chan error) {
@@ -317,7 +315,7 @@ func TestMaxConcurrentStreams(t *testing.T) {
 // TestRangeStreamAndMemberPromote: the two RPCs etcd's grpc-proxy does not implement.
 func TestRangeStreamAndMemberPromote(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
-	ctx := timeout(t, 20*time.Second)
+	ctx := proxytest.Timeout(t, 20*time.Second)
 	for i := 0; i < 3; i++ {
 		if _, err := pb.NewKVClient(e.Via).Put(ctx, &pb.PutRequest{Key: []byte(fmt.Sprint("rs", i)), Value: []byte("v")}); err != nil {
 			t.Fatal(err)
@@ -356,7 +354,7 @@ func TestRangeStreamAndMemberPromote(t *testing.T) {
 // TestHealth: /health and grpc.health.v1 on the proxy's own port follow the leader; /metrics is served there too.
 func TestHealth(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
-	ctx := timeout(t, 20*time.Second)
+	ctx := proxytest.Timeout(t, 20*time.Second)
 	get := func(path string) (int, string) {
 		resp, err := http.Get("http://" + e.ProxyAddr + path)
 		if err != nil {

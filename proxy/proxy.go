@@ -1,5 +1,9 @@
 // Package proxy assembles etcdproxy's gRPC server: the generated passthrough for every etcd service, the
 // overrides, the server limits, and a last line of defence that turns a panic into codes.Internal.
+//
+// It owns the server (its options, interceptor order and shutdown), the upstream connection (Dial), registration
+// (Register), the HTTP endpoints and etcd's HTTP/JSON gateway; it must not hold what an override does (overrides) nor
+// how a call is forwarded (forward, gen).
 package proxy
 
 import (
@@ -15,11 +19,6 @@ import (
 	"github.com/etcdproxy/etcdproxy/gen"
 	"github.com/etcdproxy/etcdproxy/internal/stream"
 	"github.com/etcdproxy/etcdproxy/overrides"
-	"github.com/etcdproxy/etcdproxy/overrides/kvcache"
-	"github.com/etcdproxy/etcdproxy/overrides/leader"
-	"github.com/etcdproxy/etcdproxy/overrides/members"
-	"github.com/etcdproxy/etcdproxy/overrides/ryw"
-	"github.com/etcdproxy/etcdproxy/overrides/watch"
 	"github.com/soheilhy/cmux"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
@@ -57,19 +56,9 @@ type Config struct {
 	// KeepaliveTimeout is how long the server waits for a ping's answer before closing the connection; 0 or less
 	// means gRPC's default (20 seconds).
 	KeepaliveTimeout time.Duration
-	// Leader tunes the leader tracker; the zero value is the production setting.
-	Leader leader.Options
-	// Watch tunes the watch coalescer; the zero value is the production setting.
-	Watch watch.Options
-	// KVCache configures the cache of serializable reads; the zero value turns it off.
-	KVCache kvcache.Options
-	// ReadYourWrites tunes the read-your-writes tracker (ordering: --experimental-serializable-ordering).
-	ReadYourWrites ryw.Options
-	// Namespace, if set, confines clients to the keys under this prefix (--namespace): see overrides/namespace.
-	Namespace string
-	// Members says whether MemberList answers with the proxies instead of etcd's members: see overrides/members.
-	// Its Prefix is the registration prefix as stored in etcd (Namespace is not added to it).
-	Members members.Options
+	// Overrides is what the overrides do (the leader tracker, the watch coalescer, the read cache,
+	// read-your-writes, the namespace, MemberList): see overrides.Config. The zero value has the cache off.
+	Overrides overrides.Config
 	// EnablePprof serves /debug/pprof/ on the HTTP endpoints.
 	EnablePprof bool
 	// LogCalls logs every request and response, secrets redacted (--experimental-enable-grpc-logging; calllog.go).
@@ -113,8 +102,8 @@ func New(cfg Config) *Proxy {
 	p := &Proxy{logger: lg}
 	p.closing, p.endStreams = context.WithCancel(context.Background())
 	services := gen.NewServices(cfg.Upstream.ActiveConnection())
-	p.overrides = overrides.Apply(services, overrides.Deps{Upstream: cfg.Upstream, Internal: cfg.Internal, Logger: lg, Leader: cfg.Leader, Watch: cfg.Watch,
-		KVCache: cfg.KVCache, ReadYourWrites: cfg.ReadYourWrites, Namespace: cfg.Namespace, Members: cfg.Members})
+	p.overrides = overrides.Apply(services, overrides.Deps{Upstream: cfg.Upstream, Internal: cfg.Internal, Logger: lg},
+		cfg.Overrides)
 	opts := []grpc.ServerOption{
 		grpc.MaxRecvMsgSize(orMax(cfg.MaxRecvBytes)),
 		grpc.MaxSendMsgSize(orMax(cfg.MaxSendBytes)),

@@ -20,7 +20,7 @@ import (
 // registered again; Close deregisters at once.
 func TestRegistration(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
-	ctx := timeout(t, 60*time.Second)
+	ctx := proxytest.Timeout(t, 60*time.Second)
 	const prefix, ttl = "/proxies", 2
 	key := prefix + "/" + e.ProxyAddr
 	reg := proxy.Register(e.Upstream, prefix, e.ProxyAddr, ttl, zap.NewNop())

@@ -7,6 +7,10 @@
 // fault while it runs; then etcd's checks: the client reports and the requests persisted in the members' WALs
 // go through validate.ValidateAndReturnVisualize (linearizability, watch guarantees, stale reads), and the
 // members' HashKV must agree. Faults and traffic profiles rotate over the histories.
+//
+// It owns the harness around etcd's test (the proxy process, the fault and profile rotation, the summary); it
+// drives the binary from outside, as its clients do, and must not import the proxy's packages (its own go.mod
+// keeps etcd's test dependencies out of the project's).
 package robustness
 
 import (

@@ -3,6 +3,9 @@
 //
 //	etcdapi -image FILE   write the image (etcd's files renamed to their import paths, imports marked)
 //	etcdapi -rpcs         list every RPC: service, method and streaming shape
+//
+// It only reads the pinned descriptors (internal/etcdapi) and writes the one file it is given: gen/ is written by `make
+// generate` (buf and protoc-gen-etcdproxy), never by it.
 package main
 
 import (

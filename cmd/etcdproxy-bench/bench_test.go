@@ -47,7 +47,7 @@ func BenchmarkUnaryPut(b *testing.B) {
 }
 
 // noCache runs the proxy without its read cache, so that a serializable Range measures forwarding.
-func noCache(c *proxy.Config) { c.KVCache = kvcache.Options{} }
+func noCache(c *proxy.Config) { c.Overrides.KVCache = kvcache.Options{} }
 
 // BenchmarkUnaryRange: one serializable Range of one 256-byte key at a time, the read cache off (unary forwarding
 // where etcd's own work is smallest, so the hop shows most).

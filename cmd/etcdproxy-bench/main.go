@@ -10,6 +10,10 @@
 //	go run ./cmd/etcdproxy-bench -etcd .build/etcd -etcdproxy bin/etcdproxy -floorrelay .build/floorrelay -floorcache .build/floorcache -out BENCHMARKS.md
 //
 // The machines this runs on are shared and small, so absolute numbers mean little: read the ratios.
+//
+// It owns measuring and the report only: every target, etcdproxy included, runs as a separate process built from its
+// own command, so the benchmark must not link package proxy or the overrides into what it measures (its in-process Go
+// micro-benchmarks are in its _test.go files).
 package main
 
 import (

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/etcdproxy/etcdproxy/overrides"
 	"github.com/etcdproxy/etcdproxy/overrides/kvcache"
 	"github.com/etcdproxy/etcdproxy/overrides/members"
 	"github.com/etcdproxy/etcdproxy/overrides/ryw"
@@ -25,8 +26,9 @@ func TestFlagsReachConfig(t *testing.T) {
 	}
 	want := proxy.Config{MaxRecvBytes: 1000, MaxSendBytes: 2000, MaxConcurrentStreams: 7,
 		KeepaliveMinTime: 3 * time.Second, KeepaliveInterval: 4 * time.Second, KeepaliveTimeout: 5 * time.Second,
-		EnablePprof: true, KVCache: kvcache.Options{MaxBytes: 123, TTL: 6 * time.Second},
-		ReadYourWrites: ryw.Options{Ordering: true}, LogCalls: true, Namespace: "/t1/"}
+		EnablePprof: true, LogCalls: true, Overrides: overrides.Config{
+			KVCache:        kvcache.Options{MaxBytes: 123, TTL: 6 * time.Second},
+			ReadYourWrites: ryw.Options{Ordering: true}, Namespace: "/t1/"}}
 	if got := f.proxyConfig(); !reflect.DeepEqual(got, want) {
 		t.Errorf("proxy configuration from the flags:\n got %+v\nwant %+v", got, want)
 	}
@@ -79,7 +81,7 @@ func TestMembersFlags(t *testing.T) {
 			members.Options{Advertise: "h:1", Prefix: "/ns//p"}},
 	} {
 		var got members.Options
-		cmd := startCommand(&startFlags{}, func(f *startFlags) error { got = f.proxyConfig().Members; return nil })
+		cmd := startCommand(&startFlags{}, func(f *startFlags) error { got = f.proxyConfig().Overrides.Members; return nil })
 		cmd.SetArgs(c.args)
 		cmd.SetOut(io.Discard)
 		cmd.SetErr(io.Discard)
@@ -103,7 +105,7 @@ func TestLinearizableCacheFlag(t *testing.T) {
 		if err := startCommand(f, runStart).ParseFlags(c.args); err != nil {
 			t.Fatal(err)
 		}
-		if got := f.proxyConfig().KVCache.SerializableOnly; got != c.want {
+		if got := f.proxyConfig().Overrides.KVCache.SerializableOnly; got != c.want {
 			t.Errorf("%v: SerializableOnly %v, want %v", c.args, got, c.want)
 		}
 	}

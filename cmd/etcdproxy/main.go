@@ -2,6 +2,10 @@
 //
 //	etcdproxy start [flags]   serve the etcd v3 API, forwarding to --endpoints (or to an embedded etcd)
 //	etcdproxy version         print versions
+//
+// It owns the command line: the flags (etcd grpc-proxy's names and defaults) turned into proxy.Config, the connections
+// to etcd, the listeners, registration and the signals. What the proxy does with a call belongs to package proxy and
+// the overrides; the command must not reach into them beyond proxy.Config.
 package main
 
 import (

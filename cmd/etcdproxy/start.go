@@ -18,6 +18,7 @@ import (
 
 	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/etcdproxy/etcdproxy/internal/embedetcd"
+	"github.com/etcdproxy/etcdproxy/overrides"
 	"github.com/etcdproxy/etcdproxy/overrides/kvcache"
 	"github.com/etcdproxy/etcdproxy/overrides/members"
 	"github.com/etcdproxy/etcdproxy/overrides/ryw"
@@ -380,11 +381,13 @@ func (f *startFlags) proxyConfig() proxy.Config {
 		KeepaliveInterval:    f.grpcKeepAliveInterval,
 		KeepaliveTimeout:     f.grpcKeepAliveTimeout,
 		EnablePprof:          f.enablePprof,
-		KVCache:              kvcache.Options{MaxBytes: f.kvCacheBytes, TTL: f.kvCacheTTL, SerializableOnly: !f.kvCacheLin},
-		ReadYourWrites:       ryw.Options{Ordering: f.serializableOrdering},
-		Namespace:            f.namespace,
 		LogCalls:             f.logCalls,
-		Members:              f.members(),
+		Overrides: overrides.Config{
+			KVCache:        kvcache.Options{MaxBytes: f.kvCacheBytes, TTL: f.kvCacheTTL, SerializableOnly: !f.kvCacheLin},
+			ReadYourWrites: ryw.Options{Ordering: f.serializableOrdering},
+			Namespace:      f.namespace,
+			Members:        f.members(),
+		},
 	}
 }
 

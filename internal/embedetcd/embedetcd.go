@@ -1,5 +1,8 @@
 // Package embedetcd starts real etcd members in this process (go.etcd.io/etcd/server/v3/embed) on loopback ports
 // it picks: the single member behind `etcdproxy start --embedded-etcd`, and the clusters the tests run against.
+//
+// It owns starting, stopping and placing members (their configuration, data directories and ports). The etcdproxy
+// binary imports it (--embedded-etcd), so it must not hold anything test-only, nor know of the proxy.
 package embedetcd
 
 import (

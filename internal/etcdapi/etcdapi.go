@@ -6,6 +6,9 @@
 // "etcd/api/mvccpb/kv.proto". Files() renames every file to the path its importers use (roots, which nobody
 // imports, to their path in etcd's repository), and then checks that the result links: every import names a file
 // of the set and every type reference resolves.
+//
+// It reads only what is compiled in, and must not depend on any package of the proxy: the generator, cmd/etcdapi and
+// the tests that enumerate the API use it.
 package etcdapi
 
 import (

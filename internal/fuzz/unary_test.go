@@ -367,7 +367,7 @@ func (tw *twins) compare(md protoreflect.MethodDescriptor, req proto.Message, vi
 // normalize rewrites in place what differs between the twins by construction: the cluster and member ids and raft
 // term of headers, lease ids that etcd picked, the remaining TTL of a lease (the twins are asked a moment apart).
 func normalize(req, m proto.Message) {
-	walkMessages(m.ProtoReflect(), func(m protoreflect.Message) {
+	proxytest.WalkMessages(m.ProtoReflect(), func(m protoreflect.Message) {
 		switch m := m.Interface().(type) {
 		case *pb.ResponseHeader:
 			m.ClusterId, m.MemberId, m.RaftTerm = 0, 0, 0
@@ -380,23 +380,6 @@ func normalize(req, m proto.Message) {
 			sort.Slice(m.Keys, func(i, j int) bool { return bytes.Compare(m.Keys[i], m.Keys[j]) < 0 })
 		}
 	})
-}
-
-// walkMessages calls f on every message within m, children before their parent.
-func walkMessages(m protoreflect.Message, f func(protoreflect.Message)) {
-	m.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
-		switch {
-		case fd.Message() == nil || fd.IsMap():
-		case fd.IsList():
-			for i := range v.List().Len() {
-				walkMessages(v.List().Get(i).Message(), f)
-			}
-		default:
-			walkMessages(v.Message(), f)
-		}
-		return true
-	})
-	f(m)
 }
 
 func cmpMessages(viaProxy, direct []proto.Message) string {

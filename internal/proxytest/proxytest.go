@@ -1,5 +1,7 @@
 // Package proxytest starts what a test of etcdproxy needs: real etcd members in-process, an etcdproxy in front of
-// them on a loopback TCP port, and gRPC connections to both, all stopped by t.Cleanup.
+// them on a loopback TCP port, and gRPC connections to both, all stopped by t.Cleanup; and it holds the helpers
+// the tests of every package share (Timeout, Eventually, Put, EnableAuth, As, Gauge, WalkMessages, the leak
+// checks), so that none is written twice. Only tests import it: the etcdproxy binary must not.
 package proxytest
 
 import (
@@ -11,6 +13,7 @@ import (
 	"time"
 
 	"github.com/etcdproxy/etcdproxy/internal/embedetcd"
+	"github.com/etcdproxy/etcdproxy/overrides"
 	"github.com/etcdproxy/etcdproxy/overrides/kvcache"
 	"github.com/etcdproxy/etcdproxy/proxy"
 	"github.com/prometheus/client_golang/prometheus"
@@ -72,8 +75,7 @@ func Start(t testing.TB, o Options) *Env {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { e.Upstream.Close() })
-	// The proxy as etcdproxy start runs it: the read cache on, with its command-line defaults.
-	cfg := proxy.Config{Upstream: e.Upstream, KVCache: kvcache.Options{MaxBytes: 64 << 20}}
+	cfg := defaults(e.Upstream)
 	if o.User != "" {
 		internal, err := proxy.Dial(clientv3.Config{Endpoints: endpoints, DialTimeout: 5 * time.Second,
 			Username: o.User, Password: o.Password})
@@ -96,6 +98,12 @@ func Start(t testing.TB, o Options) *Env {
 		Eventually(t, 10*time.Second, e.Proxy.Steady, "the proxy's read cache was not live within 10s of starting")
 	}
 	return e
+}
+
+// defaults is the proxy's configuration on up as etcdproxy start runs it: the read cache on, with its
+// command-line defaults.
+func defaults(up *clientv3.Client) proxy.Config {
+	return proxy.Config{Upstream: up, Overrides: overrides.Config{KVCache: kvcache.Options{MaxBytes: 64 << 20}}}
 }
 
 // serve starts a proxy with cfg on a loopback port and stops it at cleanup.
@@ -135,7 +143,7 @@ func (e *Env) AnotherProxy(t testing.TB, configure ...func(*proxy.Config)) *grpc
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { up.Close() })
-	cfg := proxy.Config{Upstream: up, KVCache: kvcache.Options{MaxBytes: 64 << 20}}
+	cfg := defaults(up)
 	for _, c := range configure {
 		c(&cfg)
 	}
@@ -276,15 +284,16 @@ func VerifyTestMain(m *testing.M, atExit ...func()) {
 	os.Exit(code)
 }
 
-// LeftOver reports the goroutines (LeakOptions aside) still running 10 s from now, or as soon as none is: it gives
-// goroutines that are still ending (a closed client's watch stream, an etcd member's send loop for a stream just
-// closed) the time a loaded machine may take. goleak's own retries last about 2 s; a goroutine that never ends is
-// still reported.
-func LeftOver() error {
-	err := goleak.Find(LeakOptions()...)
+// LeftOver reports the goroutines (LeakOptions and extra aside) still running 10 s from now, or as soon as none
+// is: it gives goroutines that are still ending (a closed client's watch stream, an etcd member's send loop for a
+// stream just closed, its peers' HTTP connections) the time a loaded machine may take. goleak's own retries last
+// about 2 s; a goroutine that never ends is still reported.
+func LeftOver(extra ...goleak.Option) error {
+	opts := append(LeakOptions(), extra...)
+	err := goleak.Find(opts...)
 	for deadline := time.Now().Add(10 * time.Second); err != nil && time.Now().Before(deadline); {
 		time.Sleep(100 * time.Millisecond)
-		err = goleak.Find(LeakOptions()...)
+		err = goleak.Find(opts...)
 	}
 	if err != nil {
 		return fmt.Errorf("goleak: goroutines left over 10 s after the tests: %w", err)
@@ -297,6 +306,16 @@ func Timeout(t testing.TB, d time.Duration) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), d)
 	t.Cleanup(cancel)
 	return ctx
+}
+
+// Put writes key=value through cc and returns the revision of the write.
+func Put(t testing.TB, ctx context.Context, cc *grpc.ClientConn, key, value string) int64 {
+	t.Helper()
+	r, err := pb.NewKVClient(cc).Put(ctx, &pb.PutRequest{Key: []byte(key), Value: []byte(value)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r.Header.Revision
 }
 
 // User is an etcd user for EnableAuth: it gets a role of its own that may read [ReadFrom, ReadTo) (a single key

@@ -1,5 +1,7 @@
 // Package stream holds what the proxy's server and its overrides both need of a client's gRPC stream: the error a
 // stream ends with when the proxy shuts down, and a stream that carries another context. It owns nothing else.
+//
+// It must not know of any service, override or upstream.
 package stream
 
 import (

@@ -1,5 +1,7 @@
 // Package testcerts makes the certificates TLS tests need, in the test: certificate authorities, server and client
 // certificates signed by them (for 127.0.0.1 and localhost), expired ones, and revocation lists.
+//
+// It is for tests only (temporary files, short-lived keys): the etcdproxy binary must not import it.
 package testcerts
 
 import (

@@ -5,6 +5,8 @@
 // Known today (etcd v3.7.3): an Alarm whose action is not GET, ACTIVATE or DEACTIVATE. etcd applies it through
 // raft, its applier answers nil for an action it does not know, and the gRPC handler dereferences that answer: the
 // member that served the call panics and its process exits (found by FuzzUnary, internal/fuzz).
+//
+// It must not change what etcd answers to any request it lets through.
 package crashguard
 
 import (

@@ -43,11 +43,11 @@ func TestEveryAuthChangeFlushes(t *testing.T) {
 // made through the proxy can drop her cached answer).
 func TestGrantReplacingReadFlushes(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{User: "root", Password: "r",
-		Proxy: func(c *proxy.Config) { c.KVCache.AuthPoll = -1 },
+		Proxy: func(c *proxy.Config) { c.Overrides.KVCache.AuthPoll = -1 },
 		BeforeProxy: func(c *embedetcd.Cluster) {
-			enableAuth(t, timeout(t, 30*time.Second), proxytest.Conn(t, c.Members[0].ClientURL))
+			enableAuth(t, proxytest.Timeout(t, 30*time.Second), proxytest.Conn(t, c.Members[0].ClientURL))
 		}})
-	ctx := timeout(t, 30*time.Second)
+	ctx := proxytest.Timeout(t, 30*time.Second)
 	req := &pb.RangeRequest{Key: []byte("a1"), Serializable: true}
 	alice := as(t, ctx, e.Via, "alice")
 	cached(t, alice, e.Via, req)

@@ -11,11 +11,9 @@ import (
 	"github.com/etcdproxy/etcdproxy/overrides/internal/upstream"
 	"github.com/karlseguin/ccache/v3"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
-	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/metadata"
 )
 
 // invalidator keeps the cache coherent with one upstream watch over the whole keyspace: every event deletes the
@@ -266,8 +264,7 @@ var errRefused = errors.New("etcd refused the keyspace watch (with auth enabled 
 func (inv *invalidator) once() error {
 	ctx, cancel := context.WithCancel(inv.ctx)
 	defer cancel()
-	ctx = metadata.AppendToOutgoingContext(ctx, rpctypes.MetadataRequireLeaderKey, rpctypes.MetadataHasLeader)
-	ws, err := inv.watch.Watch(ctx)
+	ws, err := inv.watch.Watch(upstream.Creds{}.Outgoing(ctx, true))
 	if err != nil {
 		return err
 	}

@@ -24,6 +24,9 @@
 //     metadata are part of the cache key, and a permission change flushes the cache (auth.go): at once when made
 //     through this proxy, within about a second when made elsewhere.
 //   - A cached response is shared, never mutated.
+//
+// It owns the cache, its keyspace watch and the auth poll; it must not answer a read it cannot vouch for, and writes
+// nothing into etcd.
 package kvcache
 
 import (
@@ -31,7 +34,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/etcdproxy/etcdproxy/overrides/internal/shared"
+	"github.com/etcdproxy/etcdproxy/overrides/internal/upstream"
 	"github.com/karlseguin/ccache/v3"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.uber.org/zap"
@@ -162,12 +165,12 @@ type entry struct {
 func (e *entry) Size() int64 { return e.size }
 
 // cacheKey identifies a request and the credentials it is made with.
-func cacheKey(ctx context.Context, req *pb.RangeRequest) (string, shared.Creds, bool) {
+func cacheKey(ctx context.Context, req *pb.RangeRequest) (string, upstream.Creds, bool) {
 	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(req)
 	if err != nil {
-		return "", shared.Creds{}, false
+		return "", upstream.Creds{}, false
 	}
-	c := shared.CredsOf(ctx)
+	c := upstream.CredsOf(ctx)
 	return c.Token + "\x00" + c.Authorization + "\x00" + string(b), c, true
 }
 
@@ -224,14 +227,14 @@ func (k *KV) Range(ctx context.Context, req *pb.RangeRequest) (*pb.RangeResponse
 
 // fill reads req from etcd and stores the answer under key, made in generation gen, unless the cache may not
 // take it (invalidator.store) or the caller's credentials give it no time to live.
-func (k *KV) fill(ctx context.Context, req *pb.RangeRequest, key string, creds shared.Creds, gen uint64) (*pb.RangeResponse, error) {
+func (k *KV) fill(ctx context.Context, req *pb.RangeRequest, key string, creds upstream.Creds, gen uint64) (*pb.RangeResponse, error) {
 	sent := time.Now()
 	resp, err := k.KVServer.Range(ctx, req)
 	if err != nil {
 		return resp, err
 	}
 	ttl := k.opts.TTL
-	if creds != (shared.Creds{}) {
+	if creds != (upstream.Creds{}) {
 		if ttl = min(ttl, k.opts.TokenCheck-time.Since(sent)); ttl <= 0 {
 			return resp, nil
 		}

@@ -23,18 +23,7 @@ import (
 
 func TestMain(m *testing.M) { proxytest.VerifyTestMain(m) }
 
-var timeout = proxytest.Timeout
-
 func hits(t *testing.T) float64 { return proxytest.Gauge(t, "etcdproxy_kvcache_hits_total") }
-
-func put(t *testing.T, ctx context.Context, cc *grpc.ClientConn, key, value string) *pb.PutResponse {
-	t.Helper()
-	r, err := pb.NewKVClient(cc).Put(ctx, &pb.PutRequest{Key: []byte(key), Value: []byte(value)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return r
-}
 
 func get(t *testing.T, ctx context.Context, cc *grpc.ClientConn, req *pb.RangeRequest) *pb.RangeResponse {
 	t.Helper()
@@ -73,8 +62,8 @@ func TestReviewedKVMethods(t *testing.T) {
 // reads (which have a path of their own: linearizable_test.go) and reads at a revision are never serializable hits.
 func TestHitsMatchEtcd(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
-	ctx := timeout(t, 30*time.Second)
-	put(t, ctx, e.Direct, "k", "v1")
+	ctx := proxytest.Timeout(t, 30*time.Second)
+	proxytest.Put(t, ctx, e.Direct, "k", "v1")
 	req := &pb.RangeRequest{Key: []byte("k"), Serializable: true}
 	// The put's own event may reach the invalidation watch after the first read filled the entry, and drop it: the
 	// next read fills it again. So: two reads in a row, until the second is a hit.
@@ -104,7 +93,7 @@ func TestHitsMatchEtcd(t *testing.T) {
 // while the writers write; after each write is acknowledged, the time until this proxy shows it is measured.
 func TestWritesElsewhereInvalidate(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
-	ctx := timeout(t, 90*time.Second)
+	ctx := proxytest.Timeout(t, 90*time.Second)
 	other := e.AnotherProxy(t)
 	readers, stop := make(chan struct{}), make(chan struct{})
 	go func() { // readers keep the entries hot while the writers write
@@ -172,7 +161,7 @@ func TestWritesElsewhereInvalidate(t *testing.T) {
 // cached for a range ending in "\x00" are invalidated too (etcd's grpc-proxy misses all three of the last).
 func TestWritesThroughProxy(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
-	ctx := timeout(t, 30*time.Second)
+	ctx := proxytest.Timeout(t, 30*time.Second)
 	kv := pb.NewKVClient(e.Via)
 	single := &pb.RangeRequest{Key: []byte("w/a"), Serializable: true}
 	fromKey := &pb.RangeRequest{Key: []byte("w/"), RangeEnd: []byte{0}, Serializable: true}
@@ -190,7 +179,7 @@ func TestWritesThroughProxy(t *testing.T) {
 		}
 	}
 	warm()
-	put(t, ctx, e.Via, "w/a", "1")
+	proxytest.Put(t, ctx, e.Via, "w/a", "1")
 	check("a Put", "1", 1)
 
 	warm()
@@ -233,9 +222,9 @@ func TestWritesThroughProxy(t *testing.T) {
 // them for good), and a read at a compacted revision gets etcd's compacted error.
 func TestCompaction(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
-	ctx := timeout(t, 30*time.Second)
+	ctx := proxytest.Timeout(t, 30*time.Second)
 	for i := 0; i < 5; i++ {
-		put(t, ctx, e.Direct, "c", fmt.Sprint(i))
+		proxytest.Put(t, ctx, e.Direct, "c", fmt.Sprint(i))
 	}
 	if _, err := pb.NewKVClient(e.Via).Compact(ctx, &pb.CompactionRequest{Revision: 4}); err != nil {
 		t.Fatal(err)
@@ -260,7 +249,7 @@ func TestCompaction(t *testing.T) {
 // on cc's cluster, after putting a1.
 func enableAuth(t *testing.T, ctx context.Context, cc *grpc.ClientConn) {
 	t.Helper()
-	put(t, ctx, cc, "a1", "secret")
+	proxytest.Put(t, ctx, cc, "a1", "secret")
 	proxytest.EnableAuth(t, ctx, cc, "r",
 		proxytest.User{Name: "alice", Password: "alice", ReadFrom: "a", ReadTo: "b"},
 		proxytest.User{Name: "bob", Password: "bob"})
@@ -275,7 +264,7 @@ func as(t *testing.T, ctx context.Context, cc *grpc.ClientConn, user string) con
 // token): alice's read is cached for alice, and bob, who may not read the key, gets etcd's refusal every time.
 func TestCredentials(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
-	ctx := timeout(t, 30*time.Second)
+	ctx := proxytest.Timeout(t, 30*time.Second)
 	enableAuth(t, ctx, e.Direct)
 	req := &pb.RangeRequest{Key: []byte("a1"), Serializable: true}
 	alice, bob := as(t, ctx, e.Via, "alice"), as(t, ctx, e.Via, "bob")
@@ -304,9 +293,9 @@ func TestCredentials(t *testing.T) {
 func TestNoWatchNoCache(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{BeforeProxy: func(c *embedetcd.Cluster) {
 		cc := proxytest.Conn(t, c.Members[0].ClientURL)
-		enableAuth(t, timeout(t, 30*time.Second), cc)
+		enableAuth(t, proxytest.Timeout(t, 30*time.Second), cc)
 	}})
-	ctx := timeout(t, 30*time.Second)
+	ctx := proxytest.Timeout(t, 30*time.Second)
 	alice := as(t, ctx, e.Via, "alice")
 	base := hits(t)
 	for i := 0; i < 3; i++ {
@@ -324,9 +313,9 @@ func TestNoWatchNoCache(t *testing.T) {
 // cache serves again, still per caller: alice's reads are cached for alice, bob is refused by etcd every time.
 func TestProxyCredentials(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{User: "root", Password: "r", BeforeProxy: func(c *embedetcd.Cluster) {
-		enableAuth(t, timeout(t, 30*time.Second), proxytest.Conn(t, c.Members[0].ClientURL))
+		enableAuth(t, proxytest.Timeout(t, 30*time.Second), proxytest.Conn(t, c.Members[0].ClientURL))
 	}})
-	ctx := timeout(t, 30*time.Second)
+	ctx := proxytest.Timeout(t, 30*time.Second)
 	req := &pb.RangeRequest{Key: []byte("a1"), Serializable: true}
 	alice, bob := as(t, ctx, e.Via, "alice"), as(t, ctx, e.Via, "bob")
 	proxytest.Eventually(t, 10*time.Second, func() bool { return proxytest.Gauge(t, "etcdproxy_kvcache_live") == 1 },
@@ -344,7 +333,7 @@ func TestProxyCredentials(t *testing.T) {
 		return hits(t) == base+2
 	}, "alice's repeated reads were not served from the cache (2 hits in 3 reads)")
 	// A write made elsewhere still reaches alice.
-	put(t, proxytest.As(t, ctx, e.Direct, "root", "r"), e.Direct, "a1", "new")
+	proxytest.Put(t, proxytest.As(t, ctx, e.Direct, "root", "r"), e.Direct, "a1", "new")
 	proxytest.Eventually(t, 2*time.Second, func() bool {
 		r, err := pb.NewKVClient(e.Via).Range(alice, req)
 		return err == nil && value(r) == "new"
@@ -356,9 +345,9 @@ func TestProxyCredentials(t *testing.T) {
 // poll).
 func TestPermissionRevoked(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{User: "root", Password: "r", BeforeProxy: func(c *embedetcd.Cluster) {
-		enableAuth(t, timeout(t, 30*time.Second), proxytest.Conn(t, c.Members[0].ClientURL))
+		enableAuth(t, proxytest.Timeout(t, 30*time.Second), proxytest.Conn(t, c.Members[0].ClientURL))
 	}})
-	ctx := timeout(t, 30*time.Second)
+	ctx := proxytest.Timeout(t, 30*time.Second)
 	req := &pb.RangeRequest{Key: []byte("a1"), Serializable: true}
 	alice := as(t, ctx, e.Via, "alice")
 	read := func() error {
@@ -409,7 +398,7 @@ func TestPermissionRevoked(t *testing.T) {
 // watch's event reaches the proxy first.
 func TestInvalidationSources(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
-	ctx := timeout(t, 30*time.Second)
+	ctx := proxytest.Timeout(t, 30*time.Second)
 	source := func(s string) float64 {
 		return proxytest.Gauge(t, "etcdproxy_kvcache_invalidations_total", "source", s)
 	}
@@ -423,7 +412,7 @@ func TestInvalidationSources(t *testing.T) {
 		}, "src/a is not served from the cache")
 	}
 	kv := pb.NewKVClient(e.Via)
-	put(t, ctx, e.Direct, "src/a", "v0")
+	proxytest.Put(t, ctx, e.Direct, "src/a", "v0")
 	for i, w := range []func() error{
 		func() error {
 			_, err := kv.Put(ctx, &pb.PutRequest{Key: []byte("src/a"), Value: []byte("v1")})
@@ -452,7 +441,7 @@ func TestInvalidationSources(t *testing.T) {
 
 	cache()
 	local0, remote0 := source("local"), source("remote")
-	put(t, ctx, e.Direct, "src/a", "v4")
+	proxytest.Put(t, ctx, e.Direct, "src/a", "v4")
 	proxytest.Eventually(t, 5*time.Second, func() bool { return source("remote")-remote0 == 1 },
 		"a write straight to etcd: %v remote invalidations, want 1", source("remote")-remote0)
 	if got := source("local") - local0; got != 0 {
@@ -462,11 +451,11 @@ func TestInvalidationSources(t *testing.T) {
 
 // TestEvictions: a cache over its size evicts entries, counts them, and its index keeps in step.
 func TestEvictions(t *testing.T) {
-	e := proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) { c.KVCache.MaxBytes = 4 << 10 }})
-	ctx := timeout(t, 30*time.Second)
+	e := proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) { c.Overrides.KVCache.MaxBytes = 4 << 10 }})
+	ctx := proxytest.Timeout(t, 30*time.Second)
 	const n = 200
 	for i := range n {
-		put(t, ctx, e.Direct, fmt.Sprintf("ev/%03d", i), "v")
+		proxytest.Put(t, ctx, e.Direct, fmt.Sprintf("ev/%03d", i), "v")
 	}
 	before := proxytest.Gauge(t, "etcdproxy_kvcache_evictions_total")
 	for i := range n {
@@ -479,7 +468,7 @@ func TestEvictions(t *testing.T) {
 		t.Errorf("%v entries after %d reads into a 4 KiB cache", got, n)
 	}
 	// Evicted keys are read again from etcd, with the right value.
-	put(t, ctx, e.Direct, "ev/000", "new")
+	proxytest.Put(t, ctx, e.Direct, "ev/000", "new")
 	proxytest.Eventually(t, 5*time.Second, func() bool {
 		return value(get(t, ctx, e.Via, &pb.RangeRequest{Key: []byte("ev/000"), Serializable: true})) == "new"
 	}, "ev/000 still reads its old value")
@@ -491,11 +480,11 @@ func TestEvictions(t *testing.T) {
 func TestIdleStopsAuthPoll(t *testing.T) {
 	const poll = 50 * time.Millisecond
 	e := proxytest.Start(t, proxytest.Options{User: "root", Password: "r",
-		Proxy: func(c *proxy.Config) { c.KVCache.AuthPoll = poll },
+		Proxy: func(c *proxy.Config) { c.Overrides.KVCache.AuthPoll = poll },
 		BeforeProxy: func(c *embedetcd.Cluster) {
-			enableAuth(t, timeout(t, 30*time.Second), proxytest.Conn(t, c.Members[0].ClientURL))
+			enableAuth(t, proxytest.Timeout(t, 30*time.Second), proxytest.Conn(t, c.Members[0].ClientURL))
 		}})
-	ctx := timeout(t, 30*time.Second)
+	ctx := proxytest.Timeout(t, 30*time.Second)
 	polls := func() float64 { return proxytest.Gauge(t, "etcdproxy_kvcache_auth_polls_total") }
 	req := &pb.RangeRequest{Key: []byte("a1"), Serializable: true}
 	alice := as(t, ctx, e.Via, "alice")
@@ -545,7 +534,7 @@ func TestIdleStopsAuthPoll(t *testing.T) {
 // after an invalidation) cost etcd about one read, not one each, and every one of them gets etcd's answer.
 func TestHerdSharesOneRead(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
-	ctx := timeout(t, 30*time.Second)
+	ctx := proxytest.Timeout(t, 30*time.Second)
 	etcdRanges := func() float64 { return proxytest.Gauge(t, "grpc_server_started_total", "grpc_method", "Range") }
 	const n, rounds = 32, 3
 	for round := range rounds {

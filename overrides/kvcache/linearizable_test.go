@@ -68,9 +68,9 @@ func TestRangeResponseFields(t *testing.T) {
 // since the entry was filled (its revision is then older than etcd's current one).
 func TestLinearizableHitsMatchEtcd(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
-	ctx := timeout(t, 60*time.Second)
+	ctx := proxytest.Timeout(t, 60*time.Second)
 	for i := range 5 {
-		put(t, ctx, e.Direct, fmt.Sprintf("lm/%d", i), fmt.Sprint(i))
+		proxytest.Put(t, ctx, e.Direct, fmt.Sprintf("lm/%d", i), fmt.Sprint(i))
 	}
 	for _, req := range []*pb.RangeRequest{
 		{Key: []byte("lm/0")},
@@ -83,7 +83,7 @@ func TestLinearizableHitsMatchEtcd(t *testing.T) {
 	} {
 		linCached(t, ctx, e.Via, req)
 		for round := range 3 {
-			put(t, ctx, e.Direct, "other", fmt.Sprint(round)) // moves etcd's revision, not the cached range
+			proxytest.Put(t, ctx, e.Direct, "other", fmt.Sprint(round)) // moves etcd's revision, not the cached range
 			before := linHits(t)
 			via, viaErr := pb.NewKVClient(e.Via).Range(ctx, req)
 			hit := linHits(t) > before
@@ -105,9 +105,9 @@ func TestLinearizableHitsMatchEtcd(t *testing.T) {
 // TestLinearizableOff: with SerializableOnly (--kv-cache-linearizable=false) no linearizable read is answered
 // from the cache, and no barrier is sent.
 func TestLinearizableOff(t *testing.T) {
-	e := proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) { c.KVCache.SerializableOnly = true }})
-	ctx := timeout(t, 30*time.Second)
-	put(t, ctx, e.Direct, "off", "v")
+	e := proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) { c.Overrides.KVCache.SerializableOnly = true }})
+	ctx := proxytest.Timeout(t, 30*time.Second)
+	proxytest.Put(t, ctx, e.Direct, "off", "v")
 	hits0, batches0 := linHits(t), linBatches(t)
 	for range 20 {
 		if got := value(get(t, ctx, e.Via, &pb.RangeRequest{Key: []byte("off")})); got != "v" {
@@ -175,13 +175,13 @@ func TestLinearizableWriteElsewhere(t *testing.T) {
 					delayedWatch(t, tc.delay)(c)
 				}
 			}})
-			ctx := timeout(t, 90*time.Second)
+			ctx := proxytest.Timeout(t, 90*time.Second)
 			writer := e.Direct
 			if tc.another {
 				writer = e.AnotherProxy(t)
 			}
 			req := &pb.RangeRequest{Key: []byte("we/k")}
-			put(t, ctx, writer, "we/k", "init")
+			proxytest.Put(t, ctx, writer, "we/k", "init")
 			linCached(t, ctx, e.Via, req)
 			hits0 := linHits(t)
 			fallbacks0 := map[string]float64{}
@@ -190,15 +190,15 @@ func TestLinearizableWriteElsewhere(t *testing.T) {
 			}
 			for i := range tc.rounds {
 				want := fmt.Sprint(i)
-				w := put(t, ctx, writer, "we/k", want)
+				w := proxytest.Put(t, ctx, writer, "we/k", want)
 				for j := range 2 {
 					r := get(t, ctx, e.Via, req)
 					if got := value(r); got != want {
 						t.Fatalf("round %d, read %d: a linearizable read through the proxy after the write of %q was acknowledged reads %q",
 							i, j, want, got)
 					}
-					if r.Header.Revision < w.Header.Revision {
-						t.Fatalf("round %d: answer at revision %d, the write was at %d", i, r.Header.Revision, w.Header.Revision)
+					if r.Header.Revision < w {
+						t.Fatalf("round %d: answer at revision %d, the write was at %d", i, r.Header.Revision, w)
 					}
 				}
 			}
@@ -218,14 +218,14 @@ func TestLinearizableWriteElsewhere(t *testing.T) {
 // TestLinearizableWriteThroughProxy: a write through the proxy is seen by the next linearizable read through it.
 func TestLinearizableWriteThroughProxy(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
-	ctx := timeout(t, 60*time.Second)
+	ctx := proxytest.Timeout(t, 60*time.Second)
 	req := &pb.RangeRequest{Key: []byte("wp/k")}
-	put(t, ctx, e.Via, "wp/k", "init")
+	proxytest.Put(t, ctx, e.Via, "wp/k", "init")
 	linCached(t, ctx, e.Via, req)
 	hits0 := linHits(t)
 	for i := range 200 {
 		want := fmt.Sprint(i)
-		put(t, ctx, e.Via, "wp/k", want)
+		proxytest.Put(t, ctx, e.Via, "wp/k", want)
 		for range 2 {
 			if got := value(get(t, ctx, e.Via, req)); got != want {
 				t.Fatalf("round %d: after the write of %q through the proxy, a linearizable read through it reads %q", i, want, got)
@@ -241,8 +241,8 @@ func TestLinearizableWriteThroughProxy(t *testing.T) {
 // every read that came before it was sent), are answered from the cache, and each gets etcd's answer.
 func TestLinearizableBatching(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
-	ctx := timeout(t, 60*time.Second)
-	put(t, ctx, e.Direct, "b/k", "v")
+	ctx := proxytest.Timeout(t, 60*time.Second)
+	proxytest.Put(t, ctx, e.Direct, "b/k", "v")
 	req := &pb.RangeRequest{Key: []byte("b/k")}
 	linCached(t, ctx, e.Via, req)
 	want := get(t, ctx, e.Direct, req)
@@ -300,11 +300,11 @@ func TestLinearizableLaggingWatch(t *testing.T) {
 			c.Internal = internal
 		}})
 	lagging := e.Cluster.Members[2]
-	ctx := timeout(t, 60*time.Second)
+	ctx := proxytest.Timeout(t, 60*time.Second)
 	req := &pb.RangeRequest{Key: []byte("lw/k")}
 	serReq := &pb.RangeRequest{Key: []byte("lw/k"), Serializable: true}
 	atLagging := proxytest.Conn(t, lagging.ClientURL)
-	put(t, ctx, e.Direct, "lw/k", "old")
+	proxytest.Put(t, ctx, e.Direct, "lw/k", "old")
 	proxytest.Eventually(t, 5*time.Second, func() bool { return value(get(t, ctx, atLagging, serReq)) == "old" },
 		"the third member never applied the first write")
 	linCached(t, ctx, e.Via, req)
@@ -319,7 +319,7 @@ func TestLinearizableLaggingWatch(t *testing.T) {
 	hits0, behind0 := linHits(t), behind()
 	for i := range 20 {
 		want := fmt.Sprint(i)
-		put(t, ctx, e.Direct, "lw/k", want)
+		proxytest.Put(t, ctx, e.Direct, "lw/k", want)
 		if got := value(get(t, ctx, e.Via, req)); got != want {
 			t.Fatalf("round %d: with the watch on a lagging member, a linearizable read reads %q after the write of %q", i, got, want)
 		}
@@ -345,9 +345,9 @@ func TestLinearizableLaggingWatch(t *testing.T) {
 // poll): each gets etcd's answer or error, for a reader, for a caller without the right, for one without a token.
 func TestLinearizableAuth(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{User: "root", Password: "r", BeforeProxy: func(c *embedetcd.Cluster) {
-		enableAuth(t, timeout(t, 30*time.Second), proxytest.Conn(t, c.Members[0].ClientURL))
+		enableAuth(t, proxytest.Timeout(t, 30*time.Second), proxytest.Conn(t, c.Members[0].ClientURL))
 	}})
-	ctx := timeout(t, 30*time.Second)
+	ctx := proxytest.Timeout(t, 30*time.Second)
 	req := &pb.RangeRequest{Key: []byte("a1")}
 	callers := []struct {
 		name        string
@@ -381,10 +381,10 @@ func TestLinearizableAuth(t *testing.T) {
 // etcd's answers at once (refused without a token, read by a caller with the right); once auth is disabled again
 // they are answered from the cache again.
 func TestLinearizableAuthEnabledElsewhere(t *testing.T) {
-	e := proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) { c.KVCache.AuthPoll = time.Hour }})
-	ctx := timeout(t, 30*time.Second)
+	e := proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) { c.Overrides.KVCache.AuthPoll = time.Hour }})
+	ctx := proxytest.Timeout(t, 30*time.Second)
 	req := &pb.RangeRequest{Key: []byte("a1")}
-	put(t, ctx, e.Direct, "a1", "secret")
+	proxytest.Put(t, ctx, e.Direct, "a1", "secret")
 	linCached(t, ctx, e.Via, req)
 	proxytest.EnableAuth(t, ctx, e.Direct, "r", proxytest.User{Name: "alice", Password: "alice", ReadFrom: "a", ReadTo: "b"})
 	hits0 := linHits(t)
@@ -415,14 +415,14 @@ func TestLinearizableAuthEnabledElsewhere(t *testing.T) {
 // from the cache, and they still equal etcd's; a read at a compacted revision gets etcd's compacted error.
 func TestLinearizableCompaction(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
-	ctx := timeout(t, 30*time.Second)
+	ctx := proxytest.Timeout(t, 30*time.Second)
 	req := &pb.RangeRequest{Key: []byte("c")}
 	for i := range 5 {
-		put(t, ctx, e.Direct, "c", fmt.Sprint(i))
+		proxytest.Put(t, ctx, e.Direct, "c", fmt.Sprint(i))
 	}
 	linCached(t, ctx, e.Via, req)
-	last := put(t, ctx, e.Direct, "c", "last")
-	if _, err := pb.NewKVClient(e.Via).Compact(ctx, &pb.CompactionRequest{Revision: last.Header.Revision}); err != nil {
+	last := proxytest.Put(t, ctx, e.Direct, "c", "last")
+	if _, err := pb.NewKVClient(e.Via).Compact(ctx, &pb.CompactionRequest{Revision: last}); err != nil {
 		t.Fatal(err)
 	}
 	linCached(t, ctx, e.Via, req)
@@ -450,9 +450,9 @@ func TestLinearizableCompaction(t *testing.T) {
 func TestLinearizableLeaderLoss(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{Members: 3,
 		Upstream: func(c *embedetcd.Cluster) []string { return []string{c.Members[0].ClientURL} }})
-	ctx := timeout(t, 90*time.Second)
+	ctx := proxytest.Timeout(t, 90*time.Second)
 	req := &pb.RangeRequest{Key: []byte("ll/k")}
-	put(t, ctx, e.Direct, "ll/k", "v")
+	proxytest.Put(t, ctx, e.Direct, "ll/k", "v")
 	linCached(t, ctx, e.Via, req)
 	e.Cluster.Members[1].Stop()
 	e.Cluster.Members[2].Stop()

@@ -133,10 +133,10 @@ func TestEveryWriteRPCReadsItsWrites(t *testing.T) {
 	g := newGate()
 	var e *proxytest.Env
 	e = proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) {
-		c.KVCache.WriteWait = 200 * time.Millisecond
+		c.Overrides.KVCache.WriteWait = 200 * time.Millisecond
 		gated(t, g, func() []string { return c.Upstream.Endpoints() })(c)
 	}})
-	ctx := timeout(t, 60*time.Second)
+	ctx := proxytest.Timeout(t, 60*time.Second)
 	kv, el, lk := pb.NewKVClient(e.Via), epb.NewElectionClient(e.Via), lpb.NewLockClient(e.Via)
 	lease := func() int64 {
 		t.Helper()
@@ -223,11 +223,11 @@ func TestEveryWriteRPCReadsItsWrites(t *testing.T) {
 func TestCatchUpHeaderAheadOfEvents(t *testing.T) {
 	g := newGate()
 	e := proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) {
-		c.KVCache.WriteWait = 20 * time.Second
+		c.Overrides.KVCache.WriteWait = 20 * time.Second
 		gated(t, g, func() []string { return c.Upstream.Endpoints() })(c)
 	}})
-	ctx := timeout(t, 90*time.Second)
-	put(t, ctx, e.Direct, "cu/k", "old")
+	ctx := proxytest.Timeout(t, 90*time.Second)
+	proxytest.Put(t, ctx, e.Direct, "cu/k", "old")
 	req := &pb.RangeRequest{Key: []byte("cu/k"), Serializable: true}
 	cached(t, ctx, e.Via, req)
 	g.close()
@@ -298,9 +298,9 @@ func TestReadYourWritesLaggingMember(t *testing.T) {
 				Upstream: func(c *embedetcd.Cluster) []string { return []string{c.Members[0].ClientURL} },
 				Proxy: func(c *proxy.Config) {
 					if !tc.cache {
-						c.KVCache.MaxBytes = 0
+						c.Overrides.KVCache.MaxBytes = 0
 					}
-					c.ReadYourWrites.Ordering = tc.ordering
+					c.Overrides.ReadYourWrites.Ordering = tc.ordering
 					var err error
 					internal, err = proxy.Dial(clientv3.Config{Endpoints: c.Upstream.Endpoints(), DialTimeout: 5 * time.Second})
 					if err != nil {
@@ -309,11 +309,11 @@ func TestReadYourWritesLaggingMember(t *testing.T) {
 					t.Cleanup(func() { internal.Close() })
 					c.Internal = internal
 				}})
-			ctx := timeout(t, 60*time.Second)
+			ctx := proxytest.Timeout(t, 60*time.Second)
 			lagging := e.Cluster.Members[2]
 			atLagging := proxytest.Conn(t, lagging.ClientURL)
 			req := &pb.RangeRequest{Key: []byte("ryw/k"), Serializable: true}
-			put(t, ctx, e.Direct, "ryw/k", "old")
+			proxytest.Put(t, ctx, e.Direct, "ryw/k", "old")
 			proxytest.Eventually(t, 5*time.Second, func() bool { return value(get(t, ctx, atLagging, req)) == "old" },
 				"the third member never applied the first write")
 			if tc.cache {
@@ -324,12 +324,12 @@ func TestReadYourWritesLaggingMember(t *testing.T) {
 			var unlock sync.Once
 			t.Cleanup(func() { unlock.Do(tx.Unlock) })
 			if tc.elsewhere {
-				put(t, ctx, e.Direct, "ryw/k", "new")
+				proxytest.Put(t, ctx, e.Direct, "ryw/k", "new")
 				if got := value(get(t, ctx, e.Via, &pb.RangeRequest{Key: []byte("ryw/k")})); got != "new" {
 					t.Fatalf("a linearizable read through the proxy reads %q", got)
 				}
 			} else {
-				put(t, ctx, e.Via, "ryw/k", "new")
+				proxytest.Put(t, ctx, e.Via, "ryw/k", "new")
 			}
 			if got := value(get(t, ctx, atLagging, req)); got != "old" {
 				t.Fatalf("the lagging member reads %q: it is not lagging", got)
@@ -423,22 +423,22 @@ func TestOrderingFromStart(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{Members: 3,
 		Upstream: func(c *embedetcd.Cluster) []string { return []string{c.Members[2].ClientURL} },
 		Proxy: func(c *proxy.Config) {
-			c.KVCache.MaxBytes = 0
-			c.ReadYourWrites.Ordering = true
+			c.Overrides.KVCache.MaxBytes = 0
+			c.Overrides.ReadYourWrites.Ordering = true
 		},
 		BeforeProxy: func(c *embedetcd.Cluster) {
-			ctx := timeout(t, 30*time.Second)
+			ctx := proxytest.Timeout(t, 30*time.Second)
 			first, lagging := proxytest.Conn(t, c.Members[0].ClientURL), proxytest.Conn(t, c.Members[2].ClientURL)
 			req := &pb.RangeRequest{Key: []byte("ord/k"), Serializable: true}
-			put(t, ctx, first, "ord/k", "old")
+			proxytest.Put(t, ctx, first, "ord/k", "old")
 			proxytest.Eventually(t, 5*time.Second, func() bool { return value(get(t, ctx, lagging, req)) == "old" },
 				"the third member never applied the first write")
 			tx = c.Members[2].Etcd().Server.Backend().BatchTx()
 			tx.Lock() // the member's apply stalls on its backend; its local reads still answer
 			t.Cleanup(func() { unlock.Do(tx.Unlock) })
-			put(t, ctx, first, "ord/k", "new")
+			proxytest.Put(t, ctx, first, "ord/k", "new")
 		}})
-	ctx := timeout(t, 30*time.Second)
+	ctx := proxytest.Timeout(t, 30*time.Second)
 	req := &pb.RangeRequest{Key: []byte("ord/k"), Serializable: true}
 	if got := value(get(t, ctx, proxytest.Conn(t, e.Cluster.Members[2].ClientURL), req)); got != "old" {
 		t.Fatalf("the lagging member reads %q: it is not lagging", got)

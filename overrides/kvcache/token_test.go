@@ -20,7 +20,7 @@ func tokenEnv(t *testing.T) *proxytest.Env {
 	return proxytest.Start(t, proxytest.Options{User: "root", Password: "r",
 		Configure: func(c *embed.Config) { c.AuthTokenTTL = tokenTTL },
 		BeforeProxy: func(c *embedetcd.Cluster) {
-			enableAuth(t, timeout(t, 30*time.Second), proxytest.Conn(t, c.Members[0].ClientURL))
+			enableAuth(t, proxytest.Timeout(t, 30*time.Second), proxytest.Conn(t, c.Members[0].ClientURL))
 		}})
 }
 
@@ -37,7 +37,7 @@ func sameAnswer(t *testing.T, what string, via *pb.RangeResponse, viaErr error, 
 // ("invalid auth token"); the proxy refuses it too instead of serving the answer it cached for it.
 func TestExpiredTokenNotServed(t *testing.T) {
 	e := tokenEnv(t)
-	ctx := timeout(t, 30*time.Second)
+	ctx := proxytest.Timeout(t, 30*time.Second)
 	req := &pb.RangeRequest{Key: []byte("a1"), Serializable: true}
 	viaAlice, directAlice := as(t, ctx, e.Via, "alice"), as(t, ctx, e.Direct, "alice")
 	cached(t, viaAlice, e.Via, req)
@@ -56,7 +56,7 @@ func TestExpiredTokenNotServed(t *testing.T) {
 // answers from its cache must too, or the caller's next miss is refused where etcd would have answered.
 func TestTokenRenewedByHits(t *testing.T) {
 	e := tokenEnv(t)
-	ctx := timeout(t, 30*time.Second)
+	ctx := proxytest.Timeout(t, 30*time.Second)
 	req := &pb.RangeRequest{Key: []byte("a1"), Serializable: true}
 	viaAlice, directAlice := as(t, ctx, e.Via, "alice"), as(t, ctx, e.Direct, "alice")
 	cached(t, viaAlice, e.Via, req)

@@ -43,7 +43,9 @@ func TestLeaderLoss(t *testing.T) {
 		Members:   3,
 		Configure: func(c *embed.Config) { c.TickMs = 30; c.ElectionMs = electionMs },
 		Upstream:  func(c *embedetcd.Cluster) []string { return c.Endpoints()[:1] },
-		Proxy:     func(c *proxy.Config) { c.Leader = leader.Options{RetryMin: time.Minute, RetryMax: time.Minute} },
+		Proxy: func(c *proxy.Config) {
+			c.Overrides.Leader = leader.Options{RetryMin: time.Minute, RetryMax: time.Minute}
+		},
 	})
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()

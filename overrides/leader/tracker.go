@@ -11,6 +11,9 @@
 // Presence is also learned off the probe's path (a note of etcd grpc-proxy's leader tracking, which updates the
 // status from the watch path only): every RPC that goes through consensus and succeeds calls MarkPresent, so recovery is seen at once rather
 // than at the probe's next retry.
+//
+// It owns the probe, the leader's presence and the require-leader interceptors; it must not refuse or end a call whose
+// client did not ask for a leader.
 package leader
 
 import (
@@ -21,10 +24,8 @@ import (
 
 	"github.com/etcdproxy/etcdproxy/overrides/internal/upstream"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
-	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/metadata"
 )
 
 // Options tune a Tracker; the zero value is the production setting.
@@ -146,8 +147,7 @@ func (t *Tracker) probe(ctx context.Context) {
 func (t *Tracker) probeOnce(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	ctx = metadata.AppendToOutgoingContext(ctx, rpctypes.MetadataRequireLeaderKey, rpctypes.MetadataHasLeader)
-	ws, err := t.watch.Watch(ctx, grpc.WaitForReady(true))
+	ws, err := t.watch.Watch(upstream.Creds{}.Outgoing(ctx, true), grpc.WaitForReady(true))
 	if err != nil {
 		return err
 	}

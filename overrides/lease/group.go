@@ -7,14 +7,11 @@ import (
 	"sync"
 	"time"
 
-	"github.com/etcdproxy/etcdproxy/overrides/internal/shared"
 	"github.com/etcdproxy/etcdproxy/overrides/internal/upstream"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
-	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 )
 
@@ -24,7 +21,7 @@ import (
 // answers the oldest unanswered request.
 type group struct {
 	ctx      context.Context // cancelled when the last client leaves
-	creds    shared.Creds
+	creds    upstream.Creds
 	upstream pb.LeaseClient
 	logger   *zap.Logger
 
@@ -84,9 +81,7 @@ func (g *group) Run() {
 func (g *group) serve() (bool, error) {
 	ctx, cancel := context.WithCancel(g.ctx)
 	defer cancel()
-	md := g.creds.MD()
-	md.Set(rpctypes.MetadataRequireLeaderKey, rpctypes.MetadataHasLeader)
-	stream, err := g.upstream.LeaseKeepAlive(metadata.NewOutgoingContext(ctx, md))
+	stream, err := g.upstream.LeaseKeepAlive(g.creds.Outgoing(ctx, true))
 	if err != nil {
 		return false, err
 	}

@@ -17,6 +17,9 @@
 //     all clients share one upstream stream.
 //   - Require-leader client streams end with etcd's no-leader error when the leader is lost (overrides/leader);
 //     upstream streams are require-leader, so a member that loses the cluster does not hold them.
+//
+// It owns the shared upstream keepalive streams and the routing of their replies; it must not renew a lease on its own,
+// nor touch the other Lease RPCs.
 package lease
 
 import (
@@ -25,7 +28,7 @@ import (
 	"io"
 	"time"
 
-	"github.com/etcdproxy/etcdproxy/overrides/internal/shared"
+	"github.com/etcdproxy/etcdproxy/overrides/internal/upstream"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
@@ -38,14 +41,14 @@ const maxOutstanding = 64
 // Lease is the LeaseKeepAlive override.
 type Lease struct {
 	pb.LeaseServer
-	groups *shared.Pool[*group] // one upstream stream per client credentials
+	groups *upstream.Pool[*group] // one upstream stream per client credentials
 }
 
 // New wraps base; upstream streams are opened on cc.
 func New(base pb.LeaseServer, cc grpc.ClientConnInterface, lg *zap.Logger) *Lease {
-	upstream := pb.NewLeaseClient(cc)
-	return &Lease{LeaseServer: base, groups: shared.NewPool(func(ctx context.Context, c shared.Creds) *group {
-		return &group{ctx: ctx, creds: c, upstream: upstream, logger: lg}
+	client := pb.NewLeaseClient(cc)
+	return &Lease{LeaseServer: base, groups: upstream.NewPool(func(ctx context.Context, c upstream.Creds) *group {
+		return &group{ctx: ctx, creds: c, upstream: client, logger: lg}
 	})}
 }
 
@@ -54,7 +57,7 @@ func (l *Lease) Close() { l.groups.Close() }
 
 // LeaseKeepAlive serves one client keepalive stream over a shared upstream stream.
 func (l *Lease) LeaseKeepAlive(ss grpc.BidiStreamingServer[pb.LeaseKeepAliveRequest, pb.LeaseKeepAliveResponse]) error {
-	creds := shared.CredsOf(ss.Context())
+	creds := upstream.CredsOf(ss.Context())
 	g, err := l.groups.Join(creds)
 	if err != nil {
 		return err
@@ -107,7 +110,7 @@ func (l *Lease) LeaseKeepAlive(ss grpc.BidiStreamingServer[pb.LeaseKeepAliveRequ
 				}
 			}
 		case <-g.ctx.Done():
-			return shared.ErrClosed
+			return upstream.ErrClosed
 		case <-ss.Context().Done():
 			return ss.Context().Err()
 		}

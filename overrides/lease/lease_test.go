@@ -18,8 +18,6 @@ import (
 
 func TestMain(m *testing.M) { proxytest.VerifyTestMain(m) }
 
-var timeout = proxytest.Timeout
-
 // etcdKeepAliveStreams is the number of LeaseKeepAlive streams open on etcd (gRPC's server metrics, which the
 // in-process members register).
 func etcdKeepAliveStreams(t *testing.T) float64 {
@@ -31,7 +29,7 @@ func etcdKeepAliveStreams(t *testing.T) float64 {
 // gets its own prompt reply with etcd's TTL (etcd's grpc-proxy answers only at its next refresh, up to TTL/3 later).
 func TestKeepAliveShared(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
-	ctx := timeout(t, 60*time.Second)
+	ctx := proxytest.Timeout(t, 60*time.Second)
 	const streams, perStream, ttl = 10, 100, 60
 	var ids []int64
 	for i := 0; i < streams*perStream; i++ {
@@ -104,7 +102,7 @@ func TestKeepAliveShared(t *testing.T) {
 // after the last heartbeat a client sent (etcd's grpc-proxy: a 4s lease lived 7.5s after the last heartbeat).
 func TestExpiryAfterLastHeartbeat(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
-	ctx := timeout(t, 30*time.Second)
+	ctx := proxytest.Timeout(t, 30*time.Second)
 	const ttl = 3
 	lease, err := pb.NewLeaseClient(e.Direct).LeaseGrant(ctx, &pb.LeaseGrantRequest{TTL: ttl})
 	if err != nil {
@@ -182,7 +180,7 @@ func TestExpiryAfterLastHeartbeat(t *testing.T) {
 // key), the client's stream ends with etcd's own status, not Canceled; other clients are not affected.
 func TestKeepAliveErrorStatus(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
-	ctx := timeout(t, 30*time.Second)
+	ctx := proxytest.Timeout(t, 30*time.Second)
 	proxytest.EnableAuth(t, ctx, e.Direct, "r", proxytest.User{Name: "bob", Password: "b", ReadFrom: "x"})
 	must := func(_ any, err error) {
 		t.Helper()
@@ -285,7 +283,7 @@ func cpuTime(t *testing.T) time.Duration {
 // its reply.
 func TestKeepAliveSurvivesMemberRestarts(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{Members: 3})
-	ctx := timeout(t, 90*time.Second)
+	ctx := proxytest.Timeout(t, 90*time.Second)
 	lease, err := pb.NewLeaseClient(e.Via).LeaseGrant(ctx, &pb.LeaseGrantRequest{TTL: 60})
 	if err != nil {
 		t.Fatal(err)

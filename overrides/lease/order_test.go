@@ -20,7 +20,7 @@ import (
 // a half-close after the last request.
 func TestKeepAliveRepliesBeforeError(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
-	ctx := timeout(t, 120*time.Second)
+	ctx := proxytest.Timeout(t, 120*time.Second)
 	must := func(_ any, err error) {
 		t.Helper()
 		if err != nil {

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/etcdproxy/etcdproxy/internal/proxytest"
+	"github.com/etcdproxy/etcdproxy/overrides"
 	"github.com/etcdproxy/etcdproxy/overrides/members"
 	"github.com/etcdproxy/etcdproxy/proxy"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
@@ -34,7 +35,7 @@ func startProxy(t *testing.T, e *proxytest.Env, o members.Options) string {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { up.Close() })
-	p := proxytest.ServeOn(t, proxy.Config{Upstream: up, Members: o}, l)
+	p := proxytest.ServeOn(t, proxy.Config{Upstream: up, Overrides: overrides.Config{Members: o}}, l)
 	proxytest.Eventually(t, 10*time.Second, p.HasLeader, "the proxy saw no leader")
 	return l.Addr().String()
 }

@@ -18,6 +18,9 @@
 //     the namespace can name it (it would be the empty key), and Range never returns it either.
 //   - response keys lose the prefix; a key attached to a lease (LeaseTimeToLive keys=true) outside the
 //     namespace is filtered out.
+//
+// It owns the mapping between a client's keys and etcd's, for every keyed RPC; it must not let a key outside the prefix
+// reach or leave a client, and must not mutate a response.
 package namespace
 
 import (

@@ -364,10 +364,10 @@ func collect(t *testing.T, ws pb.Watch_WatchClient, rev int64) map[int64][]strin
 func TestDifferential(t *testing.T) {
 	const prefix = "/t1/"
 	nsEnv := proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) {
-		c.Namespace = prefix
-		c.KVCache.AuthPoll = -1
+		c.Overrides.Namespace = prefix
+		c.Overrides.KVCache.AuthPoll = -1
 	}})
-	plain := proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) { c.KVCache.AuthPoll = -1 }})
+	plain := proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) { c.Overrides.KVCache.AuthPoll = -1 }})
 	ctx := proxytest.Timeout(t, 60*time.Second)
 	sides := []*grpc.ClientConn{nsEnv.Via, plain.Direct}
 	var streams []pb.Watch_WatchClient
@@ -476,9 +476,9 @@ func assertConfined(t *testing.T, ctx context.Context, direct *grpc.ClientConn, 
 // TestPrefixOfAnother: proxies with namespaces /t1/ and /t10/ on one etcd (the prefix end of /t1/ is /t10) never
 // see each other's keys, in any keyed service: KV, Watch, LeaseTimeToLive, Election, Lock.
 func TestPrefixOfAnother(t *testing.T) {
-	e := proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) { c.Namespace = "/t1/" }})
+	e := proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) { c.Overrides.Namespace = "/t1/" }})
 	ctx := proxytest.Timeout(t, 30*time.Second)
-	sides := map[string]*grpc.ClientConn{"/t1/": e.Via, "/t10/": e.AnotherProxy(t, func(c *proxy.Config) { c.Namespace = "/t10/" })}
+	sides := map[string]*grpc.ClientConn{"/t1/": e.Via, "/t10/": e.AnotherProxy(t, func(c *proxy.Config) { c.Overrides.Namespace = "/t10/" })}
 	watchers := map[string]pb.Watch_WatchClient{}
 	for p, cc := range sides {
 		ws, err := pb.NewWatchClient(cc).Watch(ctx)
@@ -632,7 +632,7 @@ func TestConfinedUser(t *testing.T) {
 		},
 		User: "p", Password: pw,
 		// The read cache off: its invalidation watch needs read permission on every key, which p lacks.
-		Proxy: func(c *proxy.Config) { c.Namespace, c.KVCache.MaxBytes = "/t1/", 0 },
+		Proxy: func(c *proxy.Config) { c.Overrides.Namespace, c.Overrides.KVCache.MaxBytes = "/t1/", 0 },
 	})
 	ctx := proxytest.As(t, proxytest.Timeout(t, 30*time.Second), e.Via, "u", pw)
 	ws, err := pb.NewWatchClient(e.Via).Watch(ctx)

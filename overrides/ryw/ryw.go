@@ -10,6 +10,9 @@
 // once the member has applied everything committed before it. A read at an explicit revision that the answering
 // member has not reached yet (etcd's "future revision" error) for a revision this proxy has acknowledged is treated
 // the same way.
+//
+// It owns the acknowledged revision (Tracker) and the re-reads of an answer that is behind; it must not answer a read
+// itself: every answer it returns is one the service below gave.
 package ryw
 
 import (

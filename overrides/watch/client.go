@@ -6,7 +6,7 @@ import (
 	"sync"
 	"sync/atomic"
 
-	"github.com/etcdproxy/etcdproxy/overrides/internal/shared"
+	"github.com/etcdproxy/etcdproxy/overrides/internal/upstream"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	"google.golang.org/grpc"
@@ -107,7 +107,7 @@ func (cs *clientStream) waitRoom() error {
 		case <-cs.ss.Context().Done():
 			return cs.ss.Context().Err()
 		case <-cs.h.ctx.Done():
-			return shared.ErrClosed
+			return upstream.ErrClosed
 		}
 	}
 }
@@ -270,7 +270,7 @@ func (cs *clientStream) create(req *pb.WatchCreateRequest) error {
 	case <-ctx.Done():
 		return ctx.Err()
 	case <-h.ctx.Done():
-		return shared.ErrClosed
+		return upstream.ErrClosed
 	}
 }
 

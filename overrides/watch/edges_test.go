@@ -64,10 +64,10 @@ func compact(t *testing.T, ctx context.Context, e *proxytest.Env, rev int64) {
 // watcher from an old revision, which the compaction may end.
 func TestFromNowSurvivesCompaction(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
-	ctx := timeout(t, 60*time.Second)
+	ctx := proxytest.Timeout(t, 60*time.Second)
 	for i := 0; i < 10; i++ {
 		key := fmt.Sprintf("now/%d", i)
-		put(t, ctx, e.Direct, key, "old")
+		proxytest.Put(t, ctx, e.Direct, key, "old")
 		// Another client catches up on the key from revision 1 (through the proxy only: its fate is etcd's race
 		// between the compaction and the catch-up, direct or not).
 		other := open(t, ctx, e.Via)
@@ -77,9 +77,9 @@ func TestFromNowSurvivesCompaction(t *testing.T) {
 		p.create(&pb.WatchCreateRequest{Key: []byte(key)})
 		p.same(t, "created from now")
 		// A write and a compaction at its revision, within etcd's 100 ms sync period of the creation.
-		compact(t, ctx, e, put(t, ctx, e.Direct, key, "a"))
+		compact(t, ctx, e, proxytest.Put(t, ctx, e.Direct, key, "a"))
 		p.same(t, "the write before the compaction")
-		put(t, ctx, e.Direct, key, "b")
+		proxytest.Put(t, ctx, e.Direct, key, "b")
 		p.same(t, "the write after the compaction, on a live watcher")
 	}
 }
@@ -89,7 +89,7 @@ func TestFromNowSurvivesCompaction(t *testing.T) {
 // TestWatchMultiWatcher).
 func TestFromNowOneResponsePerRevision(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
-	ctx := timeout(t, 60*time.Second)
+	ctx := proxytest.Timeout(t, 60*time.Second)
 	for i := 0; i < 5; i++ {
 		a, b := fmt.Sprintf("ord/%d/a", i), fmt.Sprintf("ord/%d/b", i)
 		p := openTwin(t, ctx, e)
@@ -98,8 +98,8 @@ func TestFromNowOneResponsePerRevision(t *testing.T) {
 		p.create(&pb.WatchCreateRequest{Key: []byte(b)})
 		p.same(t, "created b")
 		for j := 0; j < 3; j++ {
-			put(t, ctx, e.Direct, b, fmt.Sprint(j))
-			put(t, ctx, e.Direct, a, fmt.Sprint(j))
+			proxytest.Put(t, ctx, e.Direct, b, fmt.Sprint(j))
+			proxytest.Put(t, ctx, e.Direct, a, fmt.Sprint(j))
 		}
 		for j := 0; j < 6; j++ {
 			p.same(t, fmt.Sprintf("round %d, response %d", i, j))
@@ -111,13 +111,13 @@ func TestFromNowOneResponsePerRevision(t *testing.T) {
 // watches the same range from now through the proxy.
 func TestCompactedStart(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
-	ctx := timeout(t, 60*time.Second)
+	ctx := proxytest.Timeout(t, 60*time.Second)
 	live := open(t, ctx, e.Via)
 	live.create(&pb.WatchCreateRequest{Key: []byte("cmp")})
 	live.next()
-	first := put(t, ctx, e.Direct, "elsewhere", "1")
-	rev := put(t, ctx, e.Direct, "elsewhere", "2")
-	rev = put(t, ctx, e.Direct, "elsewhere", "3")
+	first := proxytest.Put(t, ctx, e.Direct, "elsewhere", "1")
+	rev := proxytest.Put(t, ctx, e.Direct, "elsewhere", "2")
+	rev = proxytest.Put(t, ctx, e.Direct, "elsewhere", "3")
 	compact(t, ctx, e, rev)
 	p := openTwin(t, ctx, e)
 	p.create(&pb.WatchCreateRequest{Key: []byte("cmp"), StartRevision: first})
@@ -130,7 +130,7 @@ func TestCompactedStart(t *testing.T) {
 	p.same(t, "cancel of the compacted watcher")
 	p.create(&pb.WatchCreateRequest{Key: []byte("cmp"), StartRevision: rev})
 	p.same(t, "created at the compacted revision")
-	put(t, ctx, e.Direct, "cmp", "x")
+	proxytest.Put(t, ctx, e.Direct, "cmp", "x")
 	p.same(t, "its event")
 }
 
@@ -138,7 +138,7 @@ func TestCompactedStart(t *testing.T) {
 // the id the refused one would have had.
 func TestRefusedCreateUsesNoID(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
-	ctx := timeout(t, 60*time.Second)
+	ctx := proxytest.Timeout(t, 60*time.Second)
 	p := openTwin(t, ctx, e)
 	p.create(&pb.WatchCreateRequest{Key: []byte("a")})
 	p.same(t, "created 0")
@@ -153,7 +153,7 @@ func TestRefusedCreateUsesNoID(t *testing.T) {
 // TestRefusedCreateUsesNoIDWithAuth: the same for a create refused for lack of permission.
 func TestRefusedCreateUsesNoIDWithAuth(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
-	ctx := timeout(t, 60*time.Second)
+	ctx := proxytest.Timeout(t, 60*time.Second)
 	proxytest.EnableAuth(t, ctx, e.Direct, "r", proxytest.User{Name: "al", Password: "a", ReadFrom: "a"})
 	as := proxytest.As(t, ctx, e.Direct, "al", "a")
 	p := twin{open(t, as, e.Direct), open(t, as, e.Via)}
@@ -176,8 +176,8 @@ func withProgressInterval(t *testing.T, d time.Duration) {
 func TestProgressNotify(t *testing.T) {
 	withProgressInterval(t, 300*time.Millisecond)
 	e := proxytest.Start(t, proxytest.Options{})
-	ctx := timeout(t, 60*time.Second)
-	cur := put(t, ctx, e.Direct, "pn/a", "0")
+	ctx := proxytest.Timeout(t, 60*time.Second)
+	cur := proxytest.Put(t, ctx, e.Direct, "pn/a", "0")
 
 	future := openTwin(t, ctx, e)
 	future.create(&pb.WatchCreateRequest{Key: []byte("pn/a"), StartRevision: cur + 1000, ProgressNotify: true})
@@ -243,7 +243,7 @@ func TestProgressNotify(t *testing.T) {
 // splits exactly where etcd does, whatever etcd's limit.
 func TestFragmentAtEtcdsLimit(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{Configure: func(c *embed.Config) { c.MaxRequestBytes = 3 << 20 }})
-	ctx := timeout(t, 60*time.Second)
+	ctx := proxytest.Timeout(t, 60*time.Second)
 	value := string(bytes.Repeat([]byte{'o'}, 20<<10))
 	p := openTwin(t, ctx, e)
 	p.create(&pb.WatchCreateRequest{Key: []byte("fr/"), RangeEnd: []byte("fr0"), Fragment: true, PrevKv: true})
@@ -305,7 +305,7 @@ func TestFragmentAtEtcdsLimit(t *testing.T) {
 // control, as with etcd, instead of growing the proxy's queues.
 func TestClientThatNeverReads(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
-	ctx := timeout(t, 60*time.Second)
+	ctx := proxytest.Timeout(t, 60*time.Second)
 	sent := func(target string) (func() int64, context.CancelFunc) {
 		ctx, cancel := context.WithCancel(ctx)
 		cc := proxytest.Conn(t, target)
@@ -364,9 +364,9 @@ func TestPlainWatchWithoutLeader(t *testing.T) {
 		// The proxy talks to m0 only, the member left alone.
 		Upstream: func(c *embedetcd.Cluster) []string { return c.Endpoints()[:1] },
 	})
-	ctx := timeout(t, 90*time.Second)
-	first := put(t, ctx, e.Direct, "nl", "1")
-	put(t, ctx, e.Direct, "nl", "2")
+	ctx := proxytest.Timeout(t, 90*time.Second)
+	first := proxytest.Put(t, ctx, e.Direct, "nl", "1")
+	proxytest.Put(t, ctx, e.Direct, "nl", "2")
 	for _, m := range e.Cluster.Members[1:] {
 		m.Stop()
 	}
@@ -395,7 +395,7 @@ func TestPlainWatchWithoutLeader(t *testing.T) {
 		}
 	}
 	proxytest.Eventually(t, 20*time.Second, e.Proxy.HasLeader, "the proxy saw no leader after quorum came back")
-	put(t, ctx, e.Direct, "nl", "3")
+	proxytest.Put(t, ctx, e.Direct, "nl", "3")
 	p.same(t, "the write after the leader came back")
 	p.quiet(300 * time.Millisecond)
 }
@@ -406,7 +406,7 @@ func TestPlainWatchWithoutLeader(t *testing.T) {
 // reach etcd in time. Neither happens: created responses wait for etcd's, and cancels are sent at once.)
 func TestWatchCancelOnServer(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
-	ctx := timeout(t, 60*time.Second)
+	ctx := proxytest.Timeout(t, 60*time.Second)
 	client := proxytest.Client(t, e.ProxyAddr)
 	// As etcd's test does: require-leader watches until one is created, each cancelled at once.
 	for {
@@ -442,7 +442,7 @@ func TestWatchCancelOnServer(t *testing.T) {
 func TestExpiredTokenAfterReconnect(t *testing.T) {
 	const ttl = 2 // seconds
 	e := proxytest.Start(t, proxytest.Options{Configure: func(c *embed.Config) { c.AuthTokenTTL = ttl }})
-	ctx := timeout(t, 90*time.Second)
+	ctx := proxytest.Timeout(t, 90*time.Second)
 	proxytest.EnableAuth(t, ctx, e.Direct, "r", proxytest.User{Name: "al", Password: "a", ReadFrom: "tok"})
 	member := e.Cluster.Members[0]
 	watches := map[string]clientv3.WatchChan{}
@@ -481,7 +481,7 @@ func TestExpiredTokenAfterReconnect(t *testing.T) {
 // etcd's own client connection, and is answered once etcd is back.
 func TestCreateWhileEtcdDown(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
-	ctx := timeout(t, 90*time.Second)
+	ctx := proxytest.Timeout(t, 90*time.Second)
 	s := open(t, ctx, e.Via)
 	s.create(&pb.WatchCreateRequest{Key: []byte("early")})
 	s.next()
@@ -502,7 +502,7 @@ func TestCreateWhileEtcdDown(t *testing.T) {
 	if r := s.next(); !r.Created || r.WatchId != 1 {
 		t.Fatalf("created once etcd was back: %v", r)
 	}
-	rev := put(t, ctx, e.Direct, "down", "v")
+	rev := proxytest.Put(t, ctx, e.Direct, "down", "v")
 	if r := s.next(); len(r.Events) != 1 || r.WatchId != 1 || r.Events[0].Kv.ModRevision != rev {
 		t.Fatalf("the put after etcd came back: %v", r)
 	}

@@ -10,13 +10,10 @@ import (
 	"sync"
 	"time"
 
-	"github.com/etcdproxy/etcdproxy/overrides/internal/shared"
 	"github.com/etcdproxy/etcdproxy/overrides/internal/upstream"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
-	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/metadata"
 )
 
 // A hub holds everything the proxy watches on behalf of clients with one identity (etcd grpc-proxy's
@@ -29,8 +26,8 @@ import (
 type hub struct {
 	w      *Watch
 	ctx    context.Context // cancelled when the last client stream leaves
-	md     metadata.MD     // the clients' credentials, for upstream calls
-	authed bool            // md is not empty: etcd checks permissions on what the hub asks
+	creds  upstream.Creds  // the clients' credentials, for upstream calls
+	authed bool            // creds are not empty: etcd checks permissions on what the hub asks
 	revs   *revisions
 
 	mu        sync.Mutex
@@ -65,11 +62,11 @@ type rangeKey struct {
 	noPut, noDelete bool
 }
 
-func newHub(ctx context.Context, w *Watch, c shared.Creds) *hub {
-	h := &hub{w: w, ctx: ctx, md: c.MD(), ranges: map[rangeKey]*broadcasts{}, byID: map[int64]*broadcast{},
+func newHub(ctx context.Context, w *Watch, c upstream.Creds) *hub {
+	h := &hub{w: w, ctx: ctx, creds: c, ranges: map[rangeKey]*broadcasts{}, byID: map[int64]*broadcast{},
 		kick: make(chan struct{}, 1)}
-	h.revs = newRevisions(w.cc, h.md)
-	h.authed = len(h.md) > 0
+	h.revs = newRevisions(w.cc, c)
+	h.authed = c != upstream.Creds{}
 	return h
 }
 
@@ -111,10 +108,8 @@ var errLeaderFound = errors.New("the cluster has a leader again: the upstream wa
 func (h *hub) serve() error {
 	ctx, cancel := context.WithCancelCause(h.ctx)
 	defer cancel(nil)
-	md := h.md.Copy()
-	if h.w.leader.HasLeader() {
-		md.Set(rpctypes.MetadataRequireLeaderKey, rpctypes.MetadataHasLeader)
-	} else {
+	requireLeader := h.w.leader.HasLeader()
+	if !requireLeader {
 		found := h.w.leader.Found()
 		go func() {
 			select {
@@ -124,7 +119,7 @@ func (h *hub) serve() error {
 			}
 		}()
 	}
-	stream, err := h.w.upstream.Watch(metadata.NewOutgoingContext(ctx, md))
+	stream, err := h.w.upstream.Watch(h.creds.Outgoing(ctx, requireLeader))
 	if err != nil {
 		if cause := context.Cause(ctx); errors.Is(cause, errLeaderFound) {
 			return cause
@@ -432,7 +427,7 @@ func (h *hub) currentForCreate(ctx context.Context) (*pb.ResponseHeader, error) 
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		case <-h.ctx.Done():
-			return nil, shared.ErrClosed
+			return nil, upstream.ErrClosed
 		case <-time.After(backoff):
 		}
 		backoff = min(2*backoff, retry.Max)

@@ -5,9 +5,9 @@ import (
 	"sync"
 	"time"
 
+	"github.com/etcdproxy/etcdproxy/overrides/internal/upstream"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/metadata"
 )
 
 // revisions answers "what is etcd's current revision?" with a header etcd filled, for the created and cancel
@@ -19,7 +19,7 @@ import (
 // after it asked, so the revision is at least that of every write acknowledged before it asked.
 type revisions struct {
 	status func(context.Context, *pb.StatusRequest, ...grpc.CallOption) (*pb.StatusResponse, error)
-	md     metadata.MD // the hub's credentials
+	creds  upstream.Creds // the hub's
 
 	// mu protects inflight and next.
 	mu       sync.Mutex
@@ -36,8 +36,8 @@ type round struct {
 	err  error
 }
 
-func newRevisions(cc grpc.ClientConnInterface, md metadata.MD) *revisions {
-	return &revisions{status: pb.NewMaintenanceClient(cc).Status, md: md}
+func newRevisions(cc grpc.ClientConnInterface, c upstream.Creds) *revisions {
+	return &revisions{status: pb.NewMaintenanceClient(cc).Status, creds: c}
 }
 
 // current returns a header whose revision is etcd's current revision, read after the call began.
@@ -66,7 +66,7 @@ func (r *revisions) current(ctx context.Context) (*pb.ResponseHeader, error) {
 
 // run performs round rd, then starts the round that filled up meanwhile, if any.
 func (r *revisions) run(rd *round) {
-	ctx, cancel := context.WithTimeout(metadata.NewOutgoingContext(context.Background(), r.md), statusTimeout)
+	ctx, cancel := context.WithTimeout(r.creds.Outgoing(context.Background(), false), statusTimeout)
 	resp, err := r.status(ctx, &pb.StatusRequest{})
 	cancel()
 	if err == nil {

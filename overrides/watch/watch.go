@@ -19,12 +19,15 @@
 // Identity: etcd checks a watch against the caller's token when it is created, so upstream streams and broadcasts
 // are shared only by callers with the same credentials (token and authorization metadata). With auth off, all
 // clients share.
+//
+// It owns the upstream watch streams it shares and every client Watch stream; it must not hand a client watcher
+// anything etcd would not have sent it (an event out of order, a duplicate, an event of another identity's watch).
 package watch
 
 import (
 	"context"
 
-	"github.com/etcdproxy/etcdproxy/overrides/internal/shared"
+	"github.com/etcdproxy/etcdproxy/overrides/internal/upstream"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
@@ -50,7 +53,7 @@ type Watch struct {
 	leader   Leader
 	logger   *zap.Logger
 	opts     Options
-	hubs     *shared.Pool[*hub] // one per client credentials
+	hubs     *upstream.Pool[*hub] // one per client credentials
 }
 
 // Leader is what the coalescer needs to know of the cluster's leader (leader.Tracker).
@@ -68,7 +71,7 @@ func New(base pb.WatchServer, cc grpc.ClientConnInterface, ld Leader, lg *zap.Lo
 		opts.QueueLen = 1024
 	}
 	w := &Watch{WatchServer: base, cc: cc, upstream: pb.NewWatchClient(cc), leader: ld, logger: lg, opts: opts}
-	w.hubs = shared.NewPool(func(ctx context.Context, c shared.Creds) *hub { return newHub(ctx, w, c) })
+	w.hubs = upstream.NewPool(func(ctx context.Context, c upstream.Creds) *hub { return newHub(ctx, w, c) })
 	return w
 }
 
@@ -77,7 +80,7 @@ func (w *Watch) Close() { w.hubs.Close() }
 
 // Watch serves one client Watch stream.
 func (w *Watch) Watch(ss grpc.BidiStreamingServer[pb.WatchRequest, pb.WatchResponse]) error {
-	creds := shared.CredsOf(ss.Context())
+	creds := upstream.CredsOf(ss.Context())
 	h, err := w.hubs.Join(creds)
 	if err != nil {
 		return err
@@ -101,7 +104,7 @@ func (w *Watch) Watch(ss grpc.BidiStreamingServer[pb.WatchRequest, pb.WatchRespo
 			received = nil // half-closed: keep delivering, as etcd does
 			continue
 		case <-h.ctx.Done():
-			return shared.ErrClosed
+			return upstream.ErrClosed
 		case <-ss.Context().Done():
 			return ss.Context().Err()
 		case <-cs.aborted:

@@ -21,8 +21,6 @@ import (
 
 func TestMain(m *testing.M) { proxytest.VerifyTestMain(m) }
 
-var timeout = proxytest.Timeout
-
 // stream is a client Watch stream with a background reader.
 type stream struct {
 	t    *testing.T
@@ -85,15 +83,6 @@ func (s *stream) quiet(d time.Duration) {
 	}
 }
 
-func put(t *testing.T, ctx context.Context, cc *grpc.ClientConn, key, value string) int64 {
-	t.Helper()
-	r, err := pb.NewKVClient(cc).Put(ctx, &pb.PutRequest{Key: []byte(key), Value: []byte(value)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return r.Header.Revision
-}
-
 func upstreamWatchers(t *testing.T) float64 {
 	return proxytest.Gauge(t, "etcd_debugging_mvcc_watcher_total")
 }
@@ -122,7 +111,7 @@ func brief(r *pb.WatchResponse) string {
 // streams or one at a time, and each gets the event.
 func TestCoalescing(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
-	ctx := timeout(t, 120*time.Second)
+	ctx := proxytest.Timeout(t, 120*time.Second)
 	base := upstreamWatchers(t)
 	const streams, per = 10, 100
 
@@ -158,7 +147,7 @@ func TestCoalescing(t *testing.T) {
 		t.Errorf("etcd has %v watchers for %d client watchers, want 1", got, 2*streams*per)
 	}
 
-	rev := put(t, ctx, e.Direct, "hot", "v")
+	rev := proxytest.Put(t, ctx, e.Direct, "hot", "v")
 	for _, s := range append(burst, serial) {
 		seen := map[int64]bool{}
 		n := per
@@ -179,9 +168,9 @@ func TestCoalescing(t *testing.T) {
 // compares every response.
 func TestSemantics(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
-	ctx := timeout(t, 60*time.Second)
+	ctx := proxytest.Timeout(t, 60*time.Second)
 	for i := 1; i <= 5; i++ {
-		put(t, ctx, e.Direct, "s/a", fmt.Sprint(i))
+		proxytest.Put(t, ctx, e.Direct, "s/a", fmt.Sprint(i))
 	}
 	type pair struct{ d, v *stream }
 	both := func() pair { return pair{open(t, ctx, e.Direct), open(t, ctx, e.Via)} }
@@ -219,7 +208,7 @@ func TestSemantics(t *testing.T) {
 	step(p, "duplicate id on a from-key range", &pb.WatchCreateRequest{Key: []byte("s/b"), RangeEnd: []byte{0}, WatchId: 7})
 	step(p, "auto id after a chosen one", &pb.WatchCreateRequest{Key: []byte("s/"), RangeEnd: []byte("s0"),
 		Filters: []pb.WatchCreateRequest_FilterType{pb.WatchCreateRequest_NODELETE}, PrevKv: true})
-	cur := put(t, ctx, e.Direct, "s/a", "6")
+	cur := proxytest.Put(t, ctx, e.Direct, "s/a", "6")
 	recvBoth(p, "a put", 2)
 	step(p, "future start", &pb.WatchCreateRequest{Key: []byte("s/a"), StartRevision: cur + 2, WatchId: 9})
 	// etcd answers no progress request while a watcher of the stream starts in the future.
@@ -228,9 +217,9 @@ func TestSemantics(t *testing.T) {
 	p.v.send(progressReq)
 	p.d.quiet(100 * time.Millisecond)
 	p.v.quiet(100 * time.Millisecond)
-	put(t, ctx, e.Direct, "s/a", "7")
+	proxytest.Put(t, ctx, e.Direct, "s/a", "7")
 	recvBoth(p, "the put before the future start", 2)
-	put(t, ctx, e.Direct, "s/a", "8")
+	proxytest.Put(t, ctx, e.Direct, "s/a", "8")
 	recvBoth(p, "the put at the future start", 3)
 	if _, err := pb.NewKVClient(e.Direct).DeleteRange(ctx, &pb.DeleteRangeRequest{Key: []byte("s/a")}); err != nil {
 		t.Fatal(err)
@@ -241,15 +230,15 @@ func TestSemantics(t *testing.T) {
 
 	// A watcher created with rev=0 right after a put does not see that put.
 	q := both()
-	put(t, ctx, e.Direct, "s/b", "before")
+	proxytest.Put(t, ctx, e.Direct, "s/b", "before")
 	step(q, "rev=0 after a put", &pb.WatchCreateRequest{Key: []byte("s/b")})
-	put(t, ctx, e.Direct, "s/b", "after")
+	proxytest.Put(t, ctx, e.Direct, "s/b", "after")
 	recvBoth(q, "only the later put", 1)
 
 	// Fragments: deleting 120 keys of 20 KiB in one request gives one response of 2.4 MiB with the previous
 	// values, over etcd's 2 MiB limit (1.5 MiB max request bytes + 512 KiB), so etcd (and the proxy) split it.
 	for i := 0; i < 120; i++ {
-		put(t, ctx, e.Direct, fmt.Sprintf("f/%03d", i), string(bytes.Repeat([]byte{'o'}, 20<<10)))
+		proxytest.Put(t, ctx, e.Direct, fmt.Sprintf("f/%03d", i), string(bytes.Repeat([]byte{'o'}, 20<<10)))
 	}
 	f := both()
 	step(f, "fragmenting watcher", &pb.WatchCreateRequest{Key: []byte("f/"), RangeEnd: []byte("f0"), Fragment: true, PrevKv: true})
@@ -288,8 +277,8 @@ func TestSemantics(t *testing.T) {
 // TestSlowConsumer: a client that stops reading never stalls the others and, once it reads again, gets every
 // event exactly once, in order.
 func TestSlowConsumer(t *testing.T) {
-	e := proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) { c.Watch = watch.Options{QueueLen: 8} }})
-	ctx := timeout(t, 120*time.Second)
+	e := proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) { c.Overrides.Watch = watch.Options{QueueLen: 8} }})
+	ctx := proxytest.Timeout(t, 120*time.Second)
 	slowCtx, stopSlow := context.WithCancel(ctx)
 	defer stopSlow()
 	// The slow client reads nothing until the writes are done: gRPC flow control fills, then the proxy's queue.
@@ -312,7 +301,7 @@ func TestSlowConsumer(t *testing.T) {
 	value := string(bytes.Repeat([]byte{'v'}, 8<<10)) // 300 × 8 KiB: well past gRPC's flow-control window
 	var revs []int64
 	for i := 0; i < n; i++ {
-		revs = append(revs, put(t, ctx, e.Direct, "slow", value))
+		revs = append(revs, proxytest.Put(t, ctx, e.Direct, "slow", value))
 		// The fast client keeps up, whatever the slow one does.
 		r := fast.next()
 		if len(r.Events) != 1 || r.Events[0].Kv.ModRevision != revs[i] {
@@ -341,7 +330,7 @@ func TestSlowConsumer(t *testing.T) {
 // members restart one after another under a stream of writes.
 func TestMemberRestarts(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{Members: 3})
-	ctx := timeout(t, 120*time.Second)
+	ctx := proxytest.Timeout(t, 120*time.Second)
 	const per = 10
 	ss := openWatchers(t, ctx, e.Via, "r/", 10, per)
 	stop := make(chan struct{})
@@ -454,7 +443,7 @@ func allAt(seen map[int64]int64, rev int64) bool {
 // etcd does. Coalescing still happens once etcd has accepted the watcher.
 func TestAuthChecksEveryWatcher(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
-	ctx := timeout(t, 60*time.Second)
+	ctx := proxytest.Timeout(t, 60*time.Second)
 	proxytest.EnableAuth(t, ctx, e.Direct, "r", proxytest.User{Name: "al", Password: "a", ReadFrom: "a", ReadTo: "b"})
 	must := func(_ any, err error) {
 		t.Helper()
@@ -492,7 +481,7 @@ func TestAuthChecksEveryWatcher(t *testing.T) {
 // gets the event.
 func TestTenThousandOnOneStream(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
-	ctx := timeout(t, 120*time.Second)
+	ctx := proxytest.Timeout(t, 120*time.Second)
 	base := upstreamWatchers(t)
 	s := open(t, ctx, e.Via)
 	const n = 10000
@@ -507,7 +496,7 @@ func TestTenThousandOnOneStream(t *testing.T) {
 	if got := upstreamWatchers(t) - base; got != 1 {
 		t.Errorf("etcd has %v watchers for %d client watchers on one stream, want 1", got, n)
 	}
-	rev := put(t, ctx, e.Direct, "ten", "v")
+	rev := proxytest.Put(t, ctx, e.Direct, "ten", "v")
 	seen := make(map[int64]bool, n)
 	for i := 0; i < n; i++ {
 		r := s.next()
@@ -522,7 +511,7 @@ func TestTenThousandOnOneStream(t *testing.T) {
 // them at once, the others keep receiving everything, and etcd's watcher count returns to where it was.
 func TestDisconnectDuringFanOut(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
-	ctx := timeout(t, 60*time.Second)
+	ctx := proxytest.Timeout(t, 60*time.Second)
 	base := upstreamWatchers(t)
 	stay := open(t, ctx, e.Via)
 	stay.create(&pb.WatchCreateRequest{Key: []byte("d/"), RangeEnd: []byte("d0")})
@@ -539,7 +528,7 @@ func TestDisconnectDuringFanOut(t *testing.T) {
 	}
 	var revs []int64
 	for i := 0; i < 50; i++ {
-		revs = append(revs, put(t, ctx, e.Direct, fmt.Sprint("d/", i%5), "v"))
+		revs = append(revs, proxytest.Put(t, ctx, e.Direct, fmt.Sprint("d/", i%5), "v"))
 		if i == 20 {
 			for _, cancel := range cancels {
 				cancel()
@@ -562,8 +551,8 @@ func TestDisconnectDuringFanOut(t *testing.T) {
 // TestCompactionDuringCatchUp: a slow client's watcher catching up from a revision that a compaction has since
 // removed ends with etcd's compacted response, as etcd ends a slow watcher; the fast client is not affected.
 func TestCompactionDuringCatchUp(t *testing.T) {
-	e := proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) { c.Watch = watch.Options{QueueLen: 4} }})
-	ctx := timeout(t, 60*time.Second)
+	e := proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) { c.Overrides.Watch = watch.Options{QueueLen: 4} }})
+	ctx := proxytest.Timeout(t, 60*time.Second)
 	slowCtx, stopSlow := context.WithCancel(ctx)
 	defer stopSlow()
 	slowWS, err := pb.NewWatchClient(e.Via).Watch(slowCtx)
@@ -582,7 +571,7 @@ func TestCompactionDuringCatchUp(t *testing.T) {
 	value := string(bytes.Repeat([]byte{'v'}, 8<<10))
 	var last int64
 	for i := 0; i < 200; i++ {
-		last = put(t, ctx, e.Direct, "cc", value)
+		last = proxytest.Put(t, ctx, e.Direct, "cc", value)
 		if r := fast.next(); r.Events[0].Kv.ModRevision != last {
 			t.Fatalf("fast client: %v", r)
 		}
@@ -628,7 +617,7 @@ func TestPartitionedMember(t *testing.T) {
 		// The proxy talks to m0 and m1 only, so its upstream stream is on a member that gets partitioned.
 		Upstream: func(c *embedetcd.Cluster) []string { return c.Endpoints()[:2] },
 	})
-	ctx := timeout(t, 120*time.Second)
+	ctx := proxytest.Timeout(t, 120*time.Second)
 	const per = 10
 	ss := openWatchers(t, ctx, e.Via, "p/", 10, per)
 	stop := make(chan struct{})

@@ -4,6 +4,8 @@
 //
 // etcd's files import gogoproto (before 3.7), google.api annotations and openapiv2 options, none of which matter
 // for what is compared: those imports and every custom option are dropped before compiling.
+//
+// It reads only: it changes nothing in the repository and is not part of the etcdproxy binary.
 package main
 
 import (

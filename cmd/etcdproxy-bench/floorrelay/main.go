@@ -6,6 +6,8 @@
 //
 // It takes the arguments the benchmark gives a proxy: `floorrelay start --endpoints=HOST:PORT --listen-addr=HOST:PORT
 // [--data-dir=...]` (the first endpoint is used, the data directory ignored), and `floorrelay version`.
+//
+// It must not grow any logic: anything it did would raise the floor it measures.
 package main
 
 import "github.com/etcdproxy/etcdproxy/cmd/etcdproxy-bench/internal/floor"

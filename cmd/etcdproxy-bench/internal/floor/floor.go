@@ -2,6 +2,8 @@
 // passes messages through as bytes, the relay of one call to etcd, and their command line (the arguments the
 // benchmark gives a proxy). Neither device is a proxy: each is the least a gRPC-Go server can do for a call, so
 // that what etcdproxy costs above it can be read on the machine the benchmark runs on.
+//
+// It must not gain logic beyond those: anything it did would raise the floor.
 package floor
 
 import (

@@ -1,46 +1,11 @@
-// Package shared holds what the overrides that share upstream streams between clients have in common: the
-// credentials that decide who may share, and a pool that keeps one shared upstream per credentials while clients
-// use it.
-package shared
+package upstream
 
 import (
 	"context"
 	"sync"
 
 	"github.com/etcdproxy/etcdproxy/internal/stream"
-	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
-	"google.golang.org/grpc/metadata"
 )
-
-// Creds are the credentials etcd checks a call against: the auth token and the authorization metadata. Clients
-// with equal Creds may share an upstream stream; etcd checks what travels on it against those credentials.
-type Creds struct {
-	Token, Authorization string
-}
-
-// CredsOf returns the credentials of the client call whose server context is ctx.
-func CredsOf(ctx context.Context) Creds {
-	// Two lookups rather than metadata.FromIncomingContext, which copies every key: this runs on every cache hit.
-	first := func(k string) string {
-		if v := metadata.ValueFromIncomingContext(ctx, k); len(v) > 0 {
-			return v[0]
-		}
-		return ""
-	}
-	return Creds{Token: first(rpctypes.TokenFieldNameGRPC), Authorization: first("authorization")}
-}
-
-// MD returns c as outgoing metadata, for upstream calls made on behalf of its clients.
-func (c Creds) MD() metadata.MD {
-	md := metadata.MD{}
-	if c.Token != "" {
-		md.Set(rpctypes.TokenFieldNameGRPC, c.Token)
-	}
-	if c.Authorization != "" {
-		md.Set("authorization", c.Authorization)
-	}
-	return md
-}
 
 // ErrClosed is what a client stream gets when the proxy shuts its shared streams down: the server's own error.
 var ErrClosed = stream.ErrShuttingDown

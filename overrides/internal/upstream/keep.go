@@ -1,7 +1,8 @@
-// Package upstream keeps the overrides' long-lived upstream streams open: the one retry loop used by the leader
-// probe, the watch hub, the lease keepalive group and the read cache's invalidation watch, so that a reconnect
-// fix is made once. It owns the loop and its backoff only; what a stream does, and what its end means, stay with
-// its override.
+// Package upstream owns how the overrides' long-lived upstream streams (the leader probe, the watch hub, the lease
+// keepalive group, the read cache's invalidation watch) are opened and kept: on whose credentials (Creds, and the
+// outgoing metadata with require-leader), shared by the clients with the same credentials (Pool), and reopened by
+// one retry loop with backoff (Keep), so that a reconnect or credentials fix is made once. It must not know what
+// a stream carries or what its end means: those, and each stream's metrics, stay with its override.
 package upstream
 
 import (
