@@ -42,12 +42,15 @@ type proxyProcess struct {
 // cacheStats are the proxy's read-cache counters (its /metrics).
 type cacheStats struct {
 	hits, misses, authPolls float64
+	linHits, barriers       float64 // linearizable reads answered from the cache, and the barrier reads sent for them
 }
 
 func (s *cacheStats) add(o cacheStats) {
 	s.hits += o.hits
 	s.misses += o.misses
 	s.authPolls += o.authPolls
+	s.linHits += o.linHits
+	s.barriers += o.barriers
 }
 
 // startProxy starts the binary on addr.
@@ -171,6 +174,10 @@ func (p *proxyProcess) scrape() (cacheStats, error) {
 			s.misses += v
 		case "etcdproxy_kvcache_auth_polls_total":
 			s.authPolls += v
+		case "etcdproxy_kvcache_linearizable_hits_total":
+			s.linHits += v
+		case "etcdproxy_kvcache_linearizable_batches_total":
+			s.barriers += v
 		}
 	}
 	return s, sc.Err()

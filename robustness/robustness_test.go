@@ -216,6 +216,7 @@ func TestRobustnessThroughProxy(t *testing.T) {
 			line += fmt.Sprintf(" serializable-reads=%d cache-hits=%.0f cache-misses=%.0f",
 				s.serializable, s.cache.hits, s.cache.misses)
 		}
+		line += fmt.Sprintf(" linearizable-cache-hits=%.0f barriers=%.0f", s.cache.linHits, s.cache.barriers)
 		line += fmt.Sprintf(" auth-status-dropped=%d", s.authStatus)
 		line += fmt.Sprintf(" fault-time=%s time=%s result=%s", s.faultTime.Round(100*time.Millisecond), s.duration.Round(100*time.Millisecond), result)
 		if !ok {
@@ -228,8 +229,9 @@ func TestRobustnessThroughProxy(t *testing.T) {
 		total.serializable += s.serializable
 		total.cache.add(s.cache)
 	}
-	t.Logf("total: histories=%d passed=%d operations=%d (failed %d) watch-events=%d serializable-reads=%d cache-hits=%.0f violations=%d inconclusive=%d errors=%d",
-		*histories, passed, total.operations, total.failed, total.watchEvents, total.serializable, total.cache.hits, violations, inconclusive, errs)
+	t.Logf("total: histories=%d passed=%d operations=%d (failed %d) watch-events=%d serializable-reads=%d cache-hits=%.0f linearizable-cache-hits=%.0f barriers=%.0f violations=%d inconclusive=%d errors=%d",
+		*histories, passed, total.operations, total.failed, total.watchEvents, total.serializable, total.cache.hits,
+		total.cache.linHits, total.cache.barriers, violations, inconclusive, errs)
 }
 
 // runHistory is one history: etcd's testRobustness (v3.7.3), with the proxy in front of the cluster.
