@@ -281,30 +281,7 @@ func (inv *invalidator) once() error {
 	}()
 	go func() {
 		defer close(sender)
-		req := &pb.WatchRequest{RequestUnion: &pb.WatchRequest_ProgressRequest{ProgressRequest: &pb.WatchProgressRequest{}}}
-		retry := time.NewTimer(progressRetry)
-		defer retry.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-inv.progress:
-			}
-			select {
-			case <-inv.answered: // an answer to an earlier request, not to this one
-			default:
-			}
-			if ws.Send(req) != nil {
-				return // the stream has failed: Recv says why
-			}
-			retry.Reset(progressRetry)
-			select {
-			case <-ctx.Done():
-				return
-			case <-inv.answered:
-			case <-retry.C:
-			}
-		}
+		inv.sendProgress(ctx, ws)
 	}()
 	for {
 		resp, err := ws.Recv()
@@ -330,6 +307,36 @@ func (inv *invalidator) once() error {
 				default:
 				}
 			}
+		}
+	}
+}
+
+// sendProgress sends the progress requests of linearizable reads (reach) on ws, one outstanding at a time: the next
+// once the last is answered, or after progressRetry (etcd drops a request while a watcher of the stream is
+// unsynced). It returns when ctx ends or a send fails (Recv then says why).
+func (inv *invalidator) sendProgress(ctx context.Context, ws pb.Watch_WatchClient) {
+	req := &pb.WatchRequest{RequestUnion: &pb.WatchRequest_ProgressRequest{ProgressRequest: &pb.WatchProgressRequest{}}}
+	retry := time.NewTimer(progressRetry)
+	defer retry.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-inv.progress:
+		}
+		select {
+		case <-inv.answered: // an answer to an earlier request, not to this one
+		default:
+		}
+		if ws.Send(req) != nil {
+			return
+		}
+		retry.Reset(progressRetry)
+		select {
+		case <-ctx.Done():
+			return
+		case <-inv.answered:
+		case <-retry.C:
 		}
 	}
 }
