@@ -105,6 +105,21 @@ func etcdFailpoint(f failpoint.Failpoint) func(*proxyProcess) failpoint.Failpoin
 
 func faultNames() []string { return namesOf(faults, func(f fault) string { return f.name }) }
 
+// pick returns the xs named in list (comma-separated), in its order; all of xs if list is empty. An unknown name
+// fails the test.
+func pick[T any](t *testing.T, xs []T, list, what string, name func(T) string) []T {
+	if list == "" {
+		return xs
+	}
+	var out []T
+	for _, n := range strings.Split(list, ",") {
+		i := slices.IndexFunc(xs, func(x T) bool { return name(x) == n })
+		require.GreaterOrEqualf(t, i, 0, "unknown %s %q", what, n)
+		out = append(out, xs[i])
+	}
+	return out
+}
+
 // namesOf lists the names of xs, for flag help and errors.
 func namesOf[T any](xs []T, name func(T) string) []string {
 	var names []string
@@ -164,24 +179,8 @@ func TestRobustnessThroughProxy(t *testing.T) {
 	require.NoErrorf(t, err, "the etcdproxy binary (build it: make build)")
 	_, err = os.Stat(e2e.BinPath.Etcd)
 	require.NoErrorf(t, err, "the etcd binary (build it: make etcd-bin)")
-	fs := faults
-	if *faultList != "" {
-		fs = nil
-		for _, name := range strings.Split(*faultList, ",") {
-			i := slices.IndexFunc(faults, func(f fault) bool { return f.name == name })
-			require.GreaterOrEqualf(t, i, 0, "unknown fault %q", name)
-			fs = append(fs, faults[i])
-		}
-	}
-	profs := profiles
-	if *profileList != "" {
-		profs = nil
-		for _, name := range strings.Split(*profileList, ",") {
-			i := slices.IndexFunc(profiles, func(p profile) bool { return p.name == name })
-			require.GreaterOrEqualf(t, i, 0, "unknown profile %q", name)
-			profs = append(profs, profiles[i])
-		}
-	}
+	fs := pick(t, faults, *faultList, "fault", func(f fault) string { return f.name })
+	profs := pick(t, profiles, *profileList, "profile", func(p profile) string { return p.name })
 	WaitBeforeFailpoint, WaitAfterFailpoint = *trafficTime/2, *trafficTime/2
 
 	var total summary

@@ -200,29 +200,43 @@ func (k *KV) Range(ctx context.Context, req *pb.RangeRequest) (*pb.RangeResponse
 	if resp := k.hit(key, gen, live); resp != nil {
 		return resp, nil
 	}
-	if live {
-		wait, done := k.flights.join(key)
-		if wait != nil {
-			select {
-			case <-wait:
-			case <-ctx.Done():
-				return nil, status.FromContextError(ctx.Err()).Err()
-			}
-			sharedMisses.Inc()
-			gen, live = k.watch.state()
-			live = live && k.authKnown.Load()
-			if resp := k.hit(key, gen, live); resp != nil {
-				return resp, nil
-			}
-		} else {
-			defer done()
+	read := func() (*pb.RangeResponse, error) {
+		misses.Inc()
+		if !live {
+			return k.KVServer.Range(ctx, req)
 		}
+		return k.fill(ctx, req, key, creds, gen)
 	}
-	misses.Inc()
 	if !live {
-		return k.KVServer.Range(ctx, req)
+		return read()
 	}
-	return k.fill(ctx, req, key, creds, gen)
+	return k.readShared(ctx, key, func() *pb.RangeResponse {
+		gen, live = k.watch.state()
+		live = live && k.authKnown.Load()
+		return k.hit(key, gen, live)
+	}, read)
+}
+
+// readShared serves a miss of key, letting identical misses share one read (flight.go): if a read of key is in
+// flight, it waits for it (or for ctx) and returns what again then finds in the cache; if nothing, or if no read
+// was in flight, it reads itself (read, which stores the answer for the next reads).
+func (k *KV) readShared(ctx context.Context, key string, again func() *pb.RangeResponse,
+	read func() (*pb.RangeResponse, error)) (*pb.RangeResponse, error) {
+	wait, done := k.flights.join(key)
+	if wait == nil {
+		defer done()
+		return read()
+	}
+	select {
+	case <-wait:
+	case <-ctx.Done():
+		return nil, status.FromContextError(ctx.Err()).Err()
+	}
+	sharedMisses.Inc()
+	if resp := again(); resp != nil {
+		return resp, nil
+	}
+	return read()
 }
 
 // fill reads req from etcd and stores the answer under key, made in generation gen, unless the cache may not

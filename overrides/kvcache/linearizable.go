@@ -192,22 +192,10 @@ func (k *KV) linearizable(ctx context.Context, req *pb.RangeRequest) (*pb.RangeR
 		return resp, nil
 	}
 	// A miss: read etcd (identical misses share one read), and store the answer for the next reads.
-	wait, done := k.flights.join(key)
-	if wait != nil {
-		select {
-		case <-wait:
-		case <-ctx.Done():
-			return nil, status.FromContextError(ctx.Err()).Err()
-		}
-		sharedMisses.Inc()
-		if resp := k.linHit(key, b); resp != nil {
-			return resp, nil
-		}
-	} else {
-		defer done()
-	}
-	linFallbacks.WithLabelValues("miss").Inc()
-	return k.fill(ctx, req, key, creds, b.gen)
+	return k.readShared(ctx, key, func() *pb.RangeResponse { return k.linHit(key, b) }, func() (*pb.RangeResponse, error) {
+		linFallbacks.WithLabelValues("miss").Inc()
+		return k.fill(ctx, req, key, creds, b.gen)
+	})
 }
 
 // linHit returns the cached answer for key as etcd's answer at b's revision, if the entry is of the generation in

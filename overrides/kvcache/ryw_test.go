@@ -97,22 +97,31 @@ func (s *gatedStream) RecvMsg(m any) error {
 // through g, with small fixed flow-control windows (so that a closed gate soon stalls etcd's side of the watch).
 func gated(t *testing.T, g *gate, endpoints func() []string) func(*proxy.Config) {
 	return func(c *proxy.Config) {
-		internal, err := proxy.Dial(clientv3.Config{Endpoints: endpoints(), DialTimeout: 5 * time.Second,
-			DialOptions: []grpc.DialOption{grpc.WithInitialWindowSize(1 << 16), grpc.WithInitialConnWindowSize(1 << 16),
-				grpc.WithChainStreamInterceptor(func(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn,
-					method string, streamer grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
-					cs, err := streamer(ctx, desc, cc, method, opts...)
-					if err != nil || method != "/etcdserverpb.Watch/Watch" {
-						return cs, err
-					}
-					return &gatedStream{ClientStream: cs, g: g}, nil
-				})}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { internal.Close() })
-		c.Internal = internal
+		c.Internal = wrappedWatch(t, endpoints(), func(cs grpc.ClientStream) grpc.ClientStream {
+			return &gatedStream{ClientStream: cs, g: g}
+		}, grpc.WithInitialWindowSize(1<<16), grpc.WithInitialConnWindowSize(1<<16))
 	}
+}
+
+// wrappedWatch dials endpoints as the proxy's internal connection (the invalidation watch's), wrapping its watch
+// streams in wrap; closed when the test ends.
+func wrappedWatch(t *testing.T, endpoints []string, wrap func(grpc.ClientStream) grpc.ClientStream,
+	opts ...grpc.DialOption) *clientv3.Client {
+	t.Helper()
+	opts = append(opts, grpc.WithChainStreamInterceptor(func(ctx context.Context, desc *grpc.StreamDesc,
+		cc *grpc.ClientConn, method string, streamer grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+		cs, err := streamer(ctx, desc, cc, method, opts...)
+		if err != nil || method != "/etcdserverpb.Watch/Watch" {
+			return cs, err
+		}
+		return wrap(cs), nil
+	}))
+	internal, err := proxy.Dial(clientv3.Config{Endpoints: endpoints, DialTimeout: 5 * time.Second, DialOptions: opts})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { internal.Close() })
+	return internal
 }
 
 // cached reads req through the proxy until it is served from the cache.
