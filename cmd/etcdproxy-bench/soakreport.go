@@ -129,10 +129,10 @@ func (s *soak) writeOutputs(res *soakResult, ats []time.Duration, rss, gor []flo
 		}
 	}
 	for name, c := range map[string]chart{
-		"soak-rss.svg":        timeChart("etcdproxy RSS during the soak", "RSS MiB", "etcdproxy RSS", ats, rss),
-		"soak-goroutines.svg": timeChart("etcdproxy goroutines during the soak", "goroutines", "etcdproxy goroutines", ats, gor),
+		"soak-rss.svg":        timeChart("etcdproxy RSS during the soak", "RSS MiB", "etcdproxy", ats, rss),
+		"soak-goroutines.svg": timeChart("etcdproxy goroutines during the soak", "goroutines", "etcdproxy", ats, gor),
 	} {
-		c.marks, c.marksLabel = kills, "etcd member killed"
+		c.marks, c.marksLabel = kills, "member killed"
 		files[name] = c.svg()
 	}
 	for name, body := range files {
