@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"slices"
 
 	"github.com/google/go-cmp/cmp"
 	"go.uber.org/zap"
@@ -127,4 +128,65 @@ func checkSerializableReads(reports []report.ClientReport, persisted []model.Etc
 		}
 	}
 	return checked, errors.Join(errs...)
+}
+
+// checkReadYourWrites checks the proxy's read-your-writes guarantee (overrides/ryw): a serializable read that
+// starts after a write through the proxy was acknowledged answers at the write's revision or later, whichever
+// member serves it and whether the cache does. All traffic goes through the proxy, so every acknowledged write of
+// the traffic's clients counts, for every reader. Not across a restart of the proxy (restarts: the windows from a
+// stop to the new instance serving): a new instance knows nothing of the writes the old one acknowledged.
+func checkReadYourWrites(traffic, readers []report.ClientReport, restarts [][2]int64) error {
+	type ack struct{ at, rev int64 }
+	var acks []ack
+	for _, r := range traffic {
+		for _, op := range r.KeyValue {
+			request, response := op.Input.(model.EtcdRequest), op.Output.(model.MaybeEtcdResponse)
+			if response.Error == "" && !response.Persisted && wrote(request, response.EtcdResponse) {
+				acks = append(acks, ack{at: op.Return, rev: response.Revision})
+			}
+		}
+	}
+	slices.SortFunc(acks, func(a, b ack) int { return int(a.at - b.at) })
+	crosses := func(from, to int64) bool { // a restart between an acknowledgement and the end of a read
+		return slices.ContainsFunc(restarts, func(w [2]int64) bool { return from <= w[1] && to >= w[0] })
+	}
+	var errs []error
+	for _, r := range readers {
+		for _, op := range r.KeyValue {
+			request, response := op.Input.(model.EtcdRequest), op.Output.(model.MaybeEtcdResponse)
+			if response.Error != "" {
+				continue
+			}
+			// The newest write acknowledged before the read started, by the instance that served it.
+			var newest ack
+			for _, a := range acks {
+				if a.at >= op.Call {
+					break
+				}
+				// Up to the read's return: a read the client retried may have been served by a new instance.
+				if a.rev > newest.rev && !crosses(a.at, op.Return) {
+					newest = a
+				}
+			}
+			if request.Range.Revision < newest.rev {
+				errs = append(errs, fmt.Errorf("serializable read of client %d (%+v) answered at revision %d, after a write through the proxy at revision %d was acknowledged",
+					r.ClientID, request.Range.RangeOptions, request.Range.Revision, newest.rev))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// wrote reports whether a traffic request changed keys: a Txn whose branch taken puts or deletes.
+func wrote(request model.EtcdRequest, response model.EtcdResponse) bool {
+	if request.Type != model.Txn || request.Txn == nil || response.Txn == nil {
+		return false
+	}
+	ops := request.Txn.OperationsOnSuccess
+	if response.Txn.Failure {
+		ops = request.Txn.OperationsOnFailure
+	}
+	return slices.ContainsFunc(ops, func(o model.EtcdOperation) bool {
+		return o.Type == model.PutOperation || o.Type == model.DeleteOperation
+	})
 }

@@ -37,6 +37,10 @@ type proxyProcess struct {
 	exited chan error
 	// stats sums the read cache's counters of the instances already stopped.
 	stats cacheStats
+	// base is the history's time origin (its operations' Call and Return count from it); restarts are the
+	// windows, from base, from a restart's stop to the new instance serving (set by restart).
+	base     time.Time
+	restarts [][2]int64
 }
 
 // cacheStats are the proxy's read-cache counters (its /metrics).
@@ -207,7 +211,9 @@ func (f proxyRestart) Inject(ctx context.Context, _ *testing.T, lg *zap.Logger, 
 		return nil, errors.New("no proxy to restart")
 	}
 	lg.Info("Restarting etcdproxy", zap.String("addr", f.proxy.addr))
+	stop := time.Since(f.proxy.base).Nanoseconds()
 	err := f.proxy.restart(ctx)
+	f.proxy.restarts = append(f.proxy.restarts, [2]int64{stop, time.Since(f.proxy.base).Nanoseconds()})
 	lg.Info("Restarted etcdproxy", zap.Error(err))
 	return nil, err
 }

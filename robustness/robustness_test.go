@@ -320,6 +320,10 @@ func runHistory(t *testing.T, bin, resultsRoot string, f fault, p profile, s *su
 			s.violation = true
 			t.Error(err)
 		}
+		if err := checkReadYourWrites(clientReports, readerReports, proxy.restarts); err != nil {
+			s.violation = true
+			t.Error(err)
+		}
 	}
 	panicked = false
 }
@@ -337,6 +341,7 @@ func runScenario(ctx context.Context, t *testing.T, s scenarios.TestScenario, re
 	// using baseTime time-measuring operation to get monotonic clock reading
 	// see https://github.com/golang/go/blob/master/src/time/time.go#L17
 	baseTime := time.Now()
+	proxy.base = baseTime
 	ids := identity.NewIDProvider()
 	g.Go(func() error {
 		defer close(failpointInjected)

@@ -37,10 +37,13 @@ type invalidator struct {
 
 	// mu protects pos and advanced, orders invalidations against stores, and is held to change live and gen,
 	// which are atomics so that the read path (state) takes no lock.
-	mu       sync.Mutex
-	live     atomic.Bool
-	gen      atomic.Uint64
-	pos      int64         // every write up to pos has been applied to the cache
+	mu   sync.Mutex
+	live atomic.Bool
+	gen  atomic.Uint64
+	pos  int64 // every write up to pos has been applied to the cache
+	// at publishes (gen, pos) for cache hits, which read it without the lock: stored after the invalidations of
+	// every event up to pos, so an entry of generation gen found after reading it is the store at pos.
+	at       atomic.Pointer[position]
 	advanced chan struct{} // closed (and replaced) whenever pos advances or the watch stops
 
 	// sources attributes each invalidation to a write through this proxy or elsewhere (mu protects it too).
@@ -194,6 +197,26 @@ func (inv *invalidator) flushLocked() {
 	inv.gen.Add(1)
 	inv.cache.Clear()
 	inv.index.clear()
+	inv.publishLocked()
+}
+
+// position is a generation and how far the invalidation watch had applied writes in it.
+type position struct {
+	gen uint64
+	pos int64
+}
+
+// publishLocked publishes (gen, pos) for cache hits. Called with mu held, after the invalidations up to pos.
+func (inv *invalidator) publishLocked() {
+	inv.at.Store(&position{gen: inv.gen.Load(), pos: inv.pos})
+}
+
+// position returns how far the watch had applied writes in generation gen, or 0 if gen is not the current one.
+func (inv *invalidator) position(gen uint64) int64 {
+	if p := inv.at.Load(); p != nil && p.gen == gen {
+		return p.pos
+	}
+	return 0
 }
 
 // setLive marks the watch live from revision pos on (a new generation), or not live.
@@ -203,6 +226,7 @@ func (inv *invalidator) setLive(live bool, pos int64) {
 	inv.flushLocked()
 	inv.live.Store(live)
 	inv.pos = pos
+	inv.publishLocked()
 	clear(inv.sources.localRevs) // a new watch starts after them, or none runs
 	close(inv.advanced)
 	inv.advanced = make(chan struct{})
@@ -241,6 +265,7 @@ func (inv *invalidator) apply(resp *pb.WatchResponse) {
 	inv.sources.attribute(at, n)
 	if rev > inv.pos {
 		inv.pos = rev
+		inv.publishLocked()
 		inv.sources.reached(rev)
 		close(inv.advanced)
 		inv.advanced = make(chan struct{})

@@ -272,13 +272,26 @@ func (k *KV) hit(key string, gen uint64, live bool) *pb.RangeResponse {
 	if !live {
 		return nil
 	}
+	pos := k.watch.position(gen) // before the lookup: the entry found is then the store at pos
 	item := k.cache.Get(key)
-	if item == nil || item.Expired() || item.Value().gen != gen ||
-		(k.opts.Floor != nil && item.Value().resp.Header.GetRevision() < k.opts.Floor()) {
+	if item == nil || item.Expired() || item.Value().gen != gen {
+		return nil
+	}
+	resp := item.Value().resp
+	rev := max(resp.Header.GetRevision(), pos)
+	if k.opts.Floor != nil && rev < k.opts.Floor() {
 		return nil
 	}
 	hits.Inc()
-	return item.Value().resp
+	if rev == resp.Header.GetRevision() {
+		return resp
+	}
+	// Answered at the watch's position, as etcd answers with its current revision: an answer never says a revision
+	// older than a write this proxy has acknowledged (it waits for the watch to reach it). The cached answer is
+	// shared and never mutated: a new response around its parts.
+	h := resp.Header
+	hdr := &pb.ResponseHeader{ClusterId: h.GetClusterId(), MemberId: h.GetMemberId(), Revision: rev, RaftTerm: h.GetRaftTerm()}
+	return &pb.RangeResponse{Header: hdr, Kvs: resp.Kvs, More: resp.More, Count: resp.Count}
 }
 
 // keep stores e: in the index first, then in ccache. ccache may evict e as soon as it has it (its worker prunes

@@ -475,3 +475,30 @@ func TestOrderingFromStart(t *testing.T) {
 		t.Fatal("no answer in 20s")
 	}
 }
+
+// TestHitHeaderAfterWrite: a cache hit is answered at the invalidation watch's position, not at the revision of
+// the read that filled it: after a write through the proxy to another key is acknowledged, a serializable hit of
+// a key the write did not touch says that revision or a later one (etcd answers with its current revision), and
+// the cached answer itself is not changed.
+func TestHitHeaderAfterWrite(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{})
+	ctx := proxytest.Timeout(t, 30*time.Second)
+	filled := proxytest.Put(t, ctx, e.Direct, "hh/k", "v")
+	req := &pb.RangeRequest{Key: []byte("hh/k"), Serializable: true}
+	cached(t, ctx, e.Via, req)
+	for round := range 20 {
+		w := proxytest.Put(t, ctx, e.Via, fmt.Sprintf("hh/other/%d", round), "x")
+		before := hits(t)
+		r := get(t, ctx, e.Via, req)
+		if hits(t) != before+1 {
+			t.Fatalf("round %d: the read after a write to another key was not a hit", round)
+		}
+		if r.Header.Revision < w {
+			t.Fatalf("round %d: a hit answered at revision %d, after a write through the proxy at %d was acknowledged (filled at %d)",
+				round, r.Header.Revision, w, filled)
+		}
+		if value(r) != "v" || r.Kvs[0].ModRevision != filled {
+			t.Fatalf("round %d: the hit answered %v", round, r)
+		}
+	}
+}
