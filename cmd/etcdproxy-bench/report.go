@@ -66,6 +66,8 @@ var (
 	mErrCode    = metric{name: "error code", text: true}
 	mClientCPU  = metric{name: "bench client CPU µs/op", better: neutral}
 	mCacheHit   = metric{name: "etcdproxy cache hits %", better: neutral}
+	mPerBarrier = metric{name: "etcdproxy reads per barrier", better: neutral}
+	mBarrierCPU = metric{name: "etcd CPU µs per barrier", better: neutral}
 	mExpiryP50  = metric{name: "expiry after last keepalive p50 s", better: lowerBetter}
 	mExpiryMax  = metric{name: "expiry after last keepalive max s", better: lowerBetter}
 	mNotExpired = metric{name: "leases not expired within 3×TTL (must be 0)", better: lowerBetter, agg: sum}
@@ -80,7 +82,7 @@ var (
 // metricOrder is the order of a workload's rows, whatever order the targets measured them in.
 var metricOrder = []metric{mCreateMs, mUpWatch, mUpStreams, mOps, mAttempts, mP50, mP99, mExpiryP50, mExpiryMax,
 	mNotExpired, mErrors, mLost, mDup,
-	mUnanswer, mRenewals, mErrCode, mCacheHit, mPropFirst, mPropIdle, mPropByFirst, mPropByIdle, mEtcdCPU, mProxyCPU,
+	mUnanswer, mRenewals, mErrCode, mCacheHit, mPerBarrier, mBarrierCPU, mPropFirst, mPropIdle, mPropByFirst, mPropByIdle, mEtcdCPU, mProxyCPU,
 	mClientCPU, mProxyMsS, mClientMsS, mProxyRSS, mEtcdRSS}
 
 func metricRank(m metric) int {
@@ -522,6 +524,13 @@ const howToRead = `## How to read this
   between two rounds of one target, after which etcdproxy's cache stops following etcd's auth revision and serves
   again from its first poll after the next read, up to 1 s later (see idle below); the warm-up keeps that out of
   the window.
+- Linearizable get: etcdproxy answers it from its cache after a **barrier read** (one linearizable count-only
+  Range to etcd per batch of reads; overrides/README.md). **etcdproxy reads per barrier** is its cache answers
+  divided by its barrier reads over the window (at most C), **etcd CPU µs per barrier** etcd's CPU over the window
+  divided by them. **barrier alone** sends that request straight to etcd, from one client, at about the rate
+  etcdproxy sends its barriers here: its etcd CPU µs/op is what one barrier costs etcd by itself, and that
+  divided by C (16) is the least etcd CPU per linearizable read any proxy proving each batch with one linearizable
+  request could cost: the floor of the linearizable get's etcd CPU row.
 - Lease expiry: leases (TTL 3 s) granted straight at etcd, each with a key, are kept alive through the target
   (5 keepalives 500 ms apart), then the client goes away; a watch straight at etcd times each key's deletion from
   the lease's last keepalive request. etcd itself expires a lease TTL after its last renewal, give or take its

@@ -73,13 +73,72 @@ func (b *bench) unaryWorkloads() []workload {
 		ws = append(ws, put(c))
 	}
 	ws = append(ws, b.getWorkload(getSpec{name: fmt.Sprintf("get linearizable C=16 (%d keys)", p.hotKeys),
-		clients: 16, keys: hotKeys}, preload))
+		clients: 16, keys: hotKeys}, preload), b.barrierAlone())
 	for _, c := range p.getClients {
 		ws = append(ws, b.getWorkload(getSpec{name: hotGetName(c, p.hotKeys), clients: c, serializable: true,
 			keys: hotKeys}, preload))
 	}
 	return append(ws, b.getWorkload(getSpec{name: fmt.Sprintf("get serializable cold C=16 (%d fresh keys per round)",
 		p.coldKeys), clients: 16, serializable: true, keys: coldKeys, cold: true}, preload))
+}
+
+// barrierRate is the pace of the barrier-alone workload: about the rate at which etcdproxy sends its barrier reads
+// in the linearizable get workload (16 clients, 14 to 16 reads per barrier here).
+const barrierRate = 1000
+
+// barrierAlone measures what etcdproxy's barrier read costs etcd by itself, straight at etcd: one client sends the
+// same request (a linearizable count-only Range of one key) barrierRate times a second. It is the floor of the
+// linearizable get's etcd CPU: a proxy that proves each batch of C reads linearizable with one linearizable request
+// to etcd cannot cost etcd less than this row's etcd CPU µs/op divided by C per read.
+func (b *bench) barrierAlone() workload {
+	return workload{
+		name:    fmt.Sprintf("barrier alone: linearizable count-only Range, 1 client, %d/s", barrierRate),
+		rounds:  b.plan.rounds,
+		targets: []string{direct},
+		run: func(ctx context.Context, t *target, _ int) (*measurement, error) {
+			conns, err := b.pool(t, 1)
+			if err != nil {
+				return nil, err
+			}
+			kv := pb.NewKVClient(conns[0])
+			req := &pb.RangeRequest{Key: []byte("\x00etcdproxy/linearizable"), CountOnly: true}
+			period := time.Second / barrierRate
+			start := time.Now()
+			warmEnd := start.Add(b.plan.warmup)
+			end := warmEnd.Add(b.plan.window)
+			var lats []time.Duration
+			var pr *probe
+			for next := start; ctx.Err() == nil; next = next.Add(period) {
+				time.Sleep(time.Until(next))
+				t0 := time.Now()
+				if t0.After(end) {
+					break
+				}
+				if pr == nil && !t0.Before(warmEnd) {
+					pr = b.startProbe(t)
+				}
+				octx, cancel := context.WithTimeout(ctx, opTimeout)
+				_, err := kv.Range(octx, req)
+				cancel()
+				if err != nil {
+					return nil, fmt.Errorf("barrier read: %w", err)
+				}
+				if pr != nil {
+					lats = append(lats, time.Since(t0))
+				}
+			}
+			if pr == nil || len(lats) == 0 {
+				return nil, errors.New("no op inside the window")
+			}
+			u := pr.stop()
+			m := &measurement{}
+			m.add(mOps, float64(len(lats))/b.plan.window.Seconds())
+			latencyMetrics(m, lats)
+			u.addCPU(m, float64(len(lats)), false)
+			m.add(mErrors, 0)
+			return m, nil
+		},
+	}
 }
 
 // getSpec is one Range workload.
@@ -247,6 +306,12 @@ func (b *bench) closedLoop(ctx context.Context, t *target, clients int, warmup t
 		if hits+misses > 0 {
 			m.add(mCacheHit, 100*hits/(hits+misses))
 		}
+		if batches := cache1[linBatches] - cache0[linBatches]; batches > 0 {
+			m.add(mPerBarrier, (cache1[linHits]-cache0[linHits])/batches)
+			if u.etcdOK {
+				m.add(mBarrierCPU, float64(u.etcdCPU.Microseconds())/batches)
+			}
+		}
 	}
 	m.add(mErrors, float64(nerr))
 	if nerr > 0 {
@@ -260,6 +325,8 @@ func (b *bench) closedLoop(ctx context.Context, t *target, clients int, warmup t
 const (
 	cacheHits   = "etcdproxy_kvcache_hits_total"
 	cacheMisses = "etcdproxy_kvcache_misses_total"
+	linHits     = "etcdproxy_kvcache_linearizable_hits_total"
+	linBatches  = "etcdproxy_kvcache_linearizable_batches_total"
 )
 
 // cacheCounters scrapes etcdproxy's cache counters from its HTTP endpoint (served on its gRPC port); other targets
@@ -268,5 +335,5 @@ func (b *bench) cacheCounters(ctx context.Context, t *target) (map[string]float6
 	if t.name != etcdproxy {
 		return nil, errors.New("no cache counters")
 	}
-	return scrapeMetrics(ctx, "http://"+t.addr+"/metrics", cacheHits, cacheMisses)
+	return scrapeMetrics(ctx, "http://"+t.addr+"/metrics", cacheHits, cacheMisses, linHits, linBatches)
 }
