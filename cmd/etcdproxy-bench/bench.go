@@ -213,6 +213,11 @@ type workload struct {
 	floor string
 	// setup, if set, runs once before the first round (preloading keys, stopping etcd, ...).
 	setup func(ctx context.Context) error
+	// fresh: after setup, every proxy process the benchmark started among the workload's targets is replaced by a
+	// fresh one on the same address, so that the workload's peak RSS is its own, not the heap that earlier workloads
+	// left (etcdproxy's read cache after the cold reads). etcd is not restarted; a proxy given by address cannot be,
+	// and its rounds carry a note saying so.
+	fresh bool
 	// run measures one round against one target.
 	run func(ctx context.Context, t *target, round int) (*measurement, error)
 	// derive, if set, adds rows computed from every target's rounds (a difference from direct's, ...).
@@ -264,6 +269,15 @@ func (b *bench) runWorkload(ctx context.Context, w workload) *workloadResult {
 			return res
 		}
 	}
+	if w.fresh {
+		if err := b.restartProxies(ctx, ts); err != nil {
+			logf("   restart: %v", err)
+			for _, t := range ts {
+				res.add(t.name, nil, fmt.Errorf("restart: %w", err))
+			}
+			return res
+		}
+	}
 	for r := range w.rounds {
 		for i := range ts {
 			t := ts[(i+r)%len(ts)]
@@ -287,6 +301,9 @@ func (b *bench) runRound(ctx context.Context, w workload, res *workloadResult, t
 	if ctx.Err() != nil {
 		return false
 	}
+	if err == nil && w.fresh && t.name != direct && t.proc == nil {
+		m.note = strings.TrimPrefix(m.note+"; "+notRestarted, "; ")
+	}
 	res.add(t.name, m, err)
 	if err != nil {
 		logf("   round %d %-10s error: %v", r+1, t.name, err)
@@ -294,6 +311,49 @@ func (b *bench) runRound(ctx context.Context, w workload, res *workloadResult, t
 		logf("   round %d %-10s %s", r+1, t.name, m.summary())
 	}
 	return true
+}
+
+// notRestarted is the note on a fresh workload's rounds against a proxy given by address.
+const notRestarted = "given by address, not restarted: peak RSS may include earlier workloads"
+
+// restartProxies replaces every proxy process among ts that the benchmark started with a fresh one on the same
+// address (kill, start, wait until it serves, as startProxies does), and drops the target's pooled connections,
+// which led to the old process. The target's pid follows, for CPU and RSS accounting.
+func (b *bench) restartProxies(ctx context.Context, ts []*target) error {
+	var restarted []*target
+	var pids []string
+	for _, t := range ts {
+		if t.proc == nil {
+			continue
+		}
+		old := t.pid
+		if err := t.proc.restart(); err != nil {
+			return err
+		}
+		t.pid = t.proc.pid()
+		b.dropPool(t)
+		restarted = append(restarted, t)
+		pids = append(pids, fmt.Sprintf("%s pid %d -> %d", t.name, old, t.pid))
+	}
+	for _, t := range restarted {
+		if err := waitServing(ctx, t.addr, t.proc, 30*time.Second); err != nil {
+			return err
+		}
+	}
+	if len(pids) > 0 {
+		logf("   fresh processes: %s", strings.Join(pids, ", "))
+	}
+	return nil
+}
+
+// dropPool closes t's pooled connections; the next pool call dials anew.
+func (b *bench) dropPool(t *target) {
+	b.poolMu.Lock()
+	defer b.poolMu.Unlock()
+	for _, cc := range b.pools[t.name] {
+		cc.Close()
+	}
+	delete(b.pools, t.name)
 }
 
 // probe measures the CPU time of etcd, of the target's proxy and of this process over a window, and the peak RSS

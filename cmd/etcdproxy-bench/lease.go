@@ -24,12 +24,14 @@ const (
 // through the target over L/100 LeaseKeepAlive streams on at most 10 connections. Each lease has one keepalive
 // request outstanding at a time and sends the next 500 ms after the reply; latency is request -> reply for that
 // lease id. Requests still unanswered 3 s after the window count as unanswered. etcd's renewals are its
-// etcd_debugging_lease_renewed_total counter over the window. An op is one keepalive reply.
+// etcd_debugging_lease_renewed_total counter over the window. An op is one keepalive reply. It starts on fresh proxy
+// processes (workload.fresh), so that its peak RSS is the leases'.
 func (b *bench) keepAliveWorkload() workload {
 	L := b.plan.leases
 	return workload{
 		name:   fmt.Sprintf("lease keepalive L=%d", L),
 		rounds: b.plan.leaseRounds,
+		fresh:  true,
 		run: func(ctx context.Context, t *target, round int) (*measurement, error) {
 			return b.keepAliveRound(ctx, t, L)
 		},

@@ -95,6 +95,17 @@ func (p *proc) kill() {
 	}
 }
 
+// restart kills the process and starts it again with the same arguments (so on the same listen address and data
+// directory), appending to the same log. The caller waits for it to serve.
+func (p *proc) restart() error {
+	old := p.pid()
+	p.kill()
+	if p.alive() {
+		return fmt.Errorf("restart %s: pid %d still running 5 s after SIGKILL", p.name, old)
+	}
+	return p.start()
+}
+
 // pause stops the process (SIGSTOP, to its whole group) until resume: it then sends nothing to anyone, while its
 // connections stay open. A paused process still dies with the benchmark (SIGKILL ends a stopped process).
 func (p *proc) pause() error { return syscall.Kill(-p.cmd.Process.Pid, syscall.SIGSTOP) }

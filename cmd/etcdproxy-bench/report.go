@@ -507,6 +507,14 @@ const howToRead = `## How to read this
 - CPU µs/op is the process's user+system CPU time (/proc/PID/stat) over the window divided by the ops in it:
   **etcd CPU** is etcd's, **proxy CPU** the proxy's (n/a for direct). Peak RSS is VmHWM over the window (reset
   before it through /proc/PID/clear_refs).
+- Fresh proxy processes: the reset cannot shrink a heap that earlier workloads left resident (etcdproxy's read
+  cache holds about 100 MB after the cold reads), so the watch workloads (W=100000 too) and the keepalive workload,
+  whose memory is what they are read for, run on fresh proxy processes: before each one's first round, every proxy
+  and floor the benchmark started among its targets is killed and started again on the same address, and waited
+  for until it serves. etcd is never restarted (its RSS includes every workload before), nor is a proxy given by
+  address (` + "`-grpc-proxy`, `-etcdproxy-addr`" + `: its rounds carry a note that its peak RSS may include
+  earlier workloads). A workload's later rounds run on the process of its first, and every other workload on the
+  process the workloads before it left.
 - Watch workloads: W watchers over W/100 gRPC streams (100 watchers each) on at most 10 connections. etcd watchers
   and watch streams are etcd's own gauges (etcd_debugging_mvcc_watcher_total, etcd_debugging_mvcc_watch_stream_total)
   once every watcher is created, minus their value before: how much of the fan-out reaches etcd. Lost and

@@ -18,7 +18,8 @@ import (
 // arrived). Then P puts, paced, written straight to etcd by the benchmark's own connection (so that the put's
 // acknowledgement time does not depend on the target); each watcher's receipt of each put's event is timed from
 // the put's acknowledgement. Events are checked per watcher by revision: each put must arrive exactly once.
-// An op is one event delivered to one watcher.
+// An op is one event delivered to one watcher. Each watch workload starts on fresh proxy processes (workload.fresh),
+// so that its peak RSS is the watchers' and not what the workloads before it left.
 
 const (
 	watchersPerStream = 100
@@ -54,6 +55,7 @@ func (b *bench) watchWorkloads() []workload {
 				ws = append(ws, workload{
 					name:   spec.name(),
 					rounds: b.plan.watchRounds[w],
+					fresh:  true,
 					run: func(ctx context.Context, t *target, round int) (*measurement, error) {
 						return b.watchRound(ctx, t, spec)
 					},
@@ -69,6 +71,7 @@ func (b *bench) watchWorkloads() []workload {
 			name:    spec.name(),
 			rounds:  b.plan.watchRounds[W],
 			targets: []string{grpcProxy, etcdproxy},
+			fresh:   true,
 			run: func(ctx context.Context, t *target, round int) (*measurement, error) {
 				return b.watchRound(ctx, t, spec)
 			},
