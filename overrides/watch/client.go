@@ -222,7 +222,7 @@ func (cs *clientStream) create(req *pb.WatchCreateRequest) error {
 	ctx := cs.ss.Context()
 	if req.StartRevision < 0 {
 		// etcd refuses a negative start before it looks at the caller's credentials.
-		hdr, err := cs.h.revs.current(ctx)
+		hdr, err := cs.h.current(ctx)
 		if err != nil {
 			if ctx.Err() != nil {
 				return ctx.Err()
@@ -336,7 +336,7 @@ func (rk rangeKey) duplicateRefusal() string {
 
 // cancel handles a cancel request; like etcd, an unknown id gets no answer.
 func (cs *clientStream) cancel(id int64) error {
-	hdr, err := cs.h.revs.current(cs.ss.Context())
+	hdr, err := cs.h.current(cs.ss.Context())
 	if err != nil {
 		if ctxErr := cs.ss.Context().Err(); ctxErr != nil {
 			return ctxErr

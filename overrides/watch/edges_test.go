@@ -507,3 +507,89 @@ func TestCreateWhileEtcdDown(t *testing.T) {
 		t.Fatalf("the put after etcd came back: %v", r)
 	}
 }
+
+// revisionReads is how many times the proxy read etcd's revision via "probe" or "status" (process-wide).
+func revisionReads(t *testing.T, via string) float64 {
+	return proxytest.Gauge(t, "etcdproxy_watch_revision_reads_total", "via", via)
+}
+
+// TestProbedHeaders: the created and cancel headers read with a probe on the upstream stream are etcd's, at the
+// revision of a write made elsewhere just before, on a watcher that rides a broadcast and on one that gets its own;
+// when the watch a probe names is dropped, probes name another one (no Status call, so no probe went wrong), and
+// with none left the revision comes from Status.
+func TestProbedHeaders(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{})
+	ctx := proxytest.Timeout(t, 60*time.Second)
+	p := openTwin(t, ctx, e)
+	p.create(&pb.WatchCreateRequest{Key: []byte("a")})
+	p.same(t, "created 0 (a)")
+	p.create(&pb.WatchCreateRequest{Key: []byte("b")})
+	p.same(t, "created 1 (b)")
+	probes, statuses := revisionReads(t, "probe"), revisionReads(t, "status")
+	cancel := func(id int64) {
+		p.send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CancelRequest{CancelRequest: &pb.WatchCancelRequest{WatchId: id}}})
+	}
+	const rounds = 20
+	for i := 0; i < rounds; i++ {
+		rev := proxytest.Put(t, ctx, e.Direct, fmt.Sprintf("elsewhere/%d", i), "v")
+		key := "a" // rides a's broadcast
+		if i%2 == 1 {
+			key = fmt.Sprintf("own/%d", i) // a broadcast of its own
+		}
+		p.create(&pb.WatchCreateRequest{Key: []byte(key)})
+		r := p.same(t, fmt.Sprintf("round %d: created after a write elsewhere", i))
+		if r.Header.Revision != rev {
+			t.Fatalf("round %d: created at revision %d, want %d", i, r.Header.Revision, rev)
+		}
+		rev = proxytest.Put(t, ctx, e.Direct, fmt.Sprintf("elsewhere/%d", i), "w")
+		cancel(r.WatchId)
+		if r := p.same(t, fmt.Sprintf("round %d: canceled after a write elsewhere", i)); r.Header.Revision != rev {
+			t.Fatalf("round %d: canceled at revision %d, want %d", i, r.Header.Revision, rev)
+		}
+	}
+	// a's broadcast goes: probes name b's.
+	cancel(0)
+	p.same(t, "a canceled")
+	proxytest.Put(t, ctx, e.Direct, "elsewhere", "x")
+	p.create(&pb.WatchCreateRequest{Key: []byte("c")})
+	c := p.same(t, "created (c) once a's watch is gone").WatchId
+	if got := revisionReads(t, "probe") - probes; got != 2*rounds+2 {
+		t.Errorf("%v probes for %d creates and cancels, want one each", got, 2*rounds+2)
+	}
+	if got := revisionReads(t, "status") - statuses; got != 0 {
+		t.Errorf("%v Status calls while the hub held a watch to probe with, want 0", got)
+	}
+	// No watch left on the stream: Status.
+	cancel(c)
+	p.same(t, "c canceled")
+	cancel(1)
+	p.same(t, "b canceled")
+	proxytest.Put(t, ctx, e.Direct, "elsewhere", "y")
+	p.create(&pb.WatchCreateRequest{Key: []byte("d")})
+	p.same(t, "created (d) with no watch to probe with")
+	if got := revisionReads(t, "status") - statuses; got != 1 {
+		t.Errorf("%v Status calls for a create with no watch to probe with, want 1", got)
+	}
+	rev := proxytest.Put(t, ctx, e.Direct, "d", "v")
+	if r := p.same(t, "the event"); len(r.Events) != 1 || r.Events[0].Kv.ModRevision != rev {
+		t.Errorf("event %v, want the put at %d", r, rev)
+	}
+}
+
+// TestProbeAfterAuthEnabled: a caller without credentials whose range the proxy already watches (from before auth
+// was enabled) is refused as etcd refuses it once auth is on; the probe's refusal sends the create to Status,
+// which refuses it. The refusal's header is the last one the hub saw, here the probe's answer: etcd's current
+// revision (before probes it could be older: revision 1 here, where etcd answers 2).
+func TestProbeAfterAuthEnabled(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{})
+	ctx := proxytest.Timeout(t, 60*time.Second)
+	p := openTwin(t, ctx, e)
+	p.create(&pb.WatchCreateRequest{Key: []byte("a")})
+	p.same(t, "created 0 before auth")
+	proxytest.Put(t, ctx, e.Direct, "elsewhere", "v")
+	proxytest.EnableAuth(t, ctx, e.Direct, "r")
+	p.create(&pb.WatchCreateRequest{Key: []byte("a")})
+	if r := p.same(t, "a create without credentials once auth is on"); r.CancelReason != rpctypes.ErrGRPCUserEmpty.Error() {
+		t.Errorf("refused with %q, want %q", r.CancelReason, rpctypes.ErrGRPCUserEmpty.Error())
+	}
+}

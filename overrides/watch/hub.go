@@ -33,7 +33,7 @@ type hub struct {
 	mu        sync.Mutex
 	ranges    map[rangeKey]*broadcasts
 	byID      map[int64]*broadcast // upstream watch id -> broadcast
-	nextID    int64                // next upstream watch id
+	nextID    int64                // next upstream watch id; from 1, as 0 asks etcd to pick one (a probe names ids)
 	creating  []*broadcast         // upstream creates sent on the current stream, not yet answered, oldest first
 	progress  []*clientStream      // client streams waiting for a progress answer
 	askedProg bool                 // a progress request is outstanding on the current stream
@@ -50,6 +50,12 @@ type hub struct {
 	clock     *broadcast
 	tick      bool
 	notifying int
+	// Revision probes (revision.go): the round whose probe is in flight on the current stream, the round callers
+	// join meanwhile, the created broadcast (or clock) whose watch id the next probe names, and probeMark, the
+	// probe's place in creating.
+	probing, probeNext *round
+	probeTarget        *broadcast
+	probeMark          broadcast
 }
 
 // rangeKey identifies the upstream watches a client watcher can share: same range, same prev_kv. Filters and
@@ -64,7 +70,7 @@ type rangeKey struct {
 
 func newHub(ctx context.Context, w *Watch, c upstream.Creds) *hub {
 	h := &hub{w: w, ctx: ctx, creds: c, ranges: map[rangeKey]*broadcasts{}, byID: map[int64]*broadcast{},
-		kick: make(chan struct{}, 1)}
+		nextID: 1, kick: make(chan struct{}, 1)}
 	h.revs = newRevisions(w.cc, c)
 	h.authed = c != upstream.Creds{}
 	return h
@@ -133,6 +139,7 @@ func (h *hub) serve() error {
 	defer func() {
 		h.mu.Lock()
 		h.connected = false
+		h.abandonProbes()
 		h.mu.Unlock()
 	}()
 
@@ -172,6 +179,7 @@ func (h *hub) connect() {
 	h.connected = true
 	h.outbox, h.creating, h.askedProg = nil, nil, false
 	h.progSent, h.progAnswered = 0, 0
+	h.probeTarget = nil // no watch id is held on the new stream until a create is confirmed
 	for _, bs := range h.ranges {
 		for b := range bs.all {
 			if b.created {
@@ -228,6 +236,7 @@ func (h *hub) createUpstream(b *broadcast) {
 // cancelUpstream drops b's upstream watch. Called with h.mu held.
 func (h *hub) cancelUpstream(b *broadcast) {
 	delete(h.byID, b.id)
+	h.retarget(b)
 	b.bs.remove(b)
 	if len(b.bs.all) == 0 {
 		delete(h.ranges, b.rk)
@@ -318,6 +327,10 @@ func (h *hub) created(resp *pb.WatchResponse) {
 	}
 	b := h.creating[0]
 	h.creating = h.creating[1:]
+	if b == &h.probeMark {
+		h.probed(resp)
+		return
+	}
 	if h.byID[b.id] != b {
 		// Dropped while the create was in flight.
 		if !resp.Canceled {
@@ -329,12 +342,17 @@ func (h *hub) created(resp *pb.WatchResponse) {
 		b.created = !resp.Canceled
 		if resp.Canceled {
 			h.stopClock()
+		} else if h.probeTarget == nil {
+			h.probeTarget = b
 		}
 		return
 	}
 	if resp.Canceled {
 		b.refused(resp)
 		return
+	}
+	if h.probeTarget == nil {
+		h.probeTarget = b
 	}
 	b.confirmedAt = h.progSent
 	b.confirm(resp.Header)
@@ -415,7 +433,7 @@ func (h *hub) requestProgress(cs *clientStream) {
 func (h *hub) currentForCreate(ctx context.Context) (*pb.ResponseHeader, error) {
 	backoff := retry.Min
 	for {
-		hdr, err := h.revs.current(ctx)
+		hdr, err := h.current(ctx)
 		if err == nil {
 			return hdr, nil
 		}

@@ -36,6 +36,11 @@ var (
 		Namespace: "etcdproxy", Subsystem: "watch", Name: "slow_consumer_detaches_total",
 		Help: "Times a watcher was detached because its client stream fell behind; it catches up on its own.",
 	})
+	revisionReads = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "etcdproxy", Subsystem: "watch", Name: "revision_reads_total",
+		Help: "Reads of etcd's current revision for created and cancel responses, by how: probe (on the upstream " +
+			"watch stream) or status (a Maintenance.Status call).",
+	}, []string{"via"})
 	merges = prometheus.NewCounter(prometheus.CounterOpts{
 		Namespace: "etcdproxy", Subsystem: "watch", Name: "broadcast_merges_total",
 		Help: "Times a caught-up broadcast was merged into another of the same range.",
@@ -44,5 +49,5 @@ var (
 
 func init() {
 	prometheus.MustRegister(clientStreams, clientWatchers, upstreamWatchers, upstreamStreams, upstreamReconnects,
-		eventsFannedOut, clientEventResponses, slowDetaches, merges)
+		eventsFannedOut, clientEventResponses, slowDetaches, merges, revisionReads)
 }
