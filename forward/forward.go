@@ -32,18 +32,16 @@ const SupportPackageIsVersion1 = true
 // Other transport-level keys (content-type, user-agent, te, grpc-timeout, ...) are skipped by gRPC's transport when
 // it writes headers, so they need no filtering here.
 func Outgoing(ctx context.Context) context.Context {
-	in, ok := metadata.FromIncomingContext(ctx)
-	if !ok || len(in) == 0 {
+	md, ok := metadata.FromIncomingContext(ctx) // a copy of its own (keys and values), so it is edited in place
+	if !ok || len(md) == 0 {
 		return ctx
 	}
-	out := make(metadata.MD, len(in))
-	for k, v := range in {
+	for k := range md {
 		if len(k) > 0 && k[0] == ':' {
-			continue
+			delete(md, k)
 		}
-		out[k] = v
 	}
-	return metadata.NewOutgoingContext(ctx, out)
+	return metadata.NewOutgoingContext(ctx, md)
 }
 
 // Unary forwards one unary call. call is the typed upstream client's method.

@@ -343,3 +343,22 @@ func TestClientStream(t *testing.T) {
 		t.Fatalf("CloseAndRecv = %v, %v; want Count 4", resp, err)
 	}
 }
+
+// TestOutgoingLeavesIncoming: Outgoing drops the pseudo-headers from what it sends upstream, and leaves the call's
+// incoming metadata as it was (it edits a copy), so a second upstream call made for the same call, or an override
+// that reads the incoming metadata afterwards, sees it whole.
+func TestOutgoingLeavesIncoming(t *testing.T) {
+	in := metadata.Pairs(":authority", "proxy:2379", "token", "tok", "x-custom", "a", "x-custom", "b")
+	ctx := metadata.NewIncomingContext(context.Background(), in)
+	for range 2 {
+		out, _ := metadata.FromOutgoingContext(forward.Outgoing(ctx))
+		if len(out.Get(":authority")) != 0 || len(out.Get("token")) != 1 || len(out.Get("x-custom")) != 2 {
+			t.Errorf("sent upstream: %v, want every key of %v but :authority", out, in)
+		}
+		out.Set("token", "changed")
+	}
+	got, _ := metadata.FromIncomingContext(ctx)
+	if len(got) != len(in) || got.Get(":authority")[0] != "proxy:2379" || got.Get("token")[0] != "tok" {
+		t.Errorf("the incoming metadata became %v, want %v", got, in)
+	}
+}

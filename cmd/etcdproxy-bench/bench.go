@@ -364,6 +364,7 @@ type probe struct {
 	start                time.Time
 	etcd0, proxy0, self0 time.Duration
 	etcdOK, proxyOK      bool
+	sys0                 int64 // the proxy's read and write system calls so far; -1 when unknown
 }
 
 type usage struct {
@@ -371,6 +372,7 @@ type usage struct {
 	etcdCPU, proxyCPU, selfCPU time.Duration
 	etcdOK, proxyOK            bool
 	etcdPeak, proxyPeak        int64 // bytes; 0 when unknown
+	proxySyscalls              int64 // the proxy's read and write system calls; -1 when unknown
 }
 
 func (b *bench) startProbe(t *target) *probe {
@@ -384,6 +386,7 @@ func (b *bench) startProbe(t *target) *probe {
 		_ = resetPeakRSS(t.pid)
 		cpu, err := procCPU(t.pid)
 		p.proxy0, p.proxyOK = cpu, err == nil
+		p.sys0 = procSyscalls(t.pid)
 	}
 	p.self0, _ = procCPU(os.Getpid())
 	p.start = time.Now()
@@ -391,7 +394,7 @@ func (b *bench) startProbe(t *target) *probe {
 }
 
 func (p *probe) stop() usage {
-	u := usage{elapsed: time.Since(p.start)}
+	u := usage{elapsed: time.Since(p.start), proxySyscalls: -1}
 	if p.etcdOK {
 		if cpu, err := procCPU(p.b.etcdPID); err == nil {
 			u.etcdCPU, u.etcdOK = cpu-p.etcd0, true
@@ -402,6 +405,9 @@ func (p *probe) stop() usage {
 		if cpu, err := procCPU(p.t.pid); err == nil {
 			u.proxyCPU, u.proxyOK = cpu-p.proxy0, true
 			u.proxyPeak, _ = peakRSS(p.t.pid)
+			if n := procSyscalls(p.t.pid); n >= 0 && p.sys0 >= 0 {
+				u.proxySyscalls = n - p.sys0
+			}
 		}
 	}
 	self, _ := procCPU(os.Getpid())
@@ -416,6 +422,9 @@ func (u usage) addCPU(m *measurement, ops float64, withEtcdRSS bool) {
 	}
 	if ops > 0 && u.proxyOK {
 		m.add(mProxyCPU, float64(u.proxyCPU.Microseconds())/ops)
+		if u.proxySyscalls >= 0 {
+			m.add(mProxySys, float64(u.proxySyscalls)/ops)
+		}
 	}
 	if u.proxyOK && u.proxyPeak > 0 {
 		m.add(mProxyRSS, float64(u.proxyPeak)/(1<<20))

@@ -207,6 +207,31 @@ func nameOr(p *proc, s string) string {
 // clockTick is USER_HZ, the unit of utime and stime in /proc/PID/stat; 100 on every Linux this runs on.
 const clockTick = 10 * time.Millisecond
 
+// procSyscalls returns the read and write system calls process pid has made (syscr + syscw of /proc/PID/io), or -1.
+func procSyscalls(pid int) int64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/io", pid))
+	if err != nil {
+		return -1
+	}
+	var n int64
+	found := 0
+	for _, line := range strings.Split(string(b), "\n") {
+		name, v, ok := strings.Cut(line, ": ")
+		if ok && (name == "syscr" || name == "syscw") {
+			c, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+			if err != nil {
+				return -1
+			}
+			n += c
+			found++
+		}
+	}
+	if found != 2 {
+		return -1
+	}
+	return n
+}
+
 // procCPU returns the user+system CPU time pid has used (all its threads, live and ended).
 func procCPU(pid int) (time.Duration, error) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))

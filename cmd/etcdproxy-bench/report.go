@@ -68,6 +68,7 @@ var (
 	mCacheHit   = metric{name: "etcdproxy cache hits %", better: neutral}
 	mPerBarrier = metric{name: "etcdproxy reads per barrier", better: neutral}
 	mBarrierCPU = metric{name: "etcd CPU µs per barrier", better: neutral}
+	mProxySys   = metric{name: "proxy read+write syscalls/op", better: lowerBetter}
 	mExpiryP50  = metric{name: "expiry after last keepalive p50 s", better: lowerBetter}
 	mExpiryMax  = metric{name: "expiry after last keepalive max s", better: lowerBetter}
 	mNotExpired = metric{name: "leases not expired within 3×TTL (must be 0)", better: lowerBetter, agg: sum}
@@ -82,7 +83,7 @@ var (
 // metricOrder is the order of a workload's rows, whatever order the targets measured them in.
 var metricOrder = []metric{mCreateMs, mUpWatch, mUpStreams, mOps, mAttempts, mP50, mP99, mExpiryP50, mExpiryMax,
 	mNotExpired, mErrors, mLost, mDup,
-	mUnanswer, mRenewals, mErrCode, mCacheHit, mPerBarrier, mBarrierCPU, mPropFirst, mPropIdle, mPropByFirst, mPropByIdle, mEtcdCPU, mProxyCPU,
+	mUnanswer, mRenewals, mErrCode, mCacheHit, mPerBarrier, mBarrierCPU, mPropFirst, mPropIdle, mPropByFirst, mPropByIdle, mEtcdCPU, mProxyCPU, mProxySys,
 	mClientCPU, mProxyMsS, mClientMsS, mProxyRSS, mEtcdRSS}
 
 func metricRank(m metric) int {
@@ -506,7 +507,9 @@ const howToRead = `## How to read this
   lease's keepalive request to its reply.
 - CPU µs/op is the process's user+system CPU time (/proc/PID/stat) over the window divided by the ops in it:
   **etcd CPU** is etcd's, **proxy CPU** the proxy's (n/a for direct). Peak RSS is VmHWM over the window (reset
-  before it through /proc/PID/clear_refs).
+  before it through /proc/PID/clear_refs). **proxy read+write syscalls/op** is the proxy's read and write system
+  calls (syscr + syscw, /proc/PID/io) over the window per op, reads that found nothing to read included: a proxy
+  that costs more CPU than the floor for the same system calls spends it in its own code, not in the kernel.
 - Fresh proxy processes: the reset cannot shrink a heap that earlier workloads left resident (etcdproxy's read
   cache holds about 100 MB after the cold reads), so the watch workloads (W=100000 too) and the keepalive workload,
   whose memory is what they are read for, run on fresh proxy processes: before each one's first round, every proxy
