@@ -14,10 +14,10 @@ import (
 
 // Dial opens the upstream connection with the settings a transparent proxy needs, on top of cfg:
 //
-//   - clientv3's interceptor chain stays as it is (auth token refresh for the proxy's own credentials, API
-//     version, backoff), but a unary call is attempted once (MaxUnaryRetries 1): the client behind the proxy
-//     retries as it would against etcd, so a failure is not retried twice over and an error such as an invalid
-//     auth token reaches the client at once instead of after up to 100 hidden retries.
+//   - A unary call is attempted once: the client behind the proxy retries as it would against etcd, so a failure
+//     is not retried twice over and an error such as an invalid auth token reaches the client at once instead of
+//     after up to 100 hidden retries. With the proxy's own credentials (cfg.Username), clientv3's interceptor
+//     stays (its token refresh) with MaxUnaryRetries 1; without, it is replaced by onceUnary (below).
 //   - Message size limits default to math.MaxInt32 on both directions, so etcd's own limits decide and an
 //     oversized request gets etcd's own error. They are the connection's default call options, so that every
 //     stub on it keeps them, not only clientv3's own wrappers.
