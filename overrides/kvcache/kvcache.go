@@ -154,7 +154,8 @@ func (k *KV) Close() {
 type entry struct {
 	key   string // the cache key
 	resp  *pb.RangeResponse
-	start string // the request's range: [start, end), end "" for a single key, "\x00" for every key from start
+	enc   encoding // resp's encoding, sent for a hit that returns resp (internal/encoded)
+	start string   // the request's range: [start, end), end "" for a single key, "\x00" for every key from start
 	end   string
 	gen   uint64 // the invalidator's generation when stored
 	size  int64
@@ -197,7 +198,7 @@ func (k *KV) Range(ctx context.Context, req *pb.RangeRequest) (*pb.RangeResponse
 	}
 	gen, live := k.watch.state()
 	live = live && k.authKnown.Load()
-	if resp := k.hit(key, gen, live); resp != nil {
+	if resp := k.hit(ctx, key, gen, live); resp != nil {
 		return resp, nil
 	}
 	read := func() (*pb.RangeResponse, error) {
@@ -213,7 +214,7 @@ func (k *KV) Range(ctx context.Context, req *pb.RangeRequest) (*pb.RangeResponse
 	return k.readShared(ctx, key, func() *pb.RangeResponse {
 		gen, live = k.watch.state()
 		live = live && k.authKnown.Load()
-		return k.hit(key, gen, live)
+		return k.hit(ctx, key, gen, live)
 	}, read)
 }
 
@@ -261,14 +262,16 @@ func (k *KV) fill(ctx context.Context, req *pb.RangeRequest, key string, creds u
 			return resp, nil
 		}
 	}
-	e := &entry{key: key, resp: resp, start: string(req.Key), end: string(req.RangeEnd), gen: gen,
-		size: int64(proto.Size(resp) + len(key)), ttl: ttl}
+	enc := encode(resp)
+	e := &entry{key: key, resp: resp, enc: enc, start: string(req.Key), end: string(req.RangeEnd), gen: gen,
+		size: int64(enc.size + len(key)), ttl: ttl}
 	k.watch.store(e, resp.Header.GetRevision(), func() { k.keep(e) })
 	return resp, nil
 }
 
-// hit returns the cached answer for key if the cache may serve it now (live, generation gen), counting the hit.
-func (k *KV) hit(key string, gen uint64, live bool) *pb.RangeResponse {
+// hit returns the cached answer for key if the cache may serve it now (live, generation gen), counting the hit,
+// and offers its encoding for the call of ctx.
+func (k *KV) hit(ctx context.Context, key string, gen uint64, live bool) *pb.RangeResponse {
 	if !live {
 		return nil
 	}
@@ -277,13 +280,15 @@ func (k *KV) hit(key string, gen uint64, live bool) *pb.RangeResponse {
 	if item == nil || item.Expired() || item.Value().gen != gen {
 		return nil
 	}
-	resp := item.Value().resp
+	e := item.Value()
+	resp := e.resp
 	rev := max(resp.Header.GetRevision(), pos)
 	if k.opts.Floor != nil && rev < k.opts.Floor() {
 		return nil
 	}
 	hits.Inc()
 	if rev == resp.Header.GetRevision() {
+		e.enc.offer(ctx, resp)
 		return resp
 	}
 	// Answered at the watch's position, as etcd answers with its current revision: an answer never says a revision
@@ -291,7 +296,9 @@ func (k *KV) hit(key string, gen uint64, live bool) *pb.RangeResponse {
 	// shared and never mutated: a new response around its parts.
 	h := resp.Header
 	hdr := &pb.ResponseHeader{ClusterId: h.GetClusterId(), MemberId: h.GetMemberId(), Revision: rev, RaftTerm: h.GetRaftTerm()}
-	return &pb.RangeResponse{Header: hdr, Kvs: resp.Kvs, More: resp.More, Count: resp.Count}
+	out := &pb.RangeResponse{Header: hdr, Kvs: resp.Kvs, More: resp.More, Count: resp.Count}
+	e.enc.offerWithHeader(ctx, out)
+	return out
 }
 
 // keep stores e: in the index first, then in ccache. ccache may evict e as soon as it has it (its worker prunes
