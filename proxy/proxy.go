@@ -108,7 +108,7 @@ func New(cfg Config) *Proxy {
 	opts := []grpc.ServerOption{
 		grpc.MaxRecvMsgSize(orMax(cfg.MaxRecvBytes)),
 		grpc.MaxSendMsgSize(orMax(cfg.MaxSendBytes)),
-		grpc.ForceServerCodecV2(encoded.NewCodec()), // what offeringRegistrar's handlers offer is sent as it is
+		grpc.ForceServerCodecV2(encoded.NewCodec()), // what handlers offer is sent as it is
 		grpc.ChainUnaryInterceptor(recoverUnary(lg)),
 		grpc.ChainStreamInterceptor(recoverStream(lg), p.endOnShutdown),
 		grpc.ChainUnaryInterceptor(p.overrides.Unary...),
@@ -129,7 +129,7 @@ func New(cfg Config) *Proxy {
 			grpc.ChainStreamInterceptor(calls.stream)}, opts...)
 	}
 	srv := grpc.NewServer(opts...)
-	services.Register(offeringRegistrar{srv})
+	services.Register(handlers{srv})
 	p.health = health.NewServer()
 	healthpb.RegisterHealthServer(srv, p.health)
 	p.healthed = make(chan struct{})
