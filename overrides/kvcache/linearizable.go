@@ -201,7 +201,7 @@ func (k *KV) linearizable(ctx context.Context, req *pb.RangeRequest) (*pb.RangeR
 // linHit returns the cached answer for key as etcd's answer at b's revision, if the entry is of the generation in
 // which the watch reached that revision, and offers its encoding for the call of ctx.
 func (k *KV) linHit(ctx context.Context, key string, b *batch) *pb.RangeResponse {
-	item := k.cache.Get(key)
+	item := k.lookup(key)
 	if item == nil || item.Expired() || item.Value().gen != b.gen {
 		return nil
 	}
