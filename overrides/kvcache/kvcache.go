@@ -41,7 +41,6 @@ import (
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/status"
-	"google.golang.org/protobuf/proto"
 )
 
 // Options configure the cache.
@@ -165,16 +164,6 @@ type entry struct {
 
 // Size is the entry's weight against MaxBytes.
 func (e *entry) Size() int64 { return e.size }
-
-// cacheKey identifies a request and the credentials it is made with.
-func cacheKey(ctx context.Context, req *pb.RangeRequest) (string, upstream.Creds, bool) {
-	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(req)
-	if err != nil {
-		return "", upstream.Creds{}, false
-	}
-	c := upstream.CredsOf(ctx)
-	return c.Token + "\x00" + c.Authorization + "\x00" + string(b), c, true
-}
 
 // cacheable reports whether req may be answered from the cache: a serializable read at the current revision.
 func cacheable(req *pb.RangeRequest) bool {
