@@ -41,20 +41,23 @@ func TestHitEncoding(t *testing.T) {
 	unknown := &pb.RangeResponse{Header: &pb.ResponseHeader{Revision: 3}, Count: 1}
 	unknown.ProtoReflect().SetUnknown([]byte{0xa0, 0x06, 0x01}) // field 100, varint 1
 	for name, resp := range map[string]*pb.RangeResponse{
-		"empty":          {},
-		"header only":    {Header: &pb.ResponseHeader{ClusterId: 1, MemberId: 2, Revision: 3, RaftTerm: 4}},
-		"empty header":   {Header: &pb.ResponseHeader{}, Kvs: []*mvccpb.KeyValue{kv("a", "1", 2)}, Count: 1},
-		"kvs":            {Header: &pb.ResponseHeader{ClusterId: 1, MemberId: 2, Revision: 9, RaftTerm: 4}, Kvs: []*mvccpb.KeyValue{kv("a", "1", 2), kv("b", string(make([]byte, 300)), 9)}, More: true, Count: 5},
+		"empty":        {},
+		"header only":  {Header: &pb.ResponseHeader{ClusterId: 1, MemberId: 2, Revision: 3, RaftTerm: 4}},
+		"empty header": {Header: &pb.ResponseHeader{}, Kvs: []*mvccpb.KeyValue{kv("a", "1", 2)}, Count: 1},
+		"kvs": {Header: &pb.ResponseHeader{ClusterId: 1, MemberId: 2, Revision: 9, RaftTerm: 4},
+			Kvs: []*mvccpb.KeyValue{kv("a", "1", 2), kv("b", string(make([]byte, 300)), 9)}, More: true, Count: 5},
 		"count only":     {Header: &pb.ResponseHeader{Revision: 1 << 40}, Count: 12},
 		"unknown fields": unknown,
 	} {
 		e := encode(resp)
-		if want, _ := proto.Marshal(resp); !bytes.Equal(sentFor(t, resp, func(ctx context.Context) { e.offer(ctx, resp) }), want) || e.size != len(want) {
+		want, _ := proto.Marshal(resp)
+		if got := sentFor(t, resp, func(ctx context.Context) { e.offer(ctx, resp) }); !bytes.Equal(got, want) || e.size != len(want) {
 			t.Errorf("%s: the cached response is not sent as its encoding", name)
 		}
 		for _, hdr := range []*pb.ResponseHeader{{}, {ClusterId: 1, MemberId: 2, Revision: 1 << 50, RaftTerm: 4}, {Revision: 10}} {
 			out := &pb.RangeResponse{Header: hdr, Kvs: resp.Kvs, More: resp.More, Count: resp.Count}
-			if want, _ := proto.Marshal(out); !bytes.Equal(sentFor(t, out, func(ctx context.Context) { e.offerWithHeader(ctx, out) }), want) {
+			want, _ := proto.Marshal(out)
+			if got := sentFor(t, out, func(ctx context.Context) { e.offerWithHeader(ctx, out) }); !bytes.Equal(got, want) {
 				t.Errorf("%s: a response with header %v around the cached parts is not sent as its encoding", name, hdr)
 			}
 		}

@@ -21,7 +21,8 @@ func TestCacheKey(t *testing.T) {
 	long := string(bytes.Repeat([]byte("t"), 300))
 	for _, md := range []metadata.MD{nil, metadata.Pairs("token", "tok"), metadata.Pairs("authorization", "auth"),
 		metadata.Pairs("token", long, "authorization", "auth", "user-agent", "x")} {
-		for _, r := range []*pb.RangeRequest{{}, {Key: []byte("k"), RangeEnd: []byte("\x00"), Serializable: true, Limit: 3}, unknown} {
+		for _, r := range []*pb.RangeRequest{{}, {Key: []byte("k"), RangeEnd: []byte("\x00"), Serializable: true, Limit: 3},
+			unknown} {
 			ctx := metadata.NewIncomingContext(context.Background(), md)
 			key, creds, ok := cacheKey(ctx, r)
 			enc, err := proto.MarshalOptions{Deterministic: true}.Marshal(r)

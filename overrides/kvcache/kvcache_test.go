@@ -606,7 +606,8 @@ func (c rawCodec) Unmarshal(data mem.BufferSlice, v any) error {
 }
 
 // rawRange reads req through cc and returns the bytes of the reply and the reply they decode to.
-func rawRange(t *testing.T, ctx context.Context, cc *grpc.ClientConn, req *pb.RangeRequest) ([]byte, *pb.RangeResponse) {
+func rawRange(t *testing.T, ctx context.Context, cc *grpc.ClientConn, req *pb.RangeRequest) (
+	[]byte, *pb.RangeResponse) {
 	t.Helper()
 	var b []byte
 	if err := cc.Invoke(ctx, "/etcdserverpb.KV/Range", req, &b,
@@ -646,8 +647,8 @@ func TestHitBytes(t *testing.T) {
 		_, d := rawRange(t, ctx, e.Direct, req)
 		want, _ := proto.Marshal(r)
 		if hits(t) != before+1 || r.Header.Revision < w || !bytes.Equal(hit, want) {
-			t.Errorf("%v: after a write at %d elsewhere in the keyspace, a hit sent %x (%v): want a hit at %d or later, encoded %x",
-				req, w, hit, r, w, want)
+			t.Errorf("%v: after a write at %d elsewhere in the keyspace, a hit sent %x (%v): "+
+				"want a hit at %d or later, encoded %x", req, w, hit, r, w, want)
 		}
 		d.Header.Revision = r.Header.Revision
 		if !proto.Equal(r, d) {
