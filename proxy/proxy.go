@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/etcdproxy/etcdproxy/gen"
+	"github.com/etcdproxy/etcdproxy/internal/encoded"
 	"github.com/etcdproxy/etcdproxy/internal/stream"
 	"github.com/etcdproxy/etcdproxy/overrides"
 	"github.com/soheilhy/cmux"
@@ -107,6 +108,7 @@ func New(cfg Config) *Proxy {
 	opts := []grpc.ServerOption{
 		grpc.MaxRecvMsgSize(orMax(cfg.MaxRecvBytes)),
 		grpc.MaxSendMsgSize(orMax(cfg.MaxSendBytes)),
+		grpc.ForceServerCodecV2(encoded.NewCodec()), // what handlers offer is sent as it is
 		grpc.ChainUnaryInterceptor(recoverUnary(lg)),
 		grpc.ChainStreamInterceptor(recoverStream(lg), p.endOnShutdown),
 		grpc.ChainUnaryInterceptor(p.overrides.Unary...),
@@ -127,7 +129,7 @@ func New(cfg Config) *Proxy {
 			grpc.ChainStreamInterceptor(calls.stream)}, opts...)
 	}
 	srv := grpc.NewServer(opts...)
-	services.Register(srv)
+	services.Register(handlers{srv})
 	p.health = health.NewServer()
 	healthpb.RegisterHealthServer(srv, p.health)
 	p.healthed = make(chan struct{})

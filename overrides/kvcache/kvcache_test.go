@@ -17,6 +17,9 @@ import (
 	"go.etcd.io/etcd/api/v3/authpb"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/encoding"
+	protoenc "google.golang.org/grpc/encoding/proto"
+	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 )
@@ -587,6 +590,69 @@ func TestHerdSharesOneRead(t *testing.T) {
 		t.Logf("round %d: %d identical reads, %v reached etcd", round, n, reads)
 		if reads > n/4 {
 			t.Errorf("%d identical reads that missed together cost etcd %v reads", n, reads)
+		}
+	}
+}
+
+// rawCodec encodes requests as gRPC's proto codec does and hands replies over as their bytes (*[]byte).
+type rawCodec struct{ encoding.CodecV2 }
+
+func (c rawCodec) Unmarshal(data mem.BufferSlice, v any) error {
+	if b, ok := v.(*[]byte); ok {
+		*b = data.Materialize()
+		return nil
+	}
+	return c.CodecV2.Unmarshal(data, v)
+}
+
+// rawRange reads req through cc and returns the bytes of the reply and the reply they decode to.
+func rawRange(t *testing.T, ctx context.Context, cc *grpc.ClientConn, req *pb.RangeRequest) (
+	[]byte, *pb.RangeResponse) {
+	t.Helper()
+	var b []byte
+	if err := cc.Invoke(ctx, "/etcdserverpb.KV/Range", req, &b,
+		grpc.ForceCodecV2(rawCodec{encoding.GetCodecV2(protoenc.Name)})); err != nil {
+		t.Fatal(err)
+	}
+	r := &pb.RangeResponse{}
+	if err := proto.Unmarshal(b, r); err != nil {
+		t.Fatal(err)
+	}
+	return b, r
+}
+
+// TestHitBytes: a hit is sent as etcd's bytes: those of etcd's own answer while etcd has had no write since the
+// entry was filled, then (answered at a newer revision) the encoding of etcd's answer with that revision.
+func TestHitBytes(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{})
+	ctx := proxytest.Timeout(t, 30*time.Second)
+	for _, k := range []string{"hb/a", "hb/b", "hb/c"} {
+		proxytest.Put(t, ctx, e.Direct, k, "v-"+k)
+	}
+	for _, req := range []*pb.RangeRequest{
+		{Key: []byte("hb/a"), Serializable: true},
+		{Key: []byte("hb/"), RangeEnd: []byte("hb0"), Serializable: true, Limit: 2},
+		{Key: []byte("hb/"), RangeEnd: []byte("hb0"), Serializable: true, CountOnly: true},
+	} {
+		cached(t, ctx, e.Via, req)
+		before := hits(t)
+		hit, _ := rawRange(t, ctx, e.Via, req)
+		direct, _ := rawRange(t, ctx, e.Direct, req)
+		if hits(t) != before+1 || !bytes.Equal(hit, direct) {
+			t.Errorf("%v: a hit sent %x, etcd %x", req, hit, direct)
+		}
+		w := proxytest.Put(t, ctx, e.Via, "hb-other", "x") // not in the range: the entry stays
+		before = hits(t)
+		hit, r := rawRange(t, ctx, e.Via, req)
+		_, d := rawRange(t, ctx, e.Direct, req)
+		want, _ := proto.Marshal(r)
+		if hits(t) != before+1 || r.Header.Revision < w || !bytes.Equal(hit, want) {
+			t.Errorf("%v: after a write at %d elsewhere in the keyspace, a hit sent %x (%v): "+
+				"want a hit at %d or later, encoded %x", req, w, hit, r, w, want)
+		}
+		d.Header.Revision = r.Header.Revision
+		if !proto.Equal(r, d) {
+			t.Errorf("%v: after a write elsewhere, a hit answered %v, etcd %v", req, r, d)
 		}
 	}
 }

@@ -254,31 +254,35 @@ func (k *KV) linearizable(ctx context.Context, req *pb.RangeRequest) (*pb.RangeR
 	if b.hdr == nil {
 		return fallback(b.why)
 	}
-	if resp := k.linHit(key, b); resp != nil {
+	if resp := k.linHit(ctx, key, b); resp != nil {
 		return resp, nil
 	}
 	// A miss: read etcd (identical misses share one read), and store the answer for the next reads.
-	return k.readShared(ctx, key, func() *pb.RangeResponse { return k.linHit(key, b) }, func() (*pb.RangeResponse, error) {
+	return k.readShared(ctx, key, func() *pb.RangeResponse { return k.linHit(ctx, key, b) }, func() (*pb.RangeResponse, error) {
 		linFallbacks.WithLabelValues("miss").Inc()
 		return k.fill(ctx, req, key, creds, b.gen)
 	})
 }
 
 // linHit returns the cached answer for key as etcd's answer at b's revision, if the entry is of the generation in
-// which the watch reached that revision.
-func (k *KV) linHit(key string, b *batch) *pb.RangeResponse {
-	item := k.cache.Get(key)
+// which the watch reached that revision, and offers its encoding for the call of ctx.
+func (k *KV) linHit(ctx context.Context, key string, b *batch) *pb.RangeResponse {
+	item := k.lookup(key)
 	if item == nil || item.Expired() || item.Value().gen != b.gen {
 		return nil
 	}
 	linHits.Inc()
-	resp := item.Value().resp
+	e := item.Value()
+	resp := e.resp
 	if resp.GetHeader().GetRevision() > b.hdr.Revision {
+		e.enc.offer(ctx, resp)
 		return resp // etcd's answer at a revision committed after the barrier's
 	}
 	// The cached answer is shared and never mutated: a new response around its parts, with the barrier's header.
 	// Every field of RangeResponse is listed (TestRangeResponseFields fails when etcd adds one).
-	return &pb.RangeResponse{Header: b.hdr, Kvs: resp.Kvs, More: resp.More, Count: resp.Count}
+	out := &pb.RangeResponse{Header: b.hdr, Kvs: resp.Kvs, More: resp.More, Count: resp.Count}
+	e.enc.offerWithHeader(ctx, out)
+	return out
 }
 
 // rangeResponseFields is the number of fields linHit copies.
