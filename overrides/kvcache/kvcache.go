@@ -45,7 +45,8 @@ import (
 
 // Options configure the cache.
 type Options struct {
-	// MaxBytes bounds the cache (the encoded size of the cached responses plus their keys); 0 disables it.
+	// MaxBytes bounds the cache: twice the encoded size of the cached responses (an entry holds its response both
+	// decoded and encoded) plus their keys; 0 disables it.
 	MaxBytes int64
 	// TTL bounds the life of an entry whatever the invalidation watch says; 0 means 30s.
 	TTL time.Duration
@@ -254,7 +255,7 @@ func (k *KV) fill(ctx context.Context, req *pb.RangeRequest, key string, creds u
 	}
 	enc := encode(resp)
 	e := &entry{key: key, resp: resp, enc: enc, start: string(req.Key), end: string(req.RangeEnd), gen: gen,
-		size: int64(enc.size + len(key)), ttl: ttl}
+		size: int64(2*enc.size + len(key)), ttl: ttl} // held twice: decoded and encoded
 	k.watch.store(e, resp.Header.GetRevision(), func() { k.keep(e) })
 	return resp, nil
 }
