@@ -5,8 +5,11 @@ import (
 	"encoding/json"
 	"net/http"
 	"net/http/pprof"
+	"strings"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	dto "github.com/prometheus/client_model/go"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 )
@@ -45,11 +48,13 @@ func (p *Proxy) HTTPHandler(pprofOn bool) http.Handler {
 		_ = json.NewEncoder(w).Encode(body)
 	}
 	mux.HandleFunc("/health", health)
-	mux.Handle("/metrics", promhttp.Handler())
+	metrics := promhttp.InstrumentMetricHandler(prometheus.DefaultRegisterer,
+		promhttp.HandlerFor(proxyMetrics{prometheus.DefaultGatherer}, promhttp.HandlerOpts{}))
+	mux.Handle("/metrics", metrics)
 	// etcd grpc-proxy serves its own health and metrics under /proxy/ (its /metrics relays an etcd member's); the
 	// same paths answer here, so that probes and scrapes written for it keep working.
 	mux.HandleFunc("/proxy/health", health)
-	mux.Handle("/proxy/metrics", promhttp.Handler())
+	mux.Handle("/proxy/metrics", metrics)
 	if pprofOn {
 		mux.HandleFunc("/debug/pprof/", pprof.Index)
 		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
@@ -58,6 +63,24 @@ func (p *Proxy) HTTPHandler(pprofOn bool) http.Handler {
 		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	}
 	return mux
+}
+
+// proxyMetrics gathers the process's metrics but etcd's own (etcd_*): the binary links etcd's server packages (for
+// --embed), whose init functions register etcd's member metrics in the default registry, where they would read as
+// this process's (etcd_server_has_leader 0, an empty backend) and mislead a dashboard or an alert that matches on
+// them. etcdproxy's own are etcdproxy_*, besides Go's and the process's. An embedded etcd serves its own metrics on
+// its client URL, as any member does.
+type proxyMetrics struct{ prometheus.Gatherer }
+
+func (g proxyMetrics) Gather() ([]*dto.MetricFamily, error) {
+	mfs, err := g.Gatherer.Gather()
+	kept := mfs[:0]
+	for _, mf := range mfs {
+		if !strings.HasPrefix(mf.GetName(), "etcd_") {
+			kept = append(kept, mf)
+		}
+	}
+	return kept, err
 }
 
 // serveHealth keeps the grpc.health.v1 status of the whole server ("") in step with the leader: SERVING while the
