@@ -71,10 +71,11 @@ type batch struct {
 //
 // Holding: when a barrier returns, the next one is held back until as many reads have joined it as were waiting
 // when the barrier returned (those of the next batch and those just answered), or for holdRTTs round trips of the
-// barrier (at most maxHold). Clients that read in a loop come back within that time, so they share one barrier instead of
-// splitting into two groups that alternate, each with its own barrier (which doubles etcd's cost per read). A
-// single client is never held (its read is the one it waits for), and after an idle spell the first read sends its
-// barrier at once. Holding never makes an answer older: a barrier is always sent after every read that joined it.
+// barrier (at most maxHold). Clients that read in a loop come back within that time, so they share one barrier
+// instead of splitting into two groups that alternate, each with its own barrier (which doubles etcd's cost per
+// read). A single client is never held (its read is the one it waits for), and after an idle spell the first read
+// sends its barrier at once. Holding never makes an answer older: a barrier is always sent after every read that
+// joined it.
 type batcher struct {
 	// mu protects the fields below.
 	mu       sync.Mutex
