@@ -65,19 +65,26 @@ func (p *Proxy) HTTPHandler(pprofOn bool) http.Handler {
 	return mux
 }
 
-// proxyMetrics gathers the process's metrics but etcd's own (etcd_*): the binary links etcd's server packages (for
-// --embed), whose init functions register etcd's member metrics in the default registry, where they would read as
-// this process's (etcd_server_has_leader 0, an empty backend) and mislead a dashboard or an alert that matches on
-// them. etcdproxy's own are etcdproxy_*, besides Go's and the process's. An embedded etcd serves its own metrics on
+// proxyMetrics gathers the proxy's own metrics (etcdproxy_*), Go's, the process's and the metrics handler's, and
+// nothing else: the binary links etcd's server packages (for --embed), whose init functions register etcd's member
+// metrics in the default registry (etcd_*, and os_fd_used, os_fd_limit), and an embedded member adds its gRPC
+// server's (grpc_server_*); served here they would read as this process's (etcd_server_has_leader 0, an empty
+// backend) and mislead a dashboard or an alert that matches on them. An embedded etcd serves its own metrics on
 // its client URL, as any member does.
 type proxyMetrics struct{ prometheus.Gatherer }
+
+// proxyMetricPrefixes are the metric families proxyMetrics serves.
+var proxyMetricPrefixes = []string{"etcdproxy_", "go_", "process_", "promhttp_"}
 
 func (g proxyMetrics) Gather() ([]*dto.MetricFamily, error) {
 	mfs, err := g.Gatherer.Gather()
 	kept := mfs[:0]
 	for _, mf := range mfs {
-		if !strings.HasPrefix(mf.GetName(), "etcd_") {
-			kept = append(kept, mf)
+		for _, p := range proxyMetricPrefixes {
+			if strings.HasPrefix(mf.GetName(), p) {
+				kept = append(kept, mf)
+				break
+			}
 		}
 	}
 	return kept, err

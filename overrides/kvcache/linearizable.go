@@ -125,11 +125,8 @@ func (k *KV) holdLocked(served int, now time.Time) {
 	if bt.next != nil {
 		waiting += bt.next.reads
 	}
-	if served <= 1 && bt.next == nil || bt.closed {
-		bt.hold = 0
-		if bt.next != nil && !bt.closed {
-			k.sendLocked()
-		}
+	if bt.closed || served <= 1 && bt.next == nil {
+		bt.hold = 0 // closed, or a single client: the next read sends its barrier at once
 		return
 	}
 	bt.hold, bt.holdEnd = waiting, now.Add(min(holdRTTs*bt.rtt, maxHold))

@@ -592,4 +592,13 @@ func TestProbeAfterAuthEnabled(t *testing.T) {
 	if r := p.same(t, "a create without credentials once auth is on"); r.CancelReason != rpctypes.ErrGRPCUserEmpty.Error() {
 		t.Errorf("refused with %q, want %q", r.CancelReason, rpctypes.ErrGRPCUserEmpty.Error())
 	}
+	// etcd refused the probe itself: the next creates ask Status, not a probe etcd would refuse again.
+	probes := revisionReads(t, "probe")
+	for range 2 {
+		p.create(&pb.WatchCreateRequest{Key: []byte("a")})
+		p.same(t, "another create without credentials")
+	}
+	if n := revisionReads(t, "probe") - probes; n != 0 {
+		t.Errorf("%v more probes after etcd refused one, want none until a create is confirmed again", n)
+	}
 }

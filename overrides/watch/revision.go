@@ -106,15 +106,21 @@ func (h *hub) current(ctx context.Context) (*pb.ResponseHeader, error) {
 	rd := h.joinProbe()
 	h.mu.Unlock()
 	if rd != nil {
+		// Bounded as a Status call is: a stream that stops answering (a half-open connection) does not hold the
+		// caller's creates and cancels for as long as TCP takes to notice; Status, a round started after this,
+		// decides then.
+		timer := time.NewTimer(statusTimeout)
+		defer timer.Stop()
 		select {
 		case <-rd.done:
+			if rd.hdr != nil {
+				return rd.hdr, nil
+			}
+		case <-timer.C:
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		case <-h.ctx.Done():
 			return nil, upstream.ErrClosed
-		}
-		if rd.hdr != nil {
-			return rd.hdr, nil
 		}
 	}
 	return h.revs.current(ctx)
@@ -164,8 +170,13 @@ func (h *hub) probed(resp *pb.WatchResponse) {
 		// etcd did not hold the id: it cannot happen while the hub holds the watch (see sendProbe).
 		h.w.logger.Error("a revision probe created an upstream watch; cancelling it", zap.Int64("watch-id", resp.WatchId))
 		h.cancel(resp.WatchId)
+		h.probeTarget = nil // Status decides until a create is confirmed again
+	default:
+		// etcd refused the probe itself (credentials, or permission on the target's range revoked): its callers
+		// ask Status, and so do the next ones until a create is confirmed again, instead of probing a target
+		// etcd refuses.
+		h.probeTarget = nil
 	}
-	// Otherwise etcd refused the probe itself (credentials, permission on the range): its callers ask Status.
 	close(rd.done)
 	if next := h.probeNext; next != nil {
 		h.probeNext = nil
