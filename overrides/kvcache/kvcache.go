@@ -254,6 +254,7 @@ func (k *KV) fill(ctx context.Context, req *pb.RangeRequest, key string, creds u
 		}
 	}
 	enc := encode(resp)
+	enc.offer(ctx, resp) // the filling call sends the bytes it just made, not a second encoding of its own
 	e := &entry{key: key, resp: resp, enc: enc, start: string(req.Key), end: string(req.RangeEnd), gen: gen,
 		size: int64(2*enc.size + len(key)), ttl: ttl} // held twice: decoded and encoded
 	k.watch.store(e, resp.Header.GetRevision(), func() { k.keep(e) })

@@ -634,6 +634,11 @@ func TestHitBytes(t *testing.T) {
 		{Key: []byte("hb/"), RangeEnd: []byte("hb0"), Serializable: true, Limit: 2},
 		{Key: []byte("hb/"), RangeEnd: []byte("hb0"), Serializable: true, CountOnly: true},
 	} {
+		// The first read, a miss that fills the entry, sends the bytes of the encoding the entry keeps: etcd's.
+		miss, _ := rawRange(t, ctx, e.Via, req)
+		if direct, _ := rawRange(t, ctx, e.Direct, req); !bytes.Equal(miss, direct) {
+			t.Errorf("%v: a miss sent %x, etcd %x", req, miss, direct)
+		}
 		cached(t, ctx, e.Via, req)
 		before := hits(t)
 		hit, _ := rawRange(t, ctx, e.Via, req)
