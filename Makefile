@@ -8,9 +8,11 @@ RUN_DIR ?= $(BUILD)/run
 
 all: build
 
-## build: build bin/etcdproxy.
+## build: build bin/etcdproxy, and beside it bin/etcdproxy-etcd, the single-member etcd that --embedded-etcd runs
+## as a child process (so that the proxy binary does not link etcd's server).
 build:
 	$(GO) build -o bin/etcdproxy ./cmd/etcdproxy
+	$(GO) build -o bin/etcdproxy-etcd ./cmd/etcdproxy-etcd
 
 ## run: start the proxy on 127.0.0.1:23790 in front of an embedded single-member etcd (data in $(RUN_DIR)).
 run: build

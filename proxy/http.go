@@ -66,11 +66,11 @@ func (p *Proxy) HTTPHandler(pprofOn bool) http.Handler {
 }
 
 // proxyMetrics gathers the proxy's own metrics (etcdproxy_*), Go's, the process's and the metrics handler's, and
-// nothing else: the binary links etcd's server packages (for --embed), whose init functions register etcd's member
-// metrics in the default registry (etcd_*, and os_fd_used, os_fd_limit), and an embedded member adds its gRPC
-// server's (grpc_server_*); served here they would read as this process's (etcd_server_has_leader 0, an empty
-// backend) and mislead a dashboard or an alert that matches on them. An embedded etcd serves its own metrics on
-// its client URL, as any member does.
+// nothing else: etcd's server packages, in a process with the proxy (tests run members in-process), register etcd's
+// member metrics in the default registry (etcd_*, and os_fd_used, os_fd_limit), and a member in the process adds
+// its gRPC server's (grpc_server_*); served here they would read as this process's (etcd_server_has_leader 0, an
+// empty backend) and mislead a dashboard or an alert that matches on them. The etcd of --embedded-etcd runs in a
+// process of its own (etcdproxy-etcd) and serves its metrics on its client URL, as any member does.
 type proxyMetrics struct{ prometheus.Gatherer }
 
 // proxyMetricPrefixes are the metric families proxyMetrics serves.

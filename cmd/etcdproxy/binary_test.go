@@ -42,7 +42,8 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// binaryPath builds etcdproxy once for the package's tests.
+// binaryPath builds etcdproxy once for the package's tests, with etcdproxy-etcd beside it (as `make build` does:
+// --embedded-etcd runs it).
 func binaryPath(t *testing.T) string {
 	t.Helper()
 	binary.once.Do(func() {
@@ -50,11 +51,15 @@ func binaryPath(t *testing.T) string {
 			return
 		}
 		binary.path = filepath.Join(binary.dir, "etcdproxy")
-		args := []string{"build", "-o", binary.path}
-		if raceEnabled {
-			args = append(args, "-race")
+		for _, b := range []struct{ out, pkg string }{{binary.path, "."}, {filepath.Join(binary.dir, embeddedBinary), "../" + embeddedBinary}} {
+			args := []string{"build", "-o", b.out}
+			if raceEnabled {
+				args = append(args, "-race")
+			}
+			if binary.out, binary.err = exec.Command("go", append(args, b.pkg)...).CombinedOutput(); binary.err != nil {
+				return
+			}
 		}
-		binary.out, binary.err = exec.Command("go", append(args, ".")...).CombinedOutput()
 	})
 	if binary.err != nil {
 		t.Fatalf("go build: %v\n%s", binary.err, binary.out)
@@ -110,6 +115,7 @@ func startRunning(t *testing.T, r *running, work string, args []string) {
 	bin := binaryPath(t)
 	r.logs, r.exited = &lockedBuffer{}, make(chan error, 1)
 	sock := filepath.Join(work, "notify.sock")
+	_ = os.Remove(sock) // a run before this one in work (a restart)
 	notify, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
 	if err != nil {
 		t.Fatal(err)
@@ -121,6 +127,9 @@ func startRunning(t *testing.T, r *running, work string, args []string) {
 	// measure that wait, which a production build does not have.
 	r.cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+sock, "GORACE=atexit_sleep_ms=0")
 	r.cmd.Stdout, r.cmd.Stderr = r.logs, r.logs
+	// A child the binary left running (an embedded etcd it failed to stop) holds the output pipe open: Wait does
+	// not wait for it beyond this, so such a test fails instead of hanging.
+	r.cmd.WaitDelay = 5 * time.Second
 	if err := r.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}

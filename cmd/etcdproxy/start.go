@@ -17,7 +17,6 @@ import (
 	"time"
 
 	"github.com/coreos/go-systemd/v22/daemon"
-	"github.com/etcdproxy/etcdproxy/internal/embedetcd"
 	"github.com/etcdproxy/etcdproxy/overrides"
 	"github.com/etcdproxy/etcdproxy/overrides/kvcache"
 	"github.com/etcdproxy/etcdproxy/overrides/members"
@@ -77,6 +76,7 @@ type startFlags struct {
 	embeddedEtcd          bool
 	embeddedEtcdClientURL string
 	embeddedEtcdPeerURL   string
+	embeddedEtcdBinary    string
 	shutdownTimeout       time.Duration
 }
 
@@ -141,6 +141,7 @@ func (f *startFlags) addFlags(fs *pflag.FlagSet) {
 	fs.BoolVar(&f.embeddedEtcd, "embedded-etcd", false, "start a single-member etcd in --data-dir on loopback and proxy to it")
 	fs.StringVar(&f.embeddedEtcdClientURL, "embedded-etcd-client-url", "http://127.0.0.1:23791", "client URL of the embedded etcd (with --embedded-etcd)")
 	fs.StringVar(&f.embeddedEtcdPeerURL, "embedded-etcd-peer-url", "http://127.0.0.1:23792", "peer URL of the embedded etcd (with --embedded-etcd)")
+	fs.StringVar(&f.embeddedEtcdBinary, "embedded-etcd-binary", "", "the etcdproxy-etcd binary that runs the embedded etcd, as a child process (with --embedded-etcd; default: the one beside this binary, else the one in PATH)")
 	fs.DurationVar(&f.shutdownTimeout, "shutdown-timeout", 5*time.Second, "on SIGINT or SIGTERM, how long running calls may finish before the proxy ends them and exits; watch, lease keepalive and election observe streams, which never finish by themselves, end at once with Unavailable so that clients reconnect elsewhere")
 }
 
@@ -154,7 +155,8 @@ Clients (etcdctl, clientv3, Kubernetes) use it exactly as they would use etcd. T
 HTTP/JSON gateway (/v3/kv/range, /v3/watch, ...) as an etcd member's client port does, and /health and /metrics.
 
 With --embedded-etcd, etcdproxy first starts a single-member etcd in --data-dir on loopback and proxies to it:
-one command gives a working endpoint, for trying it out and for development.`,
+one command gives a working endpoint, for trying it out and for development. The member runs as a child process,
+etcdproxy-etcd (built beside etcdproxy by make build), and stops with the proxy; if it exits, so does the proxy.`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if (cmd.Flags().Changed("endpoints") || f.discoverySRV != "") && f.embeddedEtcd {
@@ -198,7 +200,7 @@ func runStart(f *startFlags) error {
 	if err != nil {
 		return err
 	}
-	endpoints, stopEtcd, err := startUpstream(f, lg)
+	endpoints, stopEtcd, etcdDied, err := startUpstream(f, lg)
 	if err != nil {
 		return err
 	}
@@ -234,7 +236,7 @@ func runStart(f *startFlags) error {
 	if _, err := daemon.SdNotify(false, daemon.SdNotifyReady); err != nil {
 		lg.Warn("could not notify systemd that the proxy is ready", zap.Error(err))
 	}
-	if err := waitForSignal(lg, f, served); err != nil {
+	if err := waitForSignal(lg, f, served, etcdDied); err != nil {
 		return err
 	}
 	if reg != nil {
@@ -281,25 +283,25 @@ func register(f *startFlags, upstream, internal *clientv3.Client, lg *zap.Logger
 }
 
 // startUpstream returns the etcd endpoints to proxy to: --endpoints (or --discovery-srv), or, with --embedded-etcd,
-// those of an etcd member it starts, which stop stops.
-func startUpstream(f *startFlags, lg *zap.Logger) (endpoints []string, stop func(), err error) {
+// those of an etcd member it starts (embedded.go), which stop stops; died reports the member's exit if it exits by
+// itself (nil without --embedded-etcd).
+func startUpstream(f *startFlags, lg *zap.Logger) (endpoints []string, stop func(), died <-chan error, err error) {
 	endpoints, err = upstreamEndpoints(f, lg)
 	if err != nil || !f.embeddedEtcd {
-		return endpoints, func() {}, err
+		return endpoints, func() {}, nil, err
 	}
-	c, err := embedetcd.Start(embedetcd.Options{
-		Dir:       filepath.Join(f.dataDir, "embedded-etcd"),
-		ClientURL: f.embeddedEtcdClientURL,
-		PeerURL:   f.embeddedEtcdPeerURL,
-		LogLevel:  "warn",
-		Logger:    lg.Named("etcd"),
-	})
+	bin, err := findEmbeddedBinary(f.embeddedEtcdBinary)
 	if err != nil {
-		return nil, nil, fmt.Errorf("--embedded-etcd: %w", err)
+		return nil, nil, nil, fmt.Errorf("--embedded-etcd: %w", err)
 	}
-	endpoints = c.Endpoints()
-	lg.Info("started embedded etcd", zap.Strings("endpoints", endpoints), zap.String("data-dir", f.dataDir))
-	return endpoints, c.Close, nil
+	e, url, err := startEmbedded(bin, filepath.Join(f.dataDir, "embedded-etcd"), f.embeddedEtcdClientURL,
+		f.embeddedEtcdPeerURL, lg.Named("etcd"))
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("--embedded-etcd: %w", err)
+	}
+	lg.Info("started embedded etcd", zap.String("endpoint", url), zap.String("data-dir", f.dataDir),
+		zap.String("binary", bin))
+	return []string{url}, e.stop, e.died, nil
 }
 
 // dialUpstream connects to etcd: the connection client calls go on, and with --user a second one, with the
@@ -358,13 +360,15 @@ func serveMetrics(f *startFlags, p *proxy.Proxy, tlsInfo *transport.TLSInfo, ser
 }
 
 // waitForSignal returns nil at SIGINT or SIGTERM, or the error that stopped serving first.
-func waitForSignal(lg *zap.Logger, f *startFlags, served <-chan error) error {
+func waitForSignal(lg *zap.Logger, f *startFlags, served, etcdDied <-chan error) error {
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
 	defer signal.Stop(sig)
 	select {
 	case err := <-served:
 		return fmt.Errorf("serving gRPC: %w", err)
+	case err := <-etcdDied:
+		return fmt.Errorf("the embedded etcd exited: %w", err)
 	case s := <-sig:
 		lg.Info("shutting down", zap.String("signal", s.String()), zap.Duration("timeout", f.shutdownTimeout))
 		return nil

@@ -1,8 +1,10 @@
 // Package embedetcd starts real etcd members in this process (go.etcd.io/etcd/server/v3/embed) on loopback ports
-// it picks: the single member behind `etcdproxy start --embedded-etcd`, and the clusters the tests run against.
+// it picks: the single member of etcdproxy-etcd (which `etcdproxy start --embedded-etcd` runs as a child process),
+// and the clusters the tests run against.
 //
-// It owns starting, stopping and placing members (their configuration, data directories and ports). The etcdproxy
-// binary imports it (--embedded-etcd), so it must not hold anything test-only, nor know of the proxy.
+// It owns starting, stopping and placing members (their configuration, data directories and ports). The
+// etcdproxy-etcd binary imports it, so it must not hold anything test-only, nor know of the proxy. The etcdproxy
+// binary must not import it (it would link etcd's server: about 5 MB of memory in every proxy process).
 package embedetcd
 
 import (
