@@ -18,6 +18,12 @@ var offering = map[string]bool{
 	"/etcdserverpb.KV/Range": true,
 }
 
+// offeringStreams names the stream methods whose sender may offer encodings (encoded.StreamInterceptor): Watch,
+// whose fan-out shares the encoding of an event between the watchers it goes to.
+var offeringStreams = map[string]bool{
+	"/etcdserverpb.Watch/Watch": true,
+}
+
 func (r handlers) RegisterService(desc *grpc.ServiceDesc, impl any) {
 	d := *desc
 	d.Methods = make([]grpc.MethodDesc, len(desc.Methods))

@@ -128,6 +128,9 @@ func New(cfg Config) *Proxy {
 		opts = append([]grpc.ServerOption{grpc.ChainUnaryInterceptor(calls.unary),
 			grpc.ChainStreamInterceptor(calls.stream)}, opts...)
 	}
+	// Outermost of all, under every interceptor's view: the offer slot of the streams whose sender may offer the
+	// encodings it shares between messages (internal/encoded; Watch's fan-out, overrides/watch/encoding.go).
+	opts = append([]grpc.ServerOption{grpc.ChainStreamInterceptor(encoded.StreamInterceptor(offeringStreams))}, opts...)
 	srv := grpc.NewServer(opts...)
 	services.Register(handlers{srv})
 	p.health = health.NewServer()

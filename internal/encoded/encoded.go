@@ -4,9 +4,10 @@
 // (the same pointer: a wrapper that returns another message, a copy with keys stripped say, gets it encoded as
 // usual). Every interceptor still sees the message; only the encoding is skipped.
 //
-// It owns the reply slot a call's context carries (Handler), and the server codec that sends an offered encoding
-// (Codec); it must not decide what is offered, nor make an encoding: the offerer's bytes must be exactly what
-// gRPC's proto codec makes of the message, and must never change.
+// It owns the reply slot a call's context carries (Handler), the offer slot of a stream (StreamInterceptor, below),
+// and the server codec that sends an offered encoding (Codec); it must not decide what is offered, nor make an
+// encoding: the offerer's bytes must be exactly what gRPC's proto codec makes of the message, and must never
+// change.
 package encoded
 
 import (
@@ -75,6 +76,9 @@ func (c Codec) Marshal(v any) (mem.BufferSlice, error) {
 	if r, ok := v.(*reply); ok {
 		return mem.BufferSlice(r.bufs[:r.n]), nil
 	}
+	if f, ok := v.(*frame); ok {
+		return mem.BufferSlice(f.bufs[:f.n]), nil
+	}
 	return c.base.Marshal(v)
 }
 
@@ -83,3 +87,76 @@ func (c Codec) Unmarshal(data mem.BufferSlice, v any) error { return c.base.Unma
 
 // Name is proto's name.
 func (c Codec) Name() string { return c.base.Name() }
+
+// A stream's messages can be offered too: a sender that holds parts of a message's encoding shared with other
+// messages (a watch event fanned out to many watchers: the same header and events, only the watch id differs)
+// offers the parts for the message it is about to send (Slot.Offer), and the stream sends them if the message that
+// reaches the transport is that very one. StreamInterceptor must be the server's outermost stream interceptor, so
+// that every other one sees (and may replace) the message.
+
+// Slot is a stream's offer slot: what its one sender offers for the message it sends next.
+type Slot struct {
+	grpc.ServerStream
+	ctx  context.Context
+	msg  any
+	next *frame
+}
+
+// frame is an offered message, as the codec sends it: one per message (gRPC may still hold the parts' list after
+// SendMsg returns, until the transport has written them).
+type frame struct {
+	bufs [3]mem.Buffer
+	n    int
+}
+
+// StreamInterceptor gives each stream of the named methods ("/service/method") a Slot, found from the stream's
+// context (SlotOf).
+func StreamInterceptor(methods map[string]bool) grpc.StreamServerInterceptor {
+	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+		if !methods[info.FullMethod] {
+			return handler(srv, ss)
+		}
+		s := &Slot{ServerStream: ss}
+		s.ctx = context.WithValue(ss.Context(), streamKey{}, s)
+		return handler(srv, s)
+	}
+}
+
+type streamKey struct{}
+
+// SlotOf returns the Slot of the stream whose context is ctx, or nil (a method StreamInterceptor does not serve).
+func SlotOf(ctx context.Context) *Slot {
+	s, _ := ctx.Value(streamKey{}).(*Slot)
+	return s
+}
+
+// Context carries the slot.
+func (s *Slot) Context() context.Context { return s.ctx }
+
+// Offer says that msg, if it is the next message sent on the stream, is sent as the bytes of parts, in order: what
+// gRPC's proto codec makes of msg, never modified afterwards. At most three parts; a nil part is left out. Only
+// the stream's sender may call it (gRPC allows one at a time), before its Send of msg.
+func (s *Slot) Offer(msg any, parts ...mem.Buffer) {
+	if s == nil || len(parts) > 3 {
+		return
+	}
+	f := &frame{}
+	for _, p := range parts {
+		if p != nil {
+			f.bufs[f.n] = p
+			f.n++
+		}
+	}
+	s.msg, s.next = msg, f
+}
+
+// SendMsg sends m as the parts offered for it, if any, else as gRPC encodes it; an offer counts for one SendMsg.
+func (s *Slot) SendMsg(m any) error {
+	f := s.next
+	offered := f != nil && s.msg == m
+	s.msg, s.next = nil, nil
+	if offered {
+		return s.ServerStream.SendMsg(f)
+	}
+	return s.ServerStream.SendMsg(m)
+}

@@ -85,3 +85,77 @@ func TestOfferWithoutSlot(t *testing.T) {
 		t.Errorf("a failed call returned %v, %v", reply, err)
 	}
 }
+
+// recorder is the transport end of a stream: it records what the codec makes of each message sent.
+type recorder struct {
+	grpc.ServerStream
+	ctx  context.Context
+	sent [][]byte
+}
+
+func (r *recorder) Context() context.Context { return r.ctx }
+
+func (r *recorder) SendMsg(m any) error {
+	data, err := NewCodec().Marshal(m)
+	if err != nil {
+		return err
+	}
+	r.sent = append(r.sent, data.Materialize())
+	return nil
+}
+
+// TestStreamOffer: on a stream of a method StreamInterceptor serves, a message offered for is sent as the offered
+// parts (nil ones left out), once: the same message sent again, another message, or a message sent with no offer,
+// is encoded by the proto codec. A method it does not serve has no slot.
+func TestStreamOffer(t *testing.T) {
+	msg := &pb.WatchResponse{Header: &pb.ResponseHeader{Revision: 7}, WatchId: 3}
+	other := &pb.WatchResponse{WatchId: 4}
+	encode := func(m proto.Message) []byte {
+		b, err := proto.Marshal(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	rec := &recorder{ctx: context.Background()}
+	intercept := StreamInterceptor(map[string]bool{"/etcdserverpb.Watch/Watch": true})
+	err := intercept(nil, rec, &grpc.StreamServerInfo{FullMethod: "/etcdserverpb.Watch/Watch"}, func(_ any, ss grpc.ServerStream) error {
+		slot := SlotOf(ss.Context())
+		if slot == nil {
+			t.Fatal("no slot in a served method's stream")
+		}
+		slot.Offer(msg, mem.SliceBuffer("a"), nil, mem.SliceBuffer("bc"))
+		if err := ss.SendMsg(msg); err != nil {
+			return err
+		}
+		if err := ss.SendMsg(msg); err != nil { // the offer was used up
+			return err
+		}
+		slot.Offer(msg, mem.SliceBuffer("x"))
+		if err := ss.SendMsg(other); err != nil { // another message: encoded, and the offer is gone
+			return err
+		}
+		return ss.SendMsg(msg)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := [][]byte{[]byte("abc"), encode(msg), encode(other), encode(msg)}
+	if len(rec.sent) != len(want) {
+		t.Fatalf("sent %d messages; want %d", len(rec.sent), len(want))
+	}
+	for i := range want {
+		if !bytes.Equal(rec.sent[i], want[i]) {
+			t.Errorf("message %d: sent %q, want %q", i, rec.sent[i], want[i])
+		}
+	}
+	err = intercept(nil, rec, &grpc.StreamServerInfo{FullMethod: "/etcdserverpb.KV/RangeStream"}, func(_ any, ss grpc.ServerStream) error {
+		if SlotOf(ss.Context()) != nil {
+			t.Error("a slot in a method StreamInterceptor does not serve")
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}

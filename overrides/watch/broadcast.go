@@ -135,7 +135,7 @@ func (b *broadcast) deliver(resp *pb.WatchResponse) {
 		if h.clock == nil {
 			for w := range b.watchers {
 				if w.progressNotify && w.startRev <= rev {
-					w.cs.enqueueEvents(w, &pb.WatchResponse{Header: resp.Header, WatchId: w.id})
+					w.cs.enqueueEvents(w, nil, &pb.WatchResponse{Header: resp.Header, WatchId: w.id})
 				}
 			}
 		}
@@ -156,10 +156,20 @@ func (b *broadcast) deliver(resp *pb.WatchResponse) {
 		// An upstream watch is re-created from b.rev, not after it (see hub.createUpstream): what it replays is
 		// not news.
 		events := afterRev(resp.Events, b.rev)
+		var enc *shared // made for the first watcher that gets every event (encoding.go)
 		for w := range b.watchers {
-			if evs := filtered(events, w); len(evs) > 0 {
-				b.send(w, &pb.WatchResponse{Header: resp.Header, WatchId: w.id, Events: evs})
+			evs := filtered(events, w)
+			if len(evs) == 0 {
+				continue
 			}
+			var e *shared
+			if len(evs) == len(events) && &evs[0] == &events[0] {
+				if enc == nil {
+					enc = encodeShared(resp.Header, events)
+				}
+				e = enc
+			}
+			b.sendShared(w, e, &pb.WatchResponse{Header: resp.Header, WatchId: w.id, Events: evs})
 		}
 		eventsFannedOut.Add(float64(len(events)))
 	}
@@ -194,8 +204,11 @@ func (b *broadcast) deliverParts(parts []*pb.WatchResponse) {
 
 // send queues resps (one response, or the parts of one) for w. A slow client's watcher is taken off the
 // broadcast instead; it resumes from its first undelivered event once its stream has drained (hub.resume).
-func (b *broadcast) send(w *watcher, resps ...*pb.WatchResponse) {
-	if w.cs.enqueueEvents(w, resps...) {
+func (b *broadcast) send(w *watcher, resps ...*pb.WatchResponse) { b.sendShared(w, nil, resps...) }
+
+// sendShared is send, with enc the encoding of the header and events resps share with others (nil if none).
+func (b *broadcast) sendShared(w *watcher, enc *shared, resps ...*pb.WatchResponse) {
+	if w.cs.enqueueEvents(w, enc, resps...) {
 		return
 	}
 	delete(b.watchers, w)

@@ -11,6 +11,7 @@ import (
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/status"
 )
 
@@ -63,18 +64,24 @@ func lostCredentials(reason string) bool {
 type queued struct {
 	resp   *pb.WatchResponse
 	events bool
+	enc    *shared    // if set, resp is sent as enc's parts around id (encoding.go)
+	id     mem.Buffer // the encoding of resp's watch id
 }
 
 // enqueueEvents queues resps for w, back to back (the parts of a fragmented response stay together), unless the
 // stream already holds its share of event responses. Called with h.mu held.
-func (cs *clientStream) enqueueEvents(w *watcher, resps ...*pb.WatchResponse) bool {
+func (cs *clientStream) enqueueEvents(w *watcher, enc *shared, resps ...*pb.WatchResponse) bool {
+	var id mem.Buffer
+	if enc != nil {
+		id = w.idPart()
+	}
 	cs.qmu.Lock()
 	if cs.queuedEvents >= cs.queueLen {
 		cs.qmu.Unlock()
 		return false
 	}
 	for _, r := range resps {
-		cs.queue = append(cs.queue, queued{resp: r, events: true})
+		cs.queue = append(cs.queue, queued{resp: r, events: true, enc: enc, id: id})
 		w.sent = w.sent || len(r.Events) > 0
 	}
 	cs.queuedEvents += len(resps)

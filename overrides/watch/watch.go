@@ -27,6 +27,7 @@ package watch
 import (
 	"context"
 
+	"github.com/etcdproxy/etcdproxy/internal/encoded"
 	"github.com/etcdproxy/etcdproxy/overrides/internal/upstream"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.uber.org/zap"
@@ -92,6 +93,7 @@ func (w *Watch) Watch(ss grpc.BidiStreamingServer[pb.WatchRequest, pb.WatchRespo
 		notify: make(chan struct{}, 1), room: make(chan struct{}, 1), aborted: make(chan struct{})}
 	defer cs.close()
 
+	slot := encoded.SlotOf(ss.Context()) // nil outside the proxy's server: every response is encoded by gRPC
 	received := make(chan error, 1)
 	go func() { received <- cs.receive() }()
 	for {
@@ -113,6 +115,9 @@ func (w *Watch) Watch(ss grpc.BidiStreamingServer[pb.WatchRequest, pb.WatchRespo
 		for _, it := range cs.take() {
 			if it.events {
 				clientEventResponses.Inc()
+			}
+			if it.enc != nil && slot != nil {
+				it.enc.offer(slot, it.resp, it.id)
 			}
 			if err := ss.Send(it.resp); err != nil {
 				return err

@@ -3,6 +3,7 @@ package watch
 import (
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.etcd.io/etcd/api/v3/mvccpb"
+	"google.golang.org/grpc/mem"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -24,6 +25,16 @@ type watcher struct {
 	announced      bool               // the client has its created response
 	dead           bool               // etcd ended it (compaction); it keeps its id until the client cancels it
 	resolved       chan struct{}      // closed once announced or refused
+	idEnc          mem.Buffer         // the encoding of id as a response's watch_id (idPart), once made
+	idEncOf        int64              // the id idEnc encodes
+}
+
+// idPart returns the encoding of the watcher's id as a response's watch_id, made once (encoding.go).
+func (w *watcher) idPart() mem.Buffer {
+	if w.idEnc == nil || w.idEncOf != w.id {
+		w.idEnc, w.idEncOf = idPart(w.id), w.id
+	}
+	return w.idEnc
 }
 
 // startAfter moves the start of a watcher from now to rev, if rev is later than the revision of its created

@@ -1,0 +1,79 @@
+package watch
+
+import (
+	"sync/atomic"
+
+	"github.com/etcdproxy/etcdproxy/internal/encoded"
+	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
+	"go.etcd.io/etcd/api/v3/mvccpb"
+	"google.golang.org/grpc/mem"
+	"google.golang.org/protobuf/encoding/protowire"
+	"google.golang.org/protobuf/proto"
+)
+
+// An event fanned out to W watchers is W responses that differ only in their watch id: the same header, the same
+// events. Each used to be encoded whole by gRPC; now the header's and the events' encodings are made once per
+// upstream response (shared) and each watcher's response is sent as those bytes around its own watch id's
+// (internal/encoded: the stream's Slot). The bytes are what gRPC's proto codec makes of the response: fields in
+// the order of their numbers, header (1), watch_id (2, left out when 0), events (11); the response has no other
+// field set (TestSharedEncoding checks it against proto.Marshal). A watcher whose events are filtered (NOPUT,
+// NODELETE, or some already delivered) gets its response encoded by gRPC, as before.
+
+// shared is the encoding of the header and the events of the responses of one fan-out.
+type shared struct {
+	hdr    mem.Buffer // field 1; nil without a header
+	events mem.Buffer // field 11, each event
+}
+
+// encodeShared encodes hdr and events as fields of a WatchResponse, or returns nil if it cannot.
+func encodeShared(hdr *pb.ResponseHeader, events []*mvccpb.Event) *shared {
+	var b []byte
+	s := &shared{}
+	if hdr != nil {
+		var err error
+		if b, err = appendField(b, 1, hdr); err != nil {
+			return nil
+		}
+		s.hdr = mem.SliceBuffer(b)
+	}
+	var evs []byte
+	for _, ev := range events {
+		if ev == nil {
+			return nil // proto.Marshal refuses it: leave the error to gRPC
+		}
+		var err error
+		if evs, err = appendField(evs, 11, ev); err != nil {
+			return nil
+		}
+	}
+	if len(evs) > 0 {
+		s.events = mem.SliceBuffer(evs)
+	}
+	return s
+}
+
+// appendField appends m as field num of its parent message, as proto.Marshal encodes it there.
+func appendField(b []byte, num protowire.Number, m proto.Message) ([]byte, error) {
+	size := proto.Size(m)
+	b = protowire.AppendTag(b, num, protowire.BytesType)
+	b = protowire.AppendVarint(b, uint64(size))
+	return proto.MarshalOptions{UseCachedSize: true}.MarshalAppend(b, m)
+}
+
+// idPart is the encoding of watch_id (field 2) id, nil for 0 (proto3 leaves a zero out).
+func idPart(id int64) mem.Buffer {
+	if id == 0 {
+		return nil
+	}
+	b := protowire.AppendTag(make([]byte, 0, 11), 2, protowire.VarintType)
+	return mem.SliceBuffer(protowire.AppendVarint(b, uint64(id)))
+}
+
+// offer offers, on slot, the encoding of resp, whose header and events are enc's and watch id is id's.
+func (enc *shared) offer(slot *encoded.Slot, resp *pb.WatchResponse, id mem.Buffer) {
+	slot.Offer(resp, enc.hdr, id, enc.events)
+	sharedOffers.Add(1)
+}
+
+// sharedOffers counts the responses offered as shared parts (for tests: export_test.go).
+var sharedOffers atomic.Int64
