@@ -110,3 +110,37 @@ func TestLinearizableCacheFlag(t *testing.T) {
 		}
 	}
 }
+
+// TestCacheAdmitFlag: --kv-cache-admit is second by default (the doorkeeper), first stores every miss, and any
+// other value is refused.
+func TestCacheAdmitFlag(t *testing.T) {
+	for _, c := range []struct {
+		args []string
+		want bool
+		err  string
+	}{
+		{nil, false, ""},
+		{[]string{"--kv-cache-admit", "second"}, false, ""},
+		{[]string{"--kv-cache-admit=first"}, true, ""},
+		{[]string{"--kv-cache-admit", "third"}, false, `--kv-cache-admit: "third" is neither first nor second`},
+	} {
+		var got *bool
+		cmd := startCommand(&startFlags{}, func(f *startFlags) error {
+			first := f.proxyConfig().Overrides.KVCache.AdmitFirst
+			got = &first
+			return nil
+		})
+		cmd.SetArgs(c.args)
+		cmd.SetOut(io.Discard)
+		cmd.SetErr(io.Discard)
+		err := cmd.Execute()
+		switch {
+		case c.err != "" && (err == nil || err.Error() != c.err):
+			t.Errorf("start %v: %v; want %q", c.args, err, c.err)
+		case c.err == "" && err != nil:
+			t.Errorf("start %v: %v", c.args, err)
+		case c.err == "" && (got == nil || *got != c.want):
+			t.Errorf("start %v: AdmitFirst %v, want %v", c.args, got, c.want)
+		}
+	}
+}

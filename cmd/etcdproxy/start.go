@@ -59,6 +59,7 @@ type startFlags struct {
 	kvCacheBytes int64
 	kvCacheTTL   time.Duration
 	kvCacheLin   bool
+	kvCacheAdmit string
 	metricsAddr  string
 	metricsURL   string // --metrics-addr's scheme: http, https or unix
 	enablePprof  bool
@@ -129,8 +130,9 @@ func (f *startFlags) addFlags(fs *pflag.FlagSet) {
 	fs.BoolVar(&f.insecureSkipTLSVerify, "insecure-skip-tls-verify", false, "skip authentication of etcd server TLS certificates (CAUTION: for testing only)")
 	fs.StringVar(&f.user, "user", "", "the proxy's own etcd user, as username or username:password, for its internal calls only (the read cache's keyspace watch needs read permission on every key when auth is enabled); client calls always carry the client's own credentials")
 	fs.StringVar(&f.password, "password", "", "password of --user (or give it as username:password)")
-	fs.Int64Var(&f.kvCacheBytes, "kv-cache-bytes", 64<<20, "size of the read cache (serializable reads, and linearizable ones with --kv-cache-linearizable), in bytes of cached responses (each held decoded and encoded, so counted twice its encoded size); 0 turns the cache off")
+	fs.Int64Var(&f.kvCacheBytes, "kv-cache-bytes", 64<<20, "size of the read cache (serializable reads, and linearizable ones with --kv-cache-linearizable), in bytes of cached responses (each held decoded and encoded, so counted twice its encoded size; with --kv-cache-admit=second, a table of 1/32 of it besides remembers the keys that missed); 0 turns the cache off")
 	fs.DurationVar(&f.kvCacheTTL, "kv-cache-ttl", 30*time.Second, "longest life of a cached read; the cache is kept coherent by a watch, this is a backstop")
+	fs.StringVar(&f.kvCacheAdmit, "kv-cache-admit", "second", "when the read cache stores a read's answer: second (a key's first miss is only remembered, in a table of 1/32 of --kv-cache-bytes, and its answer stored at the key's second miss, or at the first when identical reads wait for it: keys read once take no cache memory and cost no store) or first (at every miss, keys never read again included; a key read twice then costs etcd one read, not two)")
 	fs.BoolVar(&f.kvCacheLin, "kv-cache-linearizable", true, "also answer linearizable reads from the cache when that is provably linearizable (one shared linearizable barrier read to etcd per batch of reads, then the cache's watch must have reached its revision; with auth enabled they always go to etcd); false sends every linearizable read to etcd")
 	fs.StringVar(&f.metricsAddr, "metrics-addr", "", "also serve /metrics and /health (and /debug/pprof with --enable-pprof) on this URL, as etcd grpc-proxy takes it: http://host:port, https://host:port (TLS toward clients, as on --listen-addr; needs --cert-file/--key-file or --auto-tls) or unix://name (a unix socket; the URL's host part is the socket file, as with etcd); host:port works too, as http; they are always served on --listen-addr too")
 	fs.StringVar(&f.namespace, "namespace", "", "string to prefix to all keys for namespacing requests (every keyed service: KV, Watch, LeaseTimeToLive keys, Election and Lock names and keys; end it with a separator, e.g. /tenant1/: /t1 and /t10 overlap, /t1/ and /t10/ do not)")
@@ -164,6 +166,9 @@ etcdproxy-etcd (built beside etcdproxy by make build), and stops with the proxy;
 			}
 			if f.leasingPrefix != "" {
 				return errLeasing
+			}
+			if f.kvCacheAdmit != "first" && f.kvCacheAdmit != "second" {
+				return fmt.Errorf("--kv-cache-admit: %q is neither first nor second", f.kvCacheAdmit)
 			}
 			f.advertiseSet = cmd.Flags().Changed("advertise-client-url")
 			if err := f.checkResolver(); err != nil {
@@ -387,7 +392,8 @@ func (f *startFlags) proxyConfig() proxy.Config {
 		EnablePprof:          f.enablePprof,
 		LogCalls:             f.logCalls,
 		Overrides: overrides.Config{
-			KVCache:        kvcache.Options{MaxBytes: f.kvCacheBytes, TTL: f.kvCacheTTL, SerializableOnly: !f.kvCacheLin},
+			KVCache: kvcache.Options{MaxBytes: f.kvCacheBytes, TTL: f.kvCacheTTL, SerializableOnly: !f.kvCacheLin,
+				AdmitFirst: f.kvCacheAdmit == "first"},
 			ReadYourWrites: ryw.Options{Ordering: f.serializableOrdering},
 			Namespace:      f.namespace,
 			Members:        f.members(),

@@ -24,6 +24,8 @@
 //     metadata are part of the cache key, and a permission change flushes the cache (auth.go): at once when made
 //     through this proxy, within about a second when made elsewhere.
 //   - A cached response is shared, never mutated.
+//   - Admission: a miss's answer is stored at its key's second miss (a doorkeeper remembers the first), unless
+//     other misses wait for it (admit.go); Options.AdmitFirst stores it at the first.
 //
 // It owns the cache, its keyspace watch and the auth poll; it must not answer a read it cannot vouch for, and writes
 // nothing into etcd.
@@ -72,6 +74,10 @@ type Options struct {
 	// Floor, if set, is a revision below which a cached answer is not served (a hit whose header is older is
 	// read again): --experimental-serializable-ordering keeps answers from going back in time.
 	Floor func() int64
+	// AdmitFirst stores the answer of every miss the cache may take (--kv-cache-admit=first). By default a key's
+	// first miss is only remembered, in a table of 1/32 of MaxBytes, and its answer stored at its second miss,
+	// or at the first if other misses wait for it (admit.go).
+	AdmitFirst bool
 }
 
 // KV is the caching override of the KV service.
@@ -80,6 +86,7 @@ type KV struct {
 	opts   Options
 	cache  *ccache.Cache[*entry]
 	index  *index
+	door   *doorkeeper // nil with AdmitFirst
 	watch  *invalidator
 	logger *zap.Logger
 
@@ -116,7 +123,10 @@ func New(base pb.KVServer, cc grpc.ClientConnInterface, lg *zap.Logger, opts Opt
 		opts.LinearizableWait = 500 * time.Millisecond
 	}
 	k := &KV{KVServer: base, opts: opts, logger: lg, index: newIndex()}
-	k.cache = ccache.New(ccache.Configure[*entry]().MaxSize(opts.MaxBytes).GetsPerPromote(1).OnDelete(k.index.evicted))
+	if !opts.AdmitFirst {
+		k.door = newDoorkeeper(opts.MaxBytes)
+	}
+	k.cache = ccache.New(ccache.Configure[*entry]().MaxSize(opts.MaxBytes).GetsPerPromote(1).OnDelete(k.dropped))
 	k.watch = newInvalidator(cc, k.cache, k.index, opts.WriteWait, lg)
 	k.linCtx, k.stopLin = context.WithCancel(context.Background())
 	go k.watch.run()
@@ -192,15 +202,15 @@ func (k *KV) Range(ctx context.Context, req *pb.RangeRequest) (*pb.RangeResponse
 	if resp := k.hit(ctx, key, gen, live); resp != nil {
 		return resp, nil
 	}
-	read := func() (*pb.RangeResponse, error) {
+	read := func(lead *flight) (*pb.RangeResponse, error) {
 		misses.Inc()
 		if !live {
 			return k.KVServer.Range(ctx, req)
 		}
-		return k.fill(ctx, req, key, creds, gen)
+		return k.fill(ctx, req, key, creds, gen, lead)
 	}
 	if !live {
-		return read()
+		return read(nil)
 	}
 	return k.readShared(ctx, key, func() *pb.RangeResponse {
 		gen, live = k.watch.state()
@@ -211,13 +221,14 @@ func (k *KV) Range(ctx context.Context, req *pb.RangeRequest) (*pb.RangeResponse
 
 // readShared serves a miss of key, letting identical misses share one read (flight.go): if a read of key is in
 // flight, it waits for it (or for ctx) and returns what again then finds in the cache; if nothing, or if no read
-// was in flight, it reads itself (read, which stores the answer for the next reads).
+// was in flight, it reads itself (read, which stores the answer for the next reads; lead is the flight it leads,
+// nil if none, which tells it whether other misses wait for its answer: admit).
 func (k *KV) readShared(ctx context.Context, key string, again func() *pb.RangeResponse,
-	read func() (*pb.RangeResponse, error)) (*pb.RangeResponse, error) {
-	wait, done := k.flights.join(key)
+	read func(lead *flight) (*pb.RangeResponse, error)) (*pb.RangeResponse, error) {
+	wait, lead := k.flights.join(key)
 	if wait == nil {
-		defer done()
-		return read()
+		defer lead.finish()
+		return read(lead)
 	}
 	select {
 	case <-wait:
@@ -228,12 +239,14 @@ func (k *KV) readShared(ctx context.Context, key string, again func() *pb.RangeR
 	if resp := again(); resp != nil {
 		return resp, nil
 	}
-	return read()
+	return read(nil)
 }
 
 // fill reads req from etcd and stores the answer under key, made in generation gen, unless the cache may not
-// take it (invalidator.store) or the caller's credentials give it no time to live.
-func (k *KV) fill(ctx context.Context, req *pb.RangeRequest, key string, creds upstream.Creds, gen uint64) (*pb.RangeResponse, error) {
+// take it (invalidator.store), the caller's credentials give it no time to live, or it is not admitted (admit:
+// the first miss of key, which lead, the miss's flight or nil, does not share).
+func (k *KV) fill(ctx context.Context, req *pb.RangeRequest, key string, creds upstream.Creds, gen uint64,
+	lead *flight) (*pb.RangeResponse, error) {
 	sent := time.Now()
 	resp, err := k.KVServer.Range(ctx, req)
 	if err != nil {
@@ -252,6 +265,9 @@ func (k *KV) fill(ctx context.Context, req *pb.RangeRequest, key string, creds u
 		if ttl <= 0 {
 			return resp, nil
 		}
+	}
+	if !k.admit(key, lead) {
+		return resp, nil
 	}
 	enc := encode(resp)
 	enc.offer(ctx, resp) // the filling call sends the bytes it just made, not a second encoding of its own
@@ -315,6 +331,16 @@ const promoteEvery = 3
 func (k *KV) keep(e *entry) {
 	k.index.add(e)
 	k.cache.Set(e.key, e, e.ttl)
+}
+
+// dropped is ccache's OnDelete callback, called for every entry it drops (evicted, deleted by an invalidation, or
+// replaced): the index lets go of an evicted one (index.evicted), and the doorkeeper remembers its key, so that
+// the key's next miss is stored again (admit.go).
+func (k *KV) dropped(item *ccache.Item[*entry]) {
+	k.index.evicted(item)
+	if k.door != nil {
+		k.door.seen(item.Key())
+	}
 }
 
 // BeginWrite registers a write through the proxy about to be forwarded (ryw.Cache: the ryw interceptor calls it

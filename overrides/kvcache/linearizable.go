@@ -36,8 +36,9 @@ import (
 //
 // Everything else goes to etcd, so the client gets etcd's own answer or error: the barrier failed (leader loss,
 // timeout, auth on), the watch is not live or did not reach R in time, the entry is missing (the answer then fills
-// the cache for the next reads). After a failed barrier or a wait that timed out, linearizable reads go straight to
-// etcd for linBackoff, so a lost leader or a lagging watch does not add a wait to every read.
+// the cache for the next reads: at the key's second such miss, as for serializable reads, admit.go). After a failed
+// barrier or a wait that timed out, linearizable reads go straight to etcd for linBackoff, so a lost leader or a
+// lagging watch does not add a wait to every read.
 
 // barrierKey is the key of the barrier read: any key will do, it is only counted.
 var barrierKey = []byte("\x00etcdproxy/linearizable")
@@ -255,10 +256,12 @@ func (k *KV) linearizable(ctx context.Context, req *pb.RangeRequest) (*pb.RangeR
 	if resp := k.linHit(ctx, key, b); resp != nil {
 		return resp, nil
 	}
-	// A miss: read etcd (identical misses share one read), and store the answer for the next reads.
-	return k.readShared(ctx, key, func() *pb.RangeResponse { return k.linHit(ctx, key, b) }, func() (*pb.RangeResponse, error) {
+	// A miss: read etcd (identical misses share one read), and store the answer for the next reads (at the key's
+	// second miss, as a serializable one: admit.go).
+	again := func() *pb.RangeResponse { return k.linHit(ctx, key, b) }
+	return k.readShared(ctx, key, again, func(lead *flight) (*pb.RangeResponse, error) {
 		linFallbacks.WithLabelValues("miss").Inc()
-		return k.fill(ctx, req, key, creds, b.gen)
+		return k.fill(ctx, req, key, creds, b.gen, lead)
 	})
 }
 

@@ -29,7 +29,8 @@ func linFallbacks(t *testing.T, reason string) float64 {
 	return proxytest.Gauge(t, "etcdproxy_kvcache_linearizable_fallbacks_total", "reason", reason)
 }
 
-// linCached reads req (linearizable) through cc until it is answered from the cache.
+// linCached reads req (linearizable) through cc until it is answered from the cache (from its third read on, as
+// cached).
 func linCached(t *testing.T, ctx context.Context, cc *grpc.ClientConn, req *pb.RangeRequest) {
 	t.Helper()
 	proxytest.Eventually(t, 5*time.Second, func() bool {

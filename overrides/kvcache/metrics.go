@@ -20,6 +20,11 @@ var (
 		Help: "Cacheable Range requests that waited for an identical read in flight instead of reading etcd themselves " +
 			"(each then counts as a hit if the cache took that read's answer, else as a miss).",
 	})
+	firstMisses = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "etcdproxy", Subsystem: "kvcache", Name: "first_misses_total",
+		Help: "Cacheable Range misses whose answer was not stored because it was the first miss of its key that the " +
+			"cache remembers (the doorkeeper, --kv-cache-admit=second): the key's next miss is stored.",
+	})
 	invalidations = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "etcdproxy", Subsystem: "kvcache", Name: "invalidations_total",
 		Help: "Entries dropped because a key in their range was written, seen by the invalidation watch; source is " +
@@ -92,6 +97,6 @@ func init() {
 	for _, r := range linFallbackReasons {
 		linFallbacks.WithLabelValues(r)
 	}
-	prometheus.MustRegister(hits, misses, sharedMisses, invalidations, evictions, authPolls, flushes, entries, cacheLive, writeWait,
+	prometheus.MustRegister(hits, misses, sharedMisses, firstMisses, invalidations, evictions, authPolls, flushes, entries, cacheLive, writeWait,
 		linHits, linBatches, linWait, linFallbacks)
 }

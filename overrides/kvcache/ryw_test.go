@@ -124,7 +124,8 @@ func wrappedWatch(t *testing.T, endpoints []string, wrap func(grpc.ClientStream)
 	return internal
 }
 
-// cached reads req through the proxy until it is served from the cache.
+// cached reads req through the proxy until it is served from the cache (a key's second miss is stored, admit.go:
+// the third read is the first that can hit).
 func cached(t *testing.T, ctx context.Context, cc *grpc.ClientConn, req *pb.RangeRequest) {
 	t.Helper()
 	proxytest.Eventually(t, 5*time.Second, func() bool {

@@ -1,0 +1,152 @@
+package kvcache
+
+import (
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/karlseguin/ccache/v3"
+	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
+)
+
+// remembers reports whether d remembers key, without remembering it.
+func (d *doorkeeper) remembers(key string) bool {
+	_, found := slotOf(d.locate(key))
+	return found
+}
+
+// TestDoorkeeperBounded: the doorkeeper's table is 1/32 of the cache's size (one bucket at least) and never grows,
+// however many keys pass through it; remembering a key allocates nothing; a key is seen at its second time; it is
+// forgotten once many newer keys came (the oldest of many times the table's slots are all forgotten), while the
+// most recent ones are remembered.
+func TestDoorkeeperBounded(t *testing.T) {
+	for _, tc := range []struct {
+		maxBytes int64
+		bytes    int
+	}{{0, 64}, {4 << 10, 128}, {1 << 20, 32 << 10}, {64 << 20, 2 << 20}, {100 << 20, 100 << 20 / 32}} {
+		if got := len(newDoorkeeper(tc.maxBytes).slots) * 8; got != tc.bytes {
+			t.Errorf("a cache of %d bytes: a doorkeeper of %d bytes, want %d", tc.maxBytes, got, tc.bytes)
+		}
+	}
+	d := newDoorkeeper(1 << 20)
+	slots := len(d.slots)
+	if d.seen("a") || !d.seen("a") {
+		t.Error("a key is not seen at its second time only")
+	}
+	keys := make([]string, 64*slots)
+	for i := range keys {
+		keys[i] = fmt.Sprint("k", i)
+	}
+	i := 0
+	if allocs := testing.AllocsPerRun(len(keys)-1, func() { d.seen(keys[i]); i++ }); allocs != 0 {
+		t.Errorf("remembering a key allocates %v times", allocs)
+	}
+	n := 0
+	for j := range d.slots {
+		if d.slots[j].Load() != 0 {
+			n++
+		}
+	}
+	if len(d.slots) != slots || n > slots {
+		t.Errorf("after %d keys, %d slots (%d used); want %d", len(keys), len(d.slots), n, slots)
+	}
+	if d.remembers("a") || d.remembers(keys[0]) {
+		t.Errorf("the doorkeeper remembers keys %d slots old", len(keys))
+	}
+	// The most recent quarter of a table's worth: at most about 1 in 1000 forgotten; a quarter of a table's worth
+	// twice a table's worth older: at least 99 in 100 (admit.go's doorkeeper comment).
+	recent, old := 0, 0
+	for j := range slots / 4 {
+		if d.remembers(keys[len(keys)-1-j]) {
+			recent++
+		}
+		if d.remembers(keys[len(keys)-1-2*slots-j]) {
+			old++
+		}
+	}
+	if recent < slots/4*99/100 || old > slots/4*5/100 {
+		t.Errorf("of %d keys, %d remembered among the most recent, %d among those 2 tables' worth older", slots/4,
+			recent, old)
+	}
+}
+
+// TestDroppedRemembered: an entry that ccache drops, deleted (as an invalidation does) or evicted, has its key
+// remembered by the doorkeeper (its next miss is stored), even after the doorkeeper had forgotten its first miss.
+func TestDroppedRemembered(t *testing.T) {
+	k := &KV{index: newIndex(), opts: Options{TTL: time.Minute}, door: newDoorkeeper(0)} // one bucket: 8 keys
+	k.cache = ccache.New(ccache.Configure[*entry]().MaxSize(5).ItemsToPrune(1).OnDelete(k.dropped))
+	defer k.cache.Stop()
+	keep := func(key string) {
+		k.door.seen(key)
+		k.keep(&entry{key: key, start: key, resp: &pb.RangeResponse{}, size: 1})
+		for i := range doorWays {
+			k.door.seen(fmt.Sprint("other", i)) // k's first miss forgotten
+		}
+		if k.door.remembers(key) {
+			t.Fatalf("%s is still remembered", key)
+		}
+	}
+	keep("deleted")
+	k.cache.SyncUpdates()
+	k.cache.Delete("deleted")
+	k.cache.SyncUpdates()
+	if !k.door.remembers("deleted") {
+		t.Error("the key of a deleted entry is not remembered")
+	}
+	for i := range 6 { // one more than the cache holds
+		keep(fmt.Sprint("e", i))
+		k.cache.SyncUpdates()
+	}
+	k.cache.GC()
+	k.cache.SyncUpdates()
+	evicted := 0
+	for i := range 6 {
+		key := fmt.Sprint("e", i)
+		if k.cache.GetWithoutPromote(key) == nil {
+			evicted++
+			if !k.door.remembers(key) {
+				t.Errorf("%s was evicted and is not remembered", key)
+			}
+		}
+	}
+	if evicted == 0 {
+		t.Error("nothing evicted")
+	}
+}
+
+// TestFlightShared: a leader learns whether misses wait for its answer; one that none waits for closes its flight,
+// so the next miss leads a read of its own, and the first leader's end leaves the new flight alone.
+func TestFlightShared(t *testing.T) {
+	var f flights
+	wait, a := f.join("k")
+	if wait != nil || a.shared() {
+		t.Fatal("a lone miss does not lead, or is shared")
+	}
+	wait, b := f.join("k")
+	if wait != nil {
+		t.Fatal("a miss after its leader found no waiters waits for it")
+	}
+	a.finish()
+	wait, none := f.join("k")
+	if wait == nil || none != nil {
+		t.Fatal("the first leader's end closed the second's flight")
+	}
+	if !b.shared() {
+		t.Error("a leader with a waiter is not shared")
+	}
+	if wait2, _ := f.join("k"); wait2 != wait {
+		t.Error("a shared flight took no more waiters")
+	}
+	b.finish()
+	select {
+	case <-wait:
+	default:
+		t.Error("the waiters were not released")
+	}
+	if _, c := f.join("k"); c == nil || len(f.m) != 1 {
+		t.Error("a miss after the flights ended does not lead")
+	}
+	if (*flight)(nil).shared() {
+		t.Error("a read outside a flight is shared")
+	}
+}
