@@ -8,7 +8,11 @@ import (
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
+	grpcenc "google.golang.org/grpc/encoding"
 )
+
+// SkimCodec is the invalidation watch's codec (skim.go), for the benchmarks of package kvcache_test.
+func SkimCodec() grpcenc.CodecV2 { return newSkimCodec() }
 
 // WatchInvalidation runs an invalidation watch on cc, as New does, that sends each response it receives (what it
 // applies) on resps, or drops it if resps is full. live says whether the watch is live; stop ends it.
