@@ -511,7 +511,7 @@ const howToRead = `## How to read this
   calls (syscr + syscw, /proc/PID/io) over the window per op, reads that found nothing to read included: a proxy
   that costs more CPU than the floor for the same system calls spends it in its own code, not in the kernel.
 - Fresh proxy processes: the reset cannot shrink a heap that earlier workloads left resident (etcdproxy's read
-  cache holds about 100 MB after the cold reads), so the watch workloads (W=100000 too) and the keepalive workload,
+  cache holds what the read workloads stored), so the watch workloads (W=100000 too) and the keepalive workload,
   whose memory is what they are read for, run on fresh proxy processes: before each one's first round, every proxy
   and floor the benchmark started among its targets is killed and started again on the same address, and waited
   for until it serves. etcd is never restarted (its RSS includes every workload before), nor is a proxy given by
@@ -531,6 +531,8 @@ const howToRead = `## How to read this
   keys that no earlier round read, split between the 16 clients, each walking its share in order; a read is a first
   read unless a client gets through its whole share within the round (only above about 20,000 ops/s here).
   **etcdproxy cache hits %** (its hit and miss counters over the window) shows whether the cache answered any.
+  etcdproxy stores a key's answer at its second miss (its doorkeeper), so first reads store nothing; the hot
+  workloads' warm-up reads each key more than twice.
   The hot workloads warm up for 1.5 s (others: 300 ms; 150 ms quick): five targets in turn leave more than 10 s
   between two rounds of one target, after which etcdproxy's cache stops following etcd's auth revision and serves
   again from its first poll after the next read, up to 1 s later (see idle below); the warm-up keeps that out of

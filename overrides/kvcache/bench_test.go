@@ -1,7 +1,9 @@
 package kvcache_test
 
 import (
+	"bytes"
 	"context"
+	"fmt"
 	"runtime"
 	"strings"
 	"testing"
@@ -11,8 +13,13 @@ import (
 	"github.com/etcdproxy/etcdproxy/internal/proxytest"
 	"github.com/etcdproxy/etcdproxy/overrides/kvcache"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.uber.org/zap"
+	"google.golang.org/grpc/encoding"
+	protoenc "google.golang.org/grpc/encoding/proto"
+	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/protobuf/proto"
 )
 
 // BenchmarkHit: the cache's Range for a serializable read it holds, called as the gRPC server calls it (with the
@@ -108,5 +115,42 @@ func BenchmarkColdMiss(b *testing.B) {
 			}
 			report()
 		})
+	}
+}
+
+// BenchmarkWatchDecode: decoding the invalidation watch's typical response, one put (a 100-byte key and a value of
+// 256 bytes or 4 KiB, header and revisions as etcd sends them), as gRPC hands it to its codec: by gRPC's proto codec
+// (what the watch used to do) and by the watch's own (kvcache.SkimCodec), which skips the value.
+//
+//	go test ./overrides/kvcache -run '^$' -bench WatchDecode -benchmem
+func BenchmarkWatchDecode(b *testing.B) {
+	for _, size := range []int{256, 4096} {
+		rev := int64(1234567)
+		resp := &pb.WatchResponse{
+			Header: &pb.ResponseHeader{ClusterId: 14841639068965178418, MemberId: 10276657743932975437, Revision: rev, RaftTerm: 2},
+			Events: []*mvccpb.Event{{Kv: &mvccpb.KeyValue{Key: []byte("/registry/pods/" + strings.Repeat("k", 85)),
+				Value: bytes.Repeat([]byte("v"), size), CreateRevision: rev - 10, ModRevision: rev, Version: 3}}},
+		}
+		enc, err := proto.Marshal(resp)
+		if err != nil {
+			b.Fatal(err)
+		}
+		for _, c := range []struct {
+			name  string
+			codec encoding.CodecV2
+		}{{"proto", encoding.GetCodecV2(protoenc.Name)}, {"skim", kvcache.SkimCodec()}} {
+			b.Run(fmt.Sprintf("value=%d/codec=%s", size, c.name), func(b *testing.B) {
+				b.ReportAllocs()
+				data := mem.BufferSlice{mem.SliceBuffer(enc)}
+				report := proxytest.CPUPerOp(b)
+				for b.Loop() {
+					m := new(pb.WatchResponse)
+					if err := c.codec.Unmarshal(data, m); err != nil || len(m.Events) != 1 {
+						b.Fatal(err)
+					}
+				}
+				report()
+			})
+		}
 	}
 }

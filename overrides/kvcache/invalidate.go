@@ -22,6 +22,10 @@ import (
 // event per write, whatever is cached, and it is exact: nothing has to be re-watched when the set of cached
 // ranges changes, and there is no window in which a newly cached range is not yet watched.
 //
+// Every write reaches the watch as an event carrying its whole key-value, of which invalidation reads the key and
+// the revisions: its stream decodes responses with skimCodec (skim.go), which skips the values (and prev_kv, never
+// asked for) without copying them, rather than gRPC's proto codec.
+//
 // The watch is require-leader: a member that loses the cluster ends it. Whenever the watch is not live the cache
 // is flushed and serves nothing; each (re)start begins a new generation, and entries of an older generation are
 // never served.
@@ -289,7 +293,9 @@ var errRefused = errors.New("etcd refused the keyspace watch (with auth enabled 
 func (inv *invalidator) once() error {
 	ctx, cancel := context.WithCancel(inv.ctx)
 	defer cancel()
-	ws, err := inv.watch.Watch(upstream.Creds{}.Outgoing(ctx, true))
+	// Its responses come without values (skimCodec): once and apply read keys, revisions, the header, the watch
+	// id, created, canceled and the cancel reason.
+	ws, err := inv.watch.Watch(upstream.Creds{}.Outgoing(ctx, true), grpc.ForceCodecV2(newSkimCodec()))
 	if err != nil {
 		return err
 	}
