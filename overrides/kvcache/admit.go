@@ -55,9 +55,13 @@ func (k *KV) admit(key string, lead *flight) bool {
 // may drop a hash or leave one twice: the table forgets a key sooner, which costs one more miss of it. It decides
 // only whether an answer the cache may take is stored, never what is served, so no race in it can make an answer
 // stale.
+//
+// The table is made at the first key remembered, not with the cache: a proxy that serves no read (watches only,
+// say) keeps no table, and its 1/32 of MaxBytes does not count in the heap the GC paces itself by (a live heap
+// larger by 2 MiB lets 2 MiB more garbage pile up before each collection).
 type doorkeeper struct {
 	seed    maphash.Seed
-	slots   []atomic.Uint64 // buckets of doorWays hashes, most recent first; 0 is an empty slot
+	table   atomic.Pointer[[]atomic.Uint64] // buckets of doorWays hashes, most recent first; 0 is an empty slot
 	buckets uint64
 }
 
@@ -74,12 +78,27 @@ const (
 // newDoorkeeper returns a doorkeeper for a cache of maxBytes: a slot per doorBytes, one bucket at least.
 func newDoorkeeper(maxBytes int64) *doorkeeper {
 	buckets := uint64(max(maxBytes/(doorBytes*doorWays), 1))
-	return &doorkeeper{seed: maphash.MakeSeed(), slots: make([]atomic.Uint64, buckets*doorWays), buckets: buckets}
+	return &doorkeeper{seed: maphash.MakeSeed(), buckets: buckets}
+}
+
+// slots returns the table, made at the first call that needs it (grow; nil until then without).
+func (d *doorkeeper) slots(grow bool) []atomic.Uint64 {
+	if t := d.table.Load(); t != nil || !grow {
+		if t == nil {
+			return nil
+		}
+		return *t
+	}
+	t := make([]atomic.Uint64, d.buckets*doorWays)
+	if !d.table.CompareAndSwap(nil, &t) {
+		return *d.table.Load() // another miss made it first
+	}
+	return t
 }
 
 // seen remembers key, as its most recent key in its bucket, and reports whether it remembered it already.
 func (d *doorkeeper) seen(key string) bool {
-	b, h := d.locate(key)
+	b, h := d.locate(key, true)
 	at, found := slotOf(b, h)
 	if !found {
 		at = doorWays - 1 // a key not in the bucket takes the place of its oldest
@@ -91,15 +110,19 @@ func (d *doorkeeper) seen(key string) bool {
 	return found
 }
 
-// locate returns key's bucket and hash.
-func (d *doorkeeper) locate(key string) ([]atomic.Uint64, uint64) {
+// locate returns key's bucket (nil if there is no table yet and grow is false) and hash.
+func (d *doorkeeper) locate(key string, grow bool) ([]atomic.Uint64, uint64) {
 	h := maphash.String(d.seed, key)
 	if h == 0 {
 		h = 1 // 0 is an empty slot
 	}
 	// The bucket from the hash's high 32 bits, scaled to the number of buckets (any number, not a power of two).
 	i := ((h >> 32) * d.buckets >> 32) * doorWays
-	return d.slots[i : i+doorWays : i+doorWays], h
+	slots := d.slots(grow)
+	if slots == nil {
+		return nil, h
+	}
+	return slots[i : i+doorWays : i+doorWays], h
 }
 
 // slotOf returns where h is in bucket b, if it is.

@@ -11,27 +11,34 @@ import (
 
 // remembers reports whether d remembers key, without remembering it.
 func (d *doorkeeper) remembers(key string) bool {
-	_, found := slotOf(d.locate(key))
+	_, found := slotOf(d.locate(key, false))
 	return found
 }
 
-// TestDoorkeeperBounded: the doorkeeper's table is 1/32 of the cache's size (one bucket at least) and never grows,
-// however many keys pass through it; remembering a key allocates nothing; a key is seen at its second time; it is
-// forgotten once many newer keys came (the oldest of many times the table's slots are all forgotten), while the
-// most recent ones are remembered.
+// TestDoorkeeperBounded: the doorkeeper's table is made when it first remembers a key, is 1/32 of the cache's size
+// (one bucket at least) and never grows, however many keys pass through it; remembering a key allocates nothing; a
+// key is seen at its second time; it is forgotten once many newer keys came (the oldest of many times the table's
+// slots are all forgotten), while the most recent ones are remembered.
 func TestDoorkeeperBounded(t *testing.T) {
 	for _, tc := range []struct {
 		maxBytes int64
 		bytes    int
 	}{{0, 64}, {4 << 10, 128}, {1 << 20, 32 << 10}, {64 << 20, 2 << 20}, {100 << 20, 100 << 20 / 32}} {
-		if got := len(newDoorkeeper(tc.maxBytes).slots) * 8; got != tc.bytes {
+		if got := len(newDoorkeeper(tc.maxBytes).slots(true)) * 8; got != tc.bytes {
 			t.Errorf("a cache of %d bytes: a doorkeeper of %d bytes, want %d", tc.maxBytes, got, tc.bytes)
 		}
 	}
 	d := newDoorkeeper(1 << 20)
-	slots := len(d.slots)
+	if d.remembers("a"); d.table.Load() != nil {
+		t.Error("a doorkeeper has a table before it remembered a key")
+	}
 	if d.seen("a") || !d.seen("a") {
 		t.Error("a key is not seen at its second time only")
+	}
+	table := d.slots(false)
+	slots := len(table)
+	if slots == 0 {
+		t.Fatal("no table after a key was remembered")
 	}
 	keys := make([]string, 64*slots)
 	for i := range keys {
@@ -42,13 +49,13 @@ func TestDoorkeeperBounded(t *testing.T) {
 		t.Errorf("remembering a key allocates %v times", allocs)
 	}
 	n := 0
-	for j := range d.slots {
-		if d.slots[j].Load() != 0 {
+	for j := range d.slots(false) {
+		if table[j].Load() != 0 {
 			n++
 		}
 	}
-	if len(d.slots) != slots || n > slots {
-		t.Errorf("after %d keys, %d slots (%d used); want %d", len(keys), len(d.slots), n, slots)
+	if got := d.slots(false); len(got) != slots || &got[0] != &table[0] || n > slots {
+		t.Errorf("after %d keys, %d slots (%d used); want the same %d", len(keys), len(got), n, slots)
 	}
 	if d.remembers("a") || d.remembers(keys[0]) {
 		t.Errorf("the doorkeeper remembers keys %d slots old", len(keys))
