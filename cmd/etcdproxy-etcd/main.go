@@ -61,10 +61,18 @@ func run(args []string, stdin io.Reader, stdout io.Writer) error {
 	}
 	defer func() { _ = lg.Sync() }()
 
-	// Signals first: a SIGTERM that comes while the member starts stops it once it has.
+	// Signals and the proxy's end are watched first: one that comes while the member starts stops it once it has.
+	// A write to a standard output the proxy no longer reads fails (EPIPE) instead of killing the process, so that
+	// the member is stopped then too.
+	signal.Ignore(syscall.SIGPIPE)
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
 	defer signal.Stop(sig)
+	gone := make(chan struct{})
+	go func() {
+		_, _ = io.Copy(io.Discard, stdin)
+		close(gone)
+	}()
 	c, err := embedetcd.Start(embedetcd.Options{Dir: *dir, ClientURL: *clientURL, PeerURL: *peerURL,
 		LogLevel: lvl.String(), Logger: lg.Named("etcd")})
 	if err != nil {
@@ -74,11 +82,6 @@ func run(args []string, stdin io.Reader, stdout io.Writer) error {
 	if _, err := fmt.Fprintln(stdout, c.Endpoints()[0]); err != nil {
 		return fmt.Errorf("telling the proxy the member serves: %w", err)
 	}
-	gone := make(chan struct{})
-	go func() {
-		_, _ = io.Copy(io.Discard, stdin)
-		close(gone)
-	}()
 	select {
 	case <-sig:
 	case <-gone:

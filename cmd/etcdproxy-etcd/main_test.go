@@ -78,3 +78,26 @@ func TestFlagErrors(t *testing.T) {
 		}
 	}
 }
+
+// TestProxyGoneWhileStarting: a proxy that is gone before the member serves (its standard input already ended)
+// gets a member that stops as soon as it has started: run returns, the member stopped, instead of serving on.
+func TestProxyGoneWhileStarting(t *testing.T) {
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	ports, err := embedetcd.FreePorts(2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		done <- run([]string{"--data-dir", t.TempDir(), "--client-url", fmt.Sprintf("http://127.0.0.1:%d", ports[0]),
+			"--peer-url", fmt.Sprintf("http://127.0.0.1:%d", ports[1]), "--log-level", "error"}, strings.NewReader(""), io.Discard)
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("run: %v", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("still running 30 s after starting with its standard input ended")
+	}
+}

@@ -34,10 +34,15 @@ const embeddedStopTimeout = 15 * time.Second
 // executable (where `make build` puts it), else the one on PATH.
 func findEmbeddedBinary(given string) (string, error) {
 	if given != "" {
-		if _, err := os.Stat(given); err != nil {
+		// Absolute: a name without a slash would be looked up in PATH when run, not where it was checked.
+		abs, err := filepath.Abs(given)
+		if err == nil {
+			_, err = os.Stat(abs)
+		}
+		if err != nil {
 			return "", fmt.Errorf("--embedded-etcd-binary: %w", err)
 		}
-		return given, nil
+		return abs, nil
 	}
 	var beside string
 	if self, err := os.Executable(); err == nil {
@@ -97,7 +102,10 @@ func startEmbedded(bin, dir, clientURL, peerURL string, lg *zap.Logger) (*embedd
 		}
 	}()
 	go func() {
-		e.err = cmd.Wait() // closes stdout too: output after the child's exit is not read (it writes only the URL)
+		// Wait closes stdout once the child has exited, perhaps while the reader above still reads it (which os/exec
+		// calls incorrect because output can be lost): the child writes nothing after its URL, and a child that
+		// exits before its URL is read is reported as having exited before serving, which it did as good as.
+		e.err = cmd.Wait()
 		close(e.exited)
 		select {
 		case <-e.stopping:
@@ -112,11 +120,17 @@ func startEmbedded(bin, dir, clientURL, peerURL string, lg *zap.Logger) (*embedd
 		if ok && url != "" {
 			return e, url, nil
 		}
-		<-e.exited
-		return nil, "", fmt.Errorf("%s exited before serving: %w (its log is above)", bin, exitError(e.err))
 	case <-timer.C:
 		e.stop()
 		return nil, "", fmt.Errorf("%s did not serve within %v", bin, embeddedReadyTimeout)
+	}
+	// No URL: the child's output ended (it exits), or it wrote an empty line (it should not).
+	select {
+	case <-e.exited:
+		return nil, "", fmt.Errorf("%s exited before serving: %w (its log is above)", bin, exitError(e.err))
+	case <-timer.C:
+		e.stop()
+		return nil, "", fmt.Errorf("%s gave no client URL and did not exit within %v", bin, embeddedReadyTimeout)
 	}
 }
 

@@ -373,6 +373,14 @@ func waitForSignal(lg *zap.Logger, f *startFlags, served, etcdDied <-chan error)
 	case err := <-served:
 		return fmt.Errorf("serving gRPC: %w", err)
 	case err := <-etcdDied:
+		select {
+		case s := <-sig:
+			// A SIGTERM sent to the whole process group (systemd's default) reaches the member too, which may
+			// exit before the proxy has seen its own: the proxy still drains its clients.
+			lg.Info("shutting down", zap.String("signal", s.String()), zap.Duration("timeout", f.shutdownTimeout))
+			return nil
+		default:
+		}
 		return fmt.Errorf("the embedded etcd exited: %w", err)
 	case s := <-sig:
 		lg.Info("shutting down", zap.String("signal", s.String()), zap.Duration("timeout", f.shutdownTimeout))

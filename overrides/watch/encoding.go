@@ -72,8 +72,11 @@ func idPart(id int64) mem.Buffer {
 // offer offers, on slot, the encoding of resp, whose header and events are enc's and watch id is id's.
 func (enc *shared) offer(slot *encoded.Slot, resp *pb.WatchResponse, id mem.Buffer) {
 	slot.Offer(resp, enc.hdr, id, enc.events)
-	sharedOffers.Add(1)
+	if f := onShared.Load(); f != nil {
+		(*f)()
+	}
 }
 
-// sharedOffers counts the responses offered as shared parts (for tests: export_test.go).
-var sharedOffers atomic.Int64
+// onShared, if set, is called for each response offered as shared parts (a test's counter: export_test.go; a
+// counter of its own here would be one more write to a line every sender shares).
+var onShared atomic.Pointer[func()]
