@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	clientv3 "go.etcd.io/etcd/client/v3"
+	"github.com/etcdproxy/etcdproxy/internal/proxytest"
 )
 
 // children returns the pids of pid's child processes (Linux: /proc/PID/task/TID/children).
@@ -154,14 +154,9 @@ func TestEmbeddedBinaryMissing(t *testing.T) {
 // put writes key=value through the proxy at addr.
 func put(t *testing.T, addr, key, value string) {
 	t.Helper()
-	c, err := clientv3.New(clientv3.Config{Endpoints: []string{addr}, DialTimeout: 5 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if _, err := c.Put(ctx, key, value); err != nil {
+	if _, err := proxytest.Client(t, addr).Put(ctx, key, value); err != nil {
 		t.Fatalf("put through the proxy: %v", err)
 	}
 }
@@ -169,14 +164,9 @@ func put(t *testing.T, addr, key, value string) {
 // getKey reads key (linearizable) through the proxy at addr; "" if there is none.
 func getKey(t *testing.T, addr, key string) string {
 	t.Helper()
-	c, err := clientv3.New(clientv3.Config{Endpoints: []string{addr}, DialTimeout: 5 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	r, err := c.Get(ctx, key)
+	r, err := proxytest.Client(t, addr).Get(ctx, key)
 	if err != nil {
 		t.Fatalf("get through the proxy: %v", err)
 	}

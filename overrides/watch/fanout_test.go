@@ -44,22 +44,7 @@ func TestFanOutSharesEncoding(t *testing.T) {
 	openRaw := func() *stream {
 		c := &rawCodec{CodecV2: encoding.GetCodecV2(proto.Name)}
 		codecs = append(codecs, c)
-		ws, err := pb.NewWatchClient(e.Via).Watch(ctx, grpc.ForceCodecV2(c))
-		if err != nil {
-			t.Fatal(err)
-		}
-		s := &stream{t: t, ws: ws, resp: make(chan *pb.WatchResponse, 1000), err: make(chan error, 1)}
-		go func() {
-			for {
-				r, err := ws.Recv()
-				if err != nil {
-					s.err <- err
-					return
-				}
-				s.resp <- r
-			}
-		}()
-		return s
+		return open(t, ctx, e.Via, grpc.ForceCodecV2(c))
 	}
 	plain := &pb.WatchCreateRequest{Key: []byte("f"), RangeEnd: []byte("g")}
 	noPut := &pb.WatchCreateRequest{Key: []byte("f"), RangeEnd: []byte("g"), Filters: []pb.WatchCreateRequest_FilterType{pb.WatchCreateRequest_NOPUT}}

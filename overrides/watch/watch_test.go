@@ -29,9 +29,9 @@ type stream struct {
 	err  chan error
 }
 
-func open(t *testing.T, ctx context.Context, cc *grpc.ClientConn) *stream {
+func open(t *testing.T, ctx context.Context, cc *grpc.ClientConn, opts ...grpc.CallOption) *stream {
 	t.Helper()
-	ws, err := pb.NewWatchClient(cc).Watch(ctx)
+	ws, err := pb.NewWatchClient(cc).Watch(ctx, opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
