@@ -67,7 +67,8 @@ func sameStatus(proxyErr, etcdErr error) string {
 		return ""
 	}
 	if p.Code() == codes.DeadlineExceeded {
-		return fmt.Sprintf("the proxy hung: no answer before the deadline, where etcd answered %v: %q", e.Code(), e.Message())
+		return fmt.Sprintf("the proxy hung: no answer before the deadline (%q), where etcd answered %v: %q", p.Message(),
+			e.Code(), e.Message())
 	}
 	return fmt.Sprintf("the proxy answered %v: %q, etcd %v: %q", p.Code(), p.Message(), e.Code(), e.Message())
 }
