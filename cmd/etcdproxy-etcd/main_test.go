@@ -15,23 +15,45 @@ import (
 	"go.uber.org/goleak"
 )
 
-// TestServesUntilStdinEnds: the member serves once its client URL is written, and stops (run returns) when its
-// standard input ends, which is how it follows the proxy that started it.
-func TestServesUntilStdinEnds(t *testing.T) {
-	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+// startMember runs run on free loopback ports in a goroutine, with stdin and stdout; it returns the member's
+// client URL and run's result.
+func startMember(t *testing.T, stdin io.Reader, stdout io.Writer) (client string, done <-chan error) {
+	t.Helper()
 	ports, err := embedetcd.FreePorts(2)
 	if err != nil {
 		t.Fatal(err)
 	}
-	client := fmt.Sprintf("http://127.0.0.1:%d", ports[0])
+	client = fmt.Sprintf("http://127.0.0.1:%d", ports[0])
+	ended := make(chan error, 1)
+	dir := t.TempDir()
+	go func() {
+		ended <- run([]string{"--data-dir", dir, "--client-url", client,
+			"--peer-url", fmt.Sprintf("http://127.0.0.1:%d", ports[1]), "--log-level", "error"}, stdin, stdout)
+	}()
+	return client, ended
+}
+
+// returns fails unless run ends with nil within d; why says what should have ended it.
+func returns(t *testing.T, done <-chan error, d time.Duration, why string) {
+	t.Helper()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("run after %s: %v", why, err)
+		}
+	case <-time.After(d):
+		t.Fatalf("still running %v after %s", d, why)
+	}
+}
+
+// TestServesUntilStdinEnds: the member serves once its client URL is written, and stops (run returns) when its
+// standard input ends, which is how it follows the proxy that started it.
+func TestServesUntilStdinEnds(t *testing.T) {
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
 	stdinR, stdinW := io.Pipe()
 	stdoutR, stdoutW := io.Pipe()
-	done := make(chan error, 1)
-	go func() {
-		done <- run([]string{"--data-dir", t.TempDir(), "--client-url", client,
-			"--peer-url", fmt.Sprintf("http://127.0.0.1:%d", ports[1]), "--log-level", "error"}, stdinR, stdoutW)
-		_ = stdoutW.Close()
-	}()
+	defer stdoutR.Close() // ends the copy below
+	client, done := startMember(t, stdinR, stdoutW)
 	line, err := bufio.NewReader(stdoutR).ReadString('\n')
 	if err != nil || line != client+"\n" {
 		t.Fatalf("first output %q, %v; want the client URL %s and a newline", line, err, client)
@@ -48,14 +70,7 @@ func TestServesUntilStdinEnds(t *testing.T) {
 	}
 	_ = c.Close()
 	_ = stdinW.Close()
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatalf("run after standard input ended: %v", err)
-		}
-	case <-time.After(15 * time.Second):
-		t.Fatal("still running 15 s after standard input ended")
-	}
+	returns(t, done, 15*time.Second, "standard input ended")
 }
 
 // TestFlagErrors: what the member needs is checked before anything starts.
@@ -83,21 +98,6 @@ func TestFlagErrors(t *testing.T) {
 // gets a member that stops as soon as it has started: run returns, the member stopped, instead of serving on.
 func TestProxyGoneWhileStarting(t *testing.T) {
 	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
-	ports, err := embedetcd.FreePorts(2)
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() {
-		done <- run([]string{"--data-dir", t.TempDir(), "--client-url", fmt.Sprintf("http://127.0.0.1:%d", ports[0]),
-			"--peer-url", fmt.Sprintf("http://127.0.0.1:%d", ports[1]), "--log-level", "error"}, strings.NewReader(""), io.Discard)
-	}()
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatalf("run: %v", err)
-		}
-	case <-time.After(30 * time.Second):
-		t.Fatal("still running 30 s after starting with its standard input ended")
-	}
+	_, done := startMember(t, strings.NewReader(""), io.Discard)
+	returns(t, done, 30*time.Second, "starting with its standard input ended")
 }
