@@ -41,28 +41,40 @@ func (k *KV) admit(key string, lead *flight) bool {
 	return false
 }
 
-// doorkeeper remembers the hashes of recently missed keys, in a fixed table: it allocates nothing per key, and its
-// size is set by the cache's (newDoorkeeper). The table is set-associative: a key's hash (64 bits, maphash with a
-// random seed of its own) picks a bucket of doorWays slots (64 bytes, a cache line), kept most recent first; a key
-// is forgotten once doorWays keys newer than it have been remembered in its bucket. With B buckets, a key is still
-// remembered after m newer keys unless doorWays of them fell into its bucket (about Poisson(m/B) of them do): after
-// as many newer keys as the table has slots (m = doorWays*B), with probability 0.45; after half as many, 0.95;
-// after a quarter, 0.999; after twice as many, 0.01. It forgets by being pushed out only, not with time: with few
-// new keys it remembers long, which then costs nothing (few stores). Two keys whose hashes are equal are one key
-// here: the second's first miss is stored (one chance in 2^64 per slot compared).
+// doorkeeper remembers the hashes of recently missed keys, in a table: it allocates nothing per key (only when its
+// table grows, below), and its full size is set by the cache's (newDoorkeeper). The table is set-associative: a key's
+// hash (64 bits, maphash with a random seed of its own) picks a bucket of doorWays slots (64 bytes, a cache line), kept
+// most recent first; a key is forgotten once doorWays keys newer than it have been remembered in its bucket. With B
+// buckets, a key is still remembered after m newer keys unless doorWays of them fell into its bucket (about
+// Poisson(m/B) of them do): after as many newer keys as the table has slots (m = doorWays*B), with probability 0.45;
+// after half as many, 0.95; after a quarter, 0.999; after twice as many, 0.01. It forgets by being pushed out only, not
+// with time: with few new keys it remembers long, which then costs nothing (few stores). Two keys whose hashes are
+// equal are one key here: the second's first miss is stored (one chance in 2^64 per slot compared).
 //
 // Lock-free: slots are atomics, and a bucket's reordering is not atomic as a whole. Two misses racing in one bucket
 // may drop a hash or leave one twice: the table forgets a key sooner, which costs one more miss of it. It decides
 // only whether an answer the cache may take is stored, never what is served, so no race in it can make an answer
 // stale.
 //
-// The table is made at the first key remembered, not with the cache: a proxy that serves no read (watches only,
-// say) keeps no table, and its 1/32 of MaxBytes does not count in the heap the GC paces itself by (a live heap
-// larger by 2 MiB lets 2 MiB more garbage pile up before each collection).
+// The table is made at the first key remembered, small, and grows with the keys that come, up to its size (1/32 of
+// MaxBytes): a proxy that serves no read (watches only, say) keeps no table, and one that reads a few hundred keys a
+// table of a few KiB. What the table holds counts in the heap the GC paces itself by (a live heap larger by 2 MiB
+// lets 2 MiB more garbage pile up before each collection), so a table sized for 262,144 keys cost every proxy that
+// served one read about 2 MiB of RSS more than the keys needed. A table grows (to doorGrowth times its buckets) once
+// as many new keys as half its slots were remembered in it, where it would start to forget (a key is remembered
+// after half a table's worth of newer keys with probability 0.95): the hashes it holds are moved to the new table,
+// each bucket's order kept, so growing forgets nothing. A table of the full size stops counting.
 type doorkeeper struct {
 	seed    maphash.Seed
-	table   atomic.Pointer[[]atomic.Uint64] // buckets of doorWays hashes, most recent first; 0 is an empty slot
+	table   atomic.Pointer[doorTable]
+	buckets uint64 // the full size, in buckets
+}
+
+// doorTable is one size of the doorkeeper's table.
+type doorTable struct {
+	slots   []atomic.Uint64 // buckets of doorWays hashes, most recent first; 0 is an empty slot
 	buckets uint64
+	fresh   atomic.Int64 // keys remembered in it that it did not remember yet (counted below the full size only)
 }
 
 const (
@@ -71,8 +83,12 @@ const (
 	// doorBytes is how many bytes of Options.MaxBytes each slot of the doorkeeper stands for: one key remembered
 	// per 256 bytes of cache, about what a small entry weighs (an entry weighs twice its encoded response plus its
 	// key: a 20-byte key with a 30-byte value weighs about 200 bytes). The table takes 8 bytes per slot: 1/32 of
-	// MaxBytes (2 MiB at the default 64 MiB, remembering 262,144 keys), on top of MaxBytes.
+	// MaxBytes (2 MiB at the default 64 MiB, remembering 262,144 keys), on top of MaxBytes, at its full size.
 	doorBytes = 256
+	// doorFirstBuckets is the first table's size: 64 buckets, 512 keys, 4 KiB (or the full size if smaller).
+	doorFirstBuckets = 64
+	// doorGrowth is how many times larger each table is than the one before (until the full size).
+	doorGrowth = 4
 )
 
 // newDoorkeeper returns a doorkeeper for a cache of maxBytes: a slot per doorBytes, one bucket at least.
@@ -81,24 +97,27 @@ func newDoorkeeper(maxBytes int64) *doorkeeper {
 	return &doorkeeper{seed: maphash.MakeSeed(), buckets: buckets}
 }
 
-// slots returns the table, made at the first call that needs it (grow; nil until then without).
-func (d *doorkeeper) slots(grow bool) []atomic.Uint64 {
-	if t := d.table.Load(); t != nil || !grow {
-		if t == nil {
-			return nil
-		}
-		return *t
+// current returns the table, made at the first call that needs it (create; nil until then without).
+func (d *doorkeeper) current(create bool) *doorTable {
+	if t := d.table.Load(); t != nil || !create {
+		return t
 	}
-	t := make([]atomic.Uint64, d.buckets*doorWays)
-	if !d.table.CompareAndSwap(nil, &t) {
-		return *d.table.Load() // another miss made it first
+	t := newDoorTable(min(d.buckets, doorFirstBuckets))
+	if !d.table.CompareAndSwap(nil, t) {
+		return d.table.Load() // another miss made it first
 	}
 	return t
 }
 
+func newDoorTable(buckets uint64) *doorTable {
+	return &doorTable{slots: make([]atomic.Uint64, buckets*doorWays), buckets: buckets}
+}
+
 // seen remembers key, as its most recent key in its bucket, and reports whether it remembered it already.
 func (d *doorkeeper) seen(key string) bool {
-	b, h := d.locate(key, true)
+	h := d.hash(key)
+	t := d.current(true)
+	b := t.bucket(h)
 	at, found := slotOf(b, h)
 	if !found {
 		at = doorWays - 1 // a key not in the bucket takes the place of its oldest
@@ -107,22 +126,62 @@ func (d *doorkeeper) seen(key string) bool {
 		b[at].Store(b[at-1].Load())
 	}
 	b[0].Store(h)
+	if !found && t.buckets < d.buckets && t.fresh.Add(1) == int64(len(t.slots)/2) {
+		d.grow(t) // only the miss that reached the mark grows t
+	}
 	return found
 }
 
-// locate returns key's bucket (nil if there is no table yet and grow is false) and hash.
-func (d *doorkeeper) locate(key string, grow bool) ([]atomic.Uint64, uint64) {
-	h := maphash.String(d.seed, key)
-	if h == 0 {
-		h = 1 // 0 is an empty slot
+// grow replaces t, the current table, by one doorGrowth times larger (at most the full size) and moves t's hashes
+// into it. The new table is current first, so that misses remember their keys in it while the hashes move; a hash
+// it holds already is not moved twice. Misses that loaded t just before the switch may have their keys dropped from
+// it (the doorkeeper forgets them sooner, which costs one more miss of each), as may two misses racing in a bucket.
+func (d *doorkeeper) grow(t *doorTable) {
+	n := newDoorTable(min(t.buckets*doorGrowth, d.buckets))
+	d.table.Store(n)
+	for i := uint64(0); i < t.buckets; i++ {
+		old := t.slots[i*doorWays : (i+1)*doorWays]
+		for at := doorWays - 1; at >= 0; at-- { // oldest first, so that each bucket keeps its order
+			h := old[at].Load()
+			if h == 0 {
+				continue
+			}
+			b := n.bucket(h)
+			if _, found := slotOf(b, h); found {
+				continue
+			}
+			for j := doorWays - 1; j > 0; j-- {
+				b[j].Store(b[j-1].Load())
+			}
+			b[0].Store(h)
+		}
 	}
-	// The bucket from the hash's high 32 bits, scaled to the number of buckets (any number, not a power of two).
-	i := ((h >> 32) * d.buckets >> 32) * doorWays
-	slots := d.slots(grow)
-	if slots == nil {
-		return nil, h
+}
+
+// hash returns key's hash, never 0 (an empty slot).
+func (d *doorkeeper) hash(key string) uint64 {
+	if h := maphash.String(d.seed, key); h != 0 {
+		return h
 	}
-	return slots[i : i+doorWays : i+doorWays], h
+	return 1
+}
+
+// bucket returns the bucket of hash h: from the hash's high 32 bits, scaled to the number of buckets (any number,
+// not a power of two), so that a bucket's hashes land in doorGrowth buckets of the next table, in one at most.
+func (t *doorTable) bucket(h uint64) []atomic.Uint64 {
+	i := ((h >> 32) * t.buckets >> 32) * doorWays
+	return t.slots[i : i+doorWays : i+doorWays]
+}
+
+// remembers reports whether d remembers key, without remembering it.
+func (d *doorkeeper) remembers(key string) bool {
+	t := d.current(false)
+	if t == nil {
+		return false
+	}
+	h := d.hash(key)
+	_, found := slotOf(t.bucket(h), h)
+	return found
 }
 
 // slotOf returns where h is in bucket b, if it is.

@@ -2,6 +2,7 @@ package kvcache
 
 import (
 	"fmt"
+	"sync"
 	"testing"
 	"time"
 
@@ -9,37 +10,94 @@ import (
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 )
 
-// remembers reports whether d remembers key, without remembering it.
-func (d *doorkeeper) remembers(key string) bool {
-	_, found := slotOf(d.locate(key, false))
-	return found
-}
-
-// TestDoorkeeperBounded: the doorkeeper's table is made when it first remembers a key, is 1/32 of the cache's size
-// (one bucket at least) and never grows, however many keys pass through it; remembering a key allocates nothing; a
-// key is seen at its second time; it is forgotten once many newer keys came (the oldest of many times the table's
-// slots are all forgotten), while the most recent ones are remembered.
+// TestDoorkeeperBounded: the doorkeeper's table is made when it first remembers a key, small (4 KiB, or its full
+// size if smaller), grows as new keys come, up to its full size, 1/32 of the cache's (one bucket at least), and never
+// beyond, however many keys pass through it; growing forgets no key; remembering a key allocates nothing once the
+// table is full-sized; a key is seen at its second time; it is forgotten once many newer keys came (the oldest of
+// many times the table's slots are all forgotten), while the most recent ones are remembered.
 func TestDoorkeeperBounded(t *testing.T) {
+	grown := func(d *doorkeeper) int {
+		for i := 0; ; i++ {
+			if t := d.current(false); t != nil && t.buckets == d.buckets {
+				return len(t.slots)
+			}
+			d.seen(fmt.Sprint("fill", i))
+		}
+	}
 	for _, tc := range []struct {
-		maxBytes int64
-		bytes    int
-	}{{0, 64}, {4 << 10, 128}, {1 << 20, 32 << 10}, {64 << 20, 2 << 20}, {100 << 20, 100 << 20 / 32}} {
-		if got := len(newDoorkeeper(tc.maxBytes).slots(true)) * 8; got != tc.bytes {
+		maxBytes     int64
+		first, bytes int
+	}{{0, 64, 64}, {4 << 10, 128, 128}, {1 << 20, 4 << 10, 32 << 10}, {64 << 20, 4 << 10, 2 << 20},
+		{100 << 20, 4 << 10, 100 << 20 / 32}} {
+		d := newDoorkeeper(tc.maxBytes)
+		d.seen("a")
+		if got := len(d.current(false).slots) * 8; got != tc.first {
+			t.Errorf("a cache of %d bytes: a first table of %d bytes, want %d", tc.maxBytes, got, tc.first)
+		}
+		if got := grown(d) * 8; got != tc.bytes {
 			t.Errorf("a cache of %d bytes: a doorkeeper of %d bytes, want %d", tc.maxBytes, got, tc.bytes)
 		}
 	}
-	d := newDoorkeeper(1 << 20)
+
+	// A few hundred keys keep the first table; growing keeps every key the table held.
+	d := newDoorkeeper(64 << 20)
 	if d.remembers("a"); d.table.Load() != nil {
 		t.Error("a doorkeeper has a table before it remembered a key")
 	}
 	if d.seen("a") || !d.seen("a") {
 		t.Error("a key is not seen at its second time only")
 	}
-	table := d.slots(false)
-	slots := len(table)
-	if slots == 0 {
-		t.Fatal("no table after a key was remembered")
+	first := d.current(false)
+	for i := range 200 {
+		d.seen(fmt.Sprint("few", i))
 	}
+	if d.current(false) != first {
+		t.Errorf("201 keys grew a table of %d slots", len(first.slots))
+	}
+	held := 0
+	for i := range 200 {
+		if d.remembers(fmt.Sprint("few", i)) {
+			held++
+		}
+	}
+	d.grow(first)
+	for i := range 200 {
+		if d.remembers(fmt.Sprint("few", i)) {
+			held--
+		}
+	}
+	if next := d.current(false); next == first || len(next.slots) != doorGrowth*len(first.slots) || held != 0 {
+		t.Errorf("growing the table forgot %d of the 200 first keys, or did not grow it", held)
+	}
+
+	// Misses on many goroutines grow it too (-race: the tables are shared through atomics only); a race may drop a
+	// hash now and then, no more.
+	d = newDoorkeeper(4 << 20) // 16,384 slots
+	var wg sync.WaitGroup
+	for g := range 4 {
+		wg.Go(func() {
+			for i := range 2000 {
+				d.seen(fmt.Sprint(g, "/", i))
+			}
+		})
+	}
+	wg.Wait()
+	held = 0
+	for g := range 4 {
+		for i := range 1000 {
+			if d.remembers(fmt.Sprint(g, "/", 1000+i)) {
+				held++
+			}
+		}
+	}
+	if got := d.current(false); got.buckets == doorFirstBuckets || held < 3900 {
+		t.Errorf("8000 keys on 4 goroutines: a table of %d buckets, %d of the last 4000 keys remembered",
+			got.buckets, held)
+	}
+
+	d = newDoorkeeper(1 << 20)
+	slots := grown(d)
+	table := d.current(false)
 	keys := make([]string, 64*slots)
 	for i := range keys {
 		keys[i] = fmt.Sprint("k", i)
@@ -49,15 +107,15 @@ func TestDoorkeeperBounded(t *testing.T) {
 		t.Errorf("remembering a key allocates %v times", allocs)
 	}
 	n := 0
-	for j := range d.slots(false) {
-		if table[j].Load() != 0 {
+	for j := range table.slots {
+		if table.slots[j].Load() != 0 {
 			n++
 		}
 	}
-	if got := d.slots(false); len(got) != slots || &got[0] != &table[0] || n > slots {
-		t.Errorf("after %d keys, %d slots (%d used); want the same %d", len(keys), len(got), n, slots)
+	if got := d.current(false); got != table || n > slots {
+		t.Errorf("after %d keys, %d slots (%d used); want the same %d", len(keys), len(got.slots), n, slots)
 	}
-	if d.remembers("a") || d.remembers(keys[0]) {
+	if d.remembers("fill0") || d.remembers(keys[0]) {
 		t.Errorf("the doorkeeper remembers keys %d slots old", len(keys))
 	}
 	// The most recent quarter of a table's worth: at most about 1 in 1000 forgotten; a quarter of a table's worth

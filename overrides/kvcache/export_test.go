@@ -24,8 +24,7 @@ func (k *KV) Remembers(ctx context.Context, req *pb.RangeRequest) bool {
 	if !ok || k.door == nil {
 		return false
 	}
-	_, found := slotOf(k.door.locate(key, false))
-	return found
+	return k.door.remembers(key)
 }
 
 // Waiters returns the number of misses waiting for reads in flight.
