@@ -135,7 +135,7 @@ func (b *broadcast) deliver(resp *pb.WatchResponse) {
 		if h.clock == nil {
 			for w := range b.watchers {
 				if w.progressNotify && w.startRev <= rev {
-					w.cs.enqueueEvents(w, nil, &pb.WatchResponse{Header: resp.Header, WatchId: w.id})
+					w.cs.enqueueEvents(w, &pb.WatchResponse{Header: resp.Header, WatchId: w.id})
 				}
 			}
 		}
@@ -162,14 +162,16 @@ func (b *broadcast) deliver(resp *pb.WatchResponse) {
 			if len(evs) == 0 {
 				continue
 			}
-			var e *shared
 			if len(evs) == len(events) && &evs[0] == &events[0] {
 				if enc == nil {
 					enc = encodeShared(resp.Header, events)
 				}
-				e = enc
+				if enc != nil {
+					b.sendShared(w, enc)
+					continue
+				}
 			}
-			b.sendShared(w, e, &pb.WatchResponse{Header: resp.Header, WatchId: w.id, Events: evs})
+			b.send(w, &pb.WatchResponse{Header: resp.Header, WatchId: w.id, Events: evs})
 		}
 		eventsFannedOut.Add(float64(len(events)))
 	}
@@ -204,16 +206,24 @@ func (b *broadcast) deliverParts(parts []*pb.WatchResponse) {
 
 // send queues resps (one response, or the parts of one) for w. A slow client's watcher is taken off the
 // broadcast instead; it resumes from its first undelivered event once its stream has drained (hub.resume).
-func (b *broadcast) send(w *watcher, resps ...*pb.WatchResponse) { b.sendShared(w, nil, resps...) }
-
-// sendShared is send, with enc the encoding of the header and events resps share with others (nil if none).
-func (b *broadcast) sendShared(w *watcher, enc *shared, resps ...*pb.WatchResponse) {
-	if w.cs.enqueueEvents(w, enc, resps...) {
-		return
+func (b *broadcast) send(w *watcher, resps ...*pb.WatchResponse) {
+	if !w.cs.enqueueEvents(w, resps...) {
+		b.detach(w, resps[0].Events[0].Kv.ModRevision)
 	}
+}
+
+// sendShared is send of the response of enc's header and events (encoding.go) under w's watch id.
+func (b *broadcast) sendShared(w *watcher, enc *shared) {
+	if !w.cs.enqueueShared(w, enc) {
+		b.detach(w, enc.events[0].Kv.ModRevision)
+	}
+}
+
+// detach takes the slow client's watcher w off the broadcast; it resumes from next.
+func (b *broadcast) detach(w *watcher, next int64) {
 	delete(b.watchers, w)
 	w.b = nil
-	w.next = resps[0].Events[0].Kv.ModRevision
+	w.next = next
 	w.cs.lag(w)
 	slowDetaches.Inc()
 }

@@ -40,6 +40,11 @@ type clientStream struct {
 	notify        chan struct{} // capacity 1: the queue has something
 	room          chan struct{} // capacity 1: the control queue was emptied
 
+	// resolved (capacity 1) is signalled when the watcher of the create being handled is announced or refused. One
+	// create waits at a time (receive handles the client's requests one by one, and create returns once its watcher
+	// is resolved), so a signal per stream serves every watcher of it: a channel per watcher cost 96 bytes of each.
+	resolved chan struct{}
+
 	aborted   chan struct{} // closed when the stream must end with errCredentialsLost
 	abortOnce sync.Once
 }
@@ -61,31 +66,52 @@ func lostCredentials(reason string) bool {
 	return reason == rpctypes.ErrGRPCInvalidAuthToken.Error() || reason == rpctypes.ErrGRPCAuthOldRevision.Error()
 }
 
+// queued is a response waiting to be sent: resp, or (resp nil) the response of enc's header and events under watch
+// id watchID, made when it is sent: a fan-out of W events queues W entries and no response until each is sent.
 type queued struct {
-	resp   *pb.WatchResponse
-	events bool
-	enc    *shared    // if set, resp is sent as enc's parts around id (encoding.go)
-	id     mem.Buffer // the encoding of resp's watch id
+	resp    *pb.WatchResponse
+	events  bool
+	enc     *shared    // if set, the response is sent as enc's parts around id (encoding.go)
+	id      mem.Buffer // the encoding of the response's watch id
+	watchID int64
+}
+
+// response returns the response to send.
+func (q *queued) response() *pb.WatchResponse {
+	if q.resp == nil {
+		return &pb.WatchResponse{Header: q.enc.header, WatchId: q.watchID, Events: q.enc.events}
+	}
+	return q.resp
 }
 
 // enqueueEvents queues resps for w, back to back (the parts of a fragmented response stay together), unless the
 // stream already holds its share of event responses. Called with h.mu held.
-func (cs *clientStream) enqueueEvents(w *watcher, enc *shared, resps ...*pb.WatchResponse) bool {
-	var id mem.Buffer
-	if enc != nil {
-		id = w.idPart()
-	}
+func (cs *clientStream) enqueueEvents(w *watcher, resps ...*pb.WatchResponse) bool {
 	cs.qmu.Lock()
+	defer cs.qmu.Unlock()
 	if cs.queuedEvents >= cs.queueLen {
-		cs.qmu.Unlock()
 		return false
 	}
 	for _, r := range resps {
-		cs.queue = append(cs.queue, queued{resp: r, events: true, enc: enc, id: id})
+		cs.queue = append(cs.queue, queued{resp: r, events: true})
 		w.sent = w.sent || len(r.Events) > 0
 	}
 	cs.queuedEvents += len(resps)
-	cs.qmu.Unlock()
+	cs.poke()
+	return true
+}
+
+// enqueueShared is enqueueEvents of the response of enc's header and events under w's id.
+func (cs *clientStream) enqueueShared(w *watcher, enc *shared) bool {
+	id := w.idPart()
+	cs.qmu.Lock()
+	defer cs.qmu.Unlock()
+	if cs.queuedEvents >= cs.queueLen {
+		return false
+	}
+	cs.queue = append(cs.queue, queued{events: true, enc: enc, id: id, watchID: w.id})
+	w.sent = true
+	cs.queuedEvents++
 	cs.poke()
 	return true
 }
@@ -116,6 +142,14 @@ func (cs *clientStream) waitRoom() error {
 		case <-cs.h.ctx.Done():
 			return upstream.ErrClosed
 		}
+	}
+}
+
+// resolve tells the create waiting on the stream that its watcher was announced or refused. Called with h.mu held.
+func (cs *clientStream) resolve() {
+	select {
+	case cs.resolved <- struct{}{}:
+	default:
 	}
 }
 
@@ -272,7 +306,7 @@ func (cs *clientStream) create(req *pb.WatchCreateRequest) error {
 	h.attach(w)
 	h.mu.Unlock()
 	select {
-	case <-w.resolved:
+	case <-cs.resolved:
 		return nil
 	case <-ctx.Done():
 		return ctx.Err()
@@ -286,7 +320,7 @@ func (cs *clientStream) newWatcher(req *pb.WatchCreateRequest, hdr *pb.ResponseH
 	key, end := normalize(req.Key, req.RangeEnd)
 	w := &watcher{cs: cs, rk: rangeKey{key: key, end: end, prevKV: req.PrevKv}, next: req.StartRevision,
 		startRev: req.StartRevision, known: hdr.Revision, idFrom: -1, progressNotify: req.ProgressNotify,
-		hdr: hdr, resolved: make(chan struct{})}
+		hdr: hdr}
 	if w.next == 0 {
 		w.next = hdr.Revision + 1
 	}

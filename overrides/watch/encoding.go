@@ -19,22 +19,24 @@ import (
 // field set (TestSharedEncoding checks it against proto.Marshal). A watcher whose events are filtered (NOPUT,
 // NODELETE, or some already delivered) gets its response encoded by gRPC, as before.
 
-// shared is the encoding of the header and the events of the responses of one fan-out.
+// shared is the header and the events of the responses of one fan-out, and their encoding.
 type shared struct {
-	hdr    mem.Buffer // field 1; nil without a header
-	events mem.Buffer // field 11, each event
+	header    *pb.ResponseHeader
+	events    []*mvccpb.Event // at least one
+	hdrEnc    mem.Buffer      // field 1; nil without a header
+	eventsEnc mem.Buffer      // field 11, each event
 }
 
 // encodeShared encodes hdr and events as fields of a WatchResponse, or returns nil if it cannot.
 func encodeShared(hdr *pb.ResponseHeader, events []*mvccpb.Event) *shared {
 	var b []byte
-	s := &shared{}
+	s := &shared{header: hdr, events: events}
 	if hdr != nil {
 		var err error
 		if b, err = appendField(b, 1, hdr); err != nil {
 			return nil
 		}
-		s.hdr = mem.SliceBuffer(b)
+		s.hdrEnc = mem.SliceBuffer(b)
 	}
 	var evs []byte
 	for _, ev := range events {
@@ -46,9 +48,10 @@ func encodeShared(hdr *pb.ResponseHeader, events []*mvccpb.Event) *shared {
 			return nil
 		}
 	}
-	if len(evs) > 0 {
-		s.events = mem.SliceBuffer(evs)
+	if len(evs) == 0 {
+		return nil
 	}
+	s.eventsEnc = mem.SliceBuffer(evs)
 	return s
 }
 
@@ -71,7 +74,7 @@ func idPart(id int64) mem.Buffer {
 
 // offer offers, on slot, the encoding of resp, whose header and events are enc's and watch id is id's.
 func (enc *shared) offer(slot *encoded.Slot, resp *pb.WatchResponse, id mem.Buffer) {
-	slot.Offer(resp, enc.hdr, id, enc.events)
+	slot.Offer(resp, enc.hdrEnc, id, enc.eventsEnc)
 	if f := onShared.Load(); f != nil {
 		(*f)()
 	}

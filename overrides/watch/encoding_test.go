@@ -3,6 +3,7 @@ package watch
 import (
 	"bytes"
 	"math"
+	"slices"
 	"testing"
 
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
@@ -14,7 +15,7 @@ import (
 // TestSharedEncoding: a fanned-out response sent as the shared parts around its watch id is byte for byte what
 // gRPC's proto codec (proto.Marshal) makes of it, for every shape a fan-out sends: watch ids 0 (left out), small,
 // large and negative; one event or many, puts and deletes, with and without prev_kv, leases, empty keys and
-// values, a header with unknown fields, no header.
+// values, a header with unknown fields, no header. The response made when the queued entry is sent is the same.
 func TestSharedEncoding(t *testing.T) {
 	hdr := &pb.ResponseHeader{ClusterId: 14841639068965178418, MemberId: 10276657743932975437, Revision: 12345, RaftTerm: 7}
 	withUnknown := proto.CloneOf(hdr)
@@ -37,7 +38,12 @@ func TestSharedEncoding(t *testing.T) {
 					t.Fatal(err)
 				}
 				var got []byte
-				for _, p := range []mem.Buffer{enc.hdr, idPart(id), enc.events} {
+				if made, err := proto.Marshal((&queued{enc: enc, watchID: id}).response()); err != nil ||
+					!bytes.Equal(made, want) {
+					t.Errorf("header %v, watch id %d, %d events: the response queued as shared is not the same", h,
+						id, len(evs))
+				}
+				for _, p := range []mem.Buffer{enc.hdrEnc, idPart(id), enc.eventsEnc} {
 					if p != nil {
 						got = append(got, p.ReadOnlyData()...)
 					}
@@ -50,5 +56,46 @@ func TestSharedEncoding(t *testing.T) {
 	}
 	if encodeShared(hdr, []*mvccpb.Event{put, nil}) != nil {
 		t.Error("events with a nil one: encoded; want nil (gRPC's codec reports the error)")
+	}
+	if encodeShared(hdr, nil) != nil {
+		t.Error("no events: encoded; want nil (a fan-out has events)")
+	}
+}
+
+// TestFiltered: a watcher that receives every event of a fan-out gets the fan-out's own slice, allocated for none
+// (so that its response is sent as the shared encoding); one that does not gets the events it receives, in order.
+func TestFiltered(t *testing.T) {
+	ev := func(typ mvccpb.Event_EventType, rev int64) *mvccpb.Event {
+		return &mvccpb.Event{Type: typ, Kv: &mvccpb.KeyValue{Key: []byte("k"), ModRevision: rev}}
+	}
+	evs := []*mvccpb.Event{ev(mvccpb.PUT, 10), ev(mvccpb.DELETE, 11), ev(mvccpb.PUT, 12), ev(mvccpb.DELETE, 13)}
+	all := &watcher{next: 10}
+	if got := filtered(evs, all); len(got) != len(evs) || &got[0] != &evs[0] {
+		t.Error("a watcher of every event does not get the fan-out's slice")
+	}
+	if allocs := testing.AllocsPerRun(100, func() { filtered(evs, all) }); allocs != 0 {
+		t.Errorf("a watcher of every event: %v allocations", allocs)
+	}
+	for _, tc := range []struct {
+		w    *watcher
+		want []int64
+	}{
+		{&watcher{next: 11}, []int64{11, 12, 13}},
+		{&watcher{next: 14}, nil},
+		{&watcher{next: 1, noPut: true}, []int64{11, 13}},
+		{&watcher{next: 1, noDelete: true}, []int64{10, 12}},
+		{&watcher{next: 12, noDelete: true}, []int64{12}},
+		{&watcher{next: 1, noPut: true, noDelete: true}, nil},
+	} {
+		var got []int64
+		for _, e := range filtered(evs, tc.w) {
+			got = append(got, e.Kv.ModRevision)
+		}
+		if !slices.Equal(got, tc.want) {
+			t.Errorf("next %d, noPut %v, noDelete %v: %v, want %v", tc.w.next, tc.w.noPut, tc.w.noDelete, got, tc.want)
+		}
+	}
+	if len(evs) != 4 || evs[0].Kv.ModRevision != 10 || evs[3].Kv.ModRevision != 13 {
+		t.Error("filtering changed the fan-out's events")
 	}
 }

@@ -76,7 +76,7 @@ func (h *hub) notifyProgress(hdr *pb.ResponseHeader) {
 			}
 			for w := range b.watchers {
 				if w.progressNotify && !w.sent && w.startRev <= hdr.Revision && w.next-1 <= hdr.Revision {
-					w.cs.enqueueEvents(w, nil, &pb.WatchResponse{Header: hdr, WatchId: w.id})
+					w.cs.enqueueEvents(w, &pb.WatchResponse{Header: hdr, WatchId: w.id})
 				}
 				w.sent = false
 			}

@@ -90,7 +90,8 @@ func (w *Watch) Watch(ss grpc.BidiStreamingServer[pb.WatchRequest, pb.WatchRespo
 	clientStreams.Inc()
 	defer clientStreams.Dec()
 	cs := &clientStream{h: h, ss: ss, queueLen: w.opts.QueueLen, watchers: map[int64]*watcher{},
-		notify: make(chan struct{}, 1), room: make(chan struct{}, 1), aborted: make(chan struct{})}
+		notify: make(chan struct{}, 1), room: make(chan struct{}, 1), resolved: make(chan struct{}, 1),
+		aborted: make(chan struct{})}
 	defer cs.close()
 
 	slot := encoded.SlotOf(ss.Context()) // nil outside the proxy's server: every response is encoded by gRPC
@@ -116,10 +117,11 @@ func (w *Watch) Watch(ss grpc.BidiStreamingServer[pb.WatchRequest, pb.WatchRespo
 			if it.events {
 				clientEventResponses.Inc()
 			}
+			resp := it.response()
 			if it.enc != nil && slot != nil {
-				it.enc.offer(slot, it.resp, it.id)
+				it.enc.offer(slot, resp, it.id)
 			}
-			if err := ss.Send(it.resp); err != nil {
+			if err := ss.Send(resp); err != nil {
 				return err
 			}
 		}

@@ -24,7 +24,6 @@ type watcher struct {
 	b              *broadcast         // nil while detached
 	announced      bool               // the client has its created response
 	dead           bool               // etcd ended it (compaction); it keeps its id until the client cancels it
-	resolved       chan struct{}      // closed once announced or refused
 	idEnc          mem.Buffer         // the encoding of id as a response's watch_id (idPart), once made
 	idEncOf        int64              // the id idEnc encodes
 }
@@ -57,7 +56,7 @@ func (w *watcher) announce() {
 		w.cs.h.notifyJoined(w)
 	}
 	w.cs.enqueueControl(&pb.WatchResponse{Header: w.hdr, WatchId: w.id, Created: true})
-	close(w.resolved)
+	w.cs.resolve()
 }
 
 // refuse answers w's create with etcd's refusal of the upstream watch, and w is gone; like etcd, the refused create
@@ -67,7 +66,7 @@ func (w *watcher) refuse(resp *pb.WatchResponse) {
 		w.cs.nextID = w.idFrom
 	}
 	w.cs.enqueueControl(refusal(resp.Header, resp.CancelReason))
-	close(w.resolved)
+	w.cs.resolve()
 }
 
 // canRide says whether w can be served by b. A watcher being created rides only a broadcast whose upstream watch
@@ -89,21 +88,26 @@ func (w *watcher) canRide(b *broadcast) bool {
 	}
 }
 
-// filtered returns the events of evs that w receives: revision at or after w.next, minus filtered types.
+// filtered returns the events of evs that w receives: revision at or after w.next, minus filtered types. It
+// returns evs itself when w receives them all (a fan-out's usual case: nothing allocated per watcher).
 func filtered(evs []*mvccpb.Event, w *watcher) []*mvccpb.Event {
-	keep := evs[:0:0]
-	all := true
-	for _, ev := range evs {
-		ok := ev.Kv.ModRevision >= w.next &&
-			!(w.noPut && ev.Type == mvccpb.PUT) && !(w.noDelete && ev.Type == mvccpb.DELETE)
-		if ok {
-			keep = append(keep, ev)
-		} else {
-			all = false
+	for i, ev := range evs {
+		if !w.receives(ev) {
+			keep := make([]*mvccpb.Event, i, len(evs)-1)
+			copy(keep, evs)
+			for _, ev := range evs[i+1:] {
+				if w.receives(ev) {
+					keep = append(keep, ev)
+				}
+			}
+			return keep
 		}
 	}
-	if all {
-		return evs
-	}
-	return keep
+	return evs
+}
+
+// receives reports whether w receives ev.
+func (w *watcher) receives(ev *mvccpb.Event) bool {
+	return ev.Kv.ModRevision >= w.next && !(w.noPut && ev.Type == mvccpb.PUT) &&
+		!(w.noDelete && ev.Type == mvccpb.DELETE)
 }
