@@ -453,7 +453,8 @@ func newLogger(debug bool) (*zap.Logger, error) {
 	if debug {
 		cfg.Level = zap.NewAtomicLevelAt(zapcore.DebugLevel)
 	}
-	lg, err := cfg.Build()
+	cfg.Sampling = nil // sampled as zap's production configuration samples, with a smaller table (logsample.go)
+	lg, err := cfg.Build(zap.WrapCore(newSampler))
 	if err == nil && debug {
 		// As etcd grpc-proxy does with --debug: gRPC's own logs go to the proxy's log. Done before any gRPC use.
 		grpclog.SetLoggerV2(zapgrpc.NewLogger(lg.Named("grpc")))
