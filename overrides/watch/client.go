@@ -76,10 +76,12 @@ type queued struct {
 	watchID int64
 }
 
-// response returns the response to send.
-func (q *queued) response() *pb.WatchResponse {
+// response returns the response to send; a shared entry's is made in into, which only shared entries' responses
+// are made in (so that its other fields stay unset).
+func (q *queued) response(into *pb.WatchResponse) *pb.WatchResponse {
 	if q.resp == nil {
-		return &pb.WatchResponse{Header: q.enc.header, WatchId: q.watchID, Events: q.enc.events}
+		into.Header, into.WatchId, into.Events = q.enc.header, q.watchID, q.enc.events
+		return into
 	}
 	return q.resp
 }

@@ -1,6 +1,7 @@
 package watch
 
 import (
+	"sync"
 	"sync/atomic"
 
 	"github.com/etcdproxy/etcdproxy/internal/encoded"
@@ -71,6 +72,20 @@ func idPart(id int64) mem.Buffer {
 	b := protowire.AppendTag(make([]byte, 0, 11), 2, protowire.VarintType)
 	return mem.SliceBuffer(protowire.AppendVarint(b, uint64(id)))
 }
+
+// smallIDs bounds the watch ids whose encodings smallIDParts holds. clientv3 and etcd number a stream's watchers
+// from 0, so nearly every watcher's id is small, and its encoding costs it nothing of its own (a watcher's own,
+// boxed as a mem.Buffer, was 48 bytes of each).
+const smallIDs = 1024
+
+// smallIDParts returns idPart of 0 to smallIDs-1, made at the first call (40 KiB).
+var smallIDParts = sync.OnceValue(func() *[smallIDs]mem.Buffer {
+	var parts [smallIDs]mem.Buffer
+	for id := int64(1); id < smallIDs; id++ {
+		parts[id] = idPart(id)
+	}
+	return &parts
+})
 
 // offer offers, on slot, the encoding of resp, whose header and events are enc's and watch id is id's.
 func (enc *shared) offer(slot *encoded.Slot, resp *pb.WatchResponse, id mem.Buffer) {

@@ -25,6 +25,7 @@ func TestSharedEncoding(t *testing.T) {
 	del := &mvccpb.Event{Type: mvccpb.DELETE, Kv: &mvccpb.KeyValue{Key: []byte("k"), ModRevision: 12346},
 		PrevKv: &mvccpb.KeyValue{Key: []byte("k"), Value: []byte("old"), CreateRevision: 2, ModRevision: 3, Version: 1}}
 	empty := &mvccpb.Event{Kv: &mvccpb.KeyValue{}}
+	var reused pb.WatchResponse // as the sender reuses it
 	for _, h := range []*pb.ResponseHeader{hdr, withUnknown, nil, {}} {
 		for _, evs := range [][]*mvccpb.Event{{put}, {del}, {empty}, {put, del, put, empty}} {
 			enc := encodeShared(h, evs)
@@ -38,7 +39,7 @@ func TestSharedEncoding(t *testing.T) {
 					t.Fatal(err)
 				}
 				var got []byte
-				if made, err := proto.Marshal((&queued{enc: enc, watchID: id}).response()); err != nil ||
+				if made, err := proto.Marshal((&queued{enc: enc, watchID: id}).response(&reused)); err != nil ||
 					!bytes.Equal(made, want) {
 					t.Errorf("header %v, watch id %d, %d events: the response queued as shared is not the same", h,
 						id, len(evs))
@@ -97,5 +98,29 @@ func TestFiltered(t *testing.T) {
 	}
 	if len(evs) != 4 || evs[0].Kv.ModRevision != 10 || evs[3].Kv.ModRevision != 13 {
 		t.Error("filtering changed the fan-out's events")
+	}
+}
+
+// TestWatcherIDPart: a watcher's id part is idPart's encoding of its id, from the shared table for a small id
+// (nothing allocated per watcher) and made once for a larger one.
+func TestWatcherIDPart(t *testing.T) {
+	bytesOf := func(b mem.Buffer) []byte {
+		if b == nil {
+			return nil
+		}
+		return b.ReadOnlyData()
+	}
+	for _, id := range []int64{0, 1, 127, 128, smallIDs - 1, smallIDs, 1 << 40, math.MaxInt64, -1} {
+		w := &watcher{id: id}
+		if got, want := bytesOf(w.idPart()), bytesOf(idPart(id)); !bytes.Equal(got, want) {
+			t.Errorf("watch id %d: %x, want %x", id, got, want)
+		}
+		allocs := testing.AllocsPerRun(10, func() { w.idPart() })
+		if allocs != 0 {
+			t.Errorf("watch id %d: its part allocates %v times once made", id, allocs)
+		}
+		if small := id >= 0 && id < smallIDs; small != (w.idEnc == nil) {
+			t.Errorf("watch id %d: made for the watcher: %v", id, w.idEnc != nil)
+		}
 	}
 }

@@ -95,6 +95,10 @@ func (w *Watch) Watch(ss grpc.BidiStreamingServer[pb.WatchRequest, pb.WatchRespo
 	defer cs.close()
 
 	slot := encoded.SlotOf(ss.Context()) // nil outside the proxy's server: every response is encoded by gRPC
+	// The responses of shared entries are made in one message, again for each: nothing on the send path keeps a
+	// message past its Send (gRPC encodes it, or takes the offered parts, before Send returns; the call log
+	// formats it then, --namespace sends a copy). A fan-out to W watchers used to allocate W responses here.
+	var reused pb.WatchResponse
 	received := make(chan error, 1)
 	go func() { received <- cs.receive() }()
 	for {
@@ -117,7 +121,7 @@ func (w *Watch) Watch(ss grpc.BidiStreamingServer[pb.WatchRequest, pb.WatchRespo
 			if it.events {
 				clientEventResponses.Inc()
 			}
-			resp := it.response()
+			resp := it.response(&reused)
 			if it.enc != nil && slot != nil {
 				it.enc.offer(slot, resp, it.id)
 			}

@@ -10,7 +10,7 @@ import (
 // watcher is one client watcher.
 type watcher struct {
 	cs             *clientStream
-	id             int64
+	id             int64 // set once, when the stream takes the watcher (clientStream.create)
 	rk             rangeKey
 	next           int64 // the first revision the client has not received
 	startRev       int64 // the start revision the client asked for (0: from now)
@@ -20,18 +20,21 @@ type watcher struct {
 	noPut          bool
 	noDelete       bool
 	progressNotify bool
-	hdr            *pb.ResponseHeader // for the created response
-	b              *broadcast         // nil while detached
 	announced      bool               // the client has its created response
 	dead           bool               // etcd ended it (compaction); it keeps its id until the client cancels it
-	idEnc          mem.Buffer         // the encoding of id as a response's watch_id (idPart), once made
-	idEncOf        int64              // the id idEnc encodes
+	hdr            *pb.ResponseHeader // for the created response
+	b              *broadcast         // nil while detached
+	idEnc          mem.Buffer         // the encoding of an id of smallIDs or more as a response's watch_id, once made
 }
 
-// idPart returns the encoding of the watcher's id as a response's watch_id, made once (encoding.go).
+// idPart returns the encoding of the watcher's id as a response's watch_id (encoding.go): a small id's from the
+// table every watcher shares, a larger one's made once.
 func (w *watcher) idPart() mem.Buffer {
-	if w.idEnc == nil || w.idEncOf != w.id {
-		w.idEnc, w.idEncOf = idPart(w.id), w.id
+	if w.id >= 0 && w.id < smallIDs {
+		return smallIDParts()[w.id]
+	}
+	if w.idEnc == nil {
+		w.idEnc = idPart(w.id)
 	}
 	return w.idEnc
 }
