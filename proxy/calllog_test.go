@@ -53,6 +53,11 @@ func TestCallLog(t *testing.T) {
 	if _, err := ws.Recv(); err != nil {
 		t.Fatal(err)
 	}
+	// The proxy logs a stream response once its Send returned, which may be after the client has it.
+	for deadline := time.Now().Add(5 * time.Second); logs.FilterMessage("stream response").Len() == 0 &&
+		time.Now().Before(deadline); {
+		time.Sleep(10 * time.Millisecond)
+	}
 
 	var all strings.Builder
 	for _, entry := range logs.All() {
