@@ -3,6 +3,7 @@ package main
 import (
 	"cmp"
 	"context"
+	"debug/elf"
 	"fmt"
 	"os"
 	"os/exec"
@@ -473,8 +474,34 @@ func (b *bench) meta(started time.Time) meta {
 		m.Etcdproxy += " (git " + rev + ")"
 	}
 	m.Versions = fmt.Sprintf("%s; %s; Go %s", m.Etcd, m.Etcdproxy, m.Go)
+	var linked []string
+	for _, bin := range []struct{ name, path string }{{"etcd", b.cfg.etcdBin}, {etcdproxy, b.cfg.etcdproxyBin},
+		{floorRelay, b.cfg.floorRelayBin}, {floorCache, b.cfg.floorCacheBin}} {
+		if bin.path != "" {
+			linked = append(linked, bin.name+" "+linkage(bin.path))
+		}
+	}
+	if len(linked) > 0 {
+		m.Versions += "; linked: " + strings.Join(linked, ", ")
+	}
 	m.Rounds = b.plan.describe()
 	return m
+}
+
+// linkage says how the binary at path is linked: "static", or "dynamic" (it names an interpreter: it maps libc,
+// which costs RSS), or "unknown" if it is not an ELF file. make builds every binary static, as etcd's releases are.
+func linkage(path string) string {
+	f, err := elf.Open(path)
+	if err != nil {
+		return "unknown"
+	}
+	defer f.Close()
+	for _, p := range f.Progs {
+		if p.Type == elf.PT_INTERP {
+			return "dynamic"
+		}
+	}
+	return "static"
 }
 
 // describe is the plan in one line, for the report's header.

@@ -2,6 +2,9 @@ package main
 
 import (
 	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -162,5 +165,36 @@ func TestWorkloadList(t *testing.T) {
 		if strings.HasPrefix(name, "idle") && (w.runs(grpcProxy) || !w.runs(etcdproxy) || !w.runs(direct)) {
 			t.Errorf("quick idle targets %v, want direct and etcdproxy", w.targets)
 		}
+	}
+}
+
+// TestLinkage: a binary built with cgo names an interpreter (dynamic), one built with CGO_ENABLED=0 does not
+// (static), and a file that is not ELF is unknown.
+func TestLinkage(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds two binaries")
+	}
+	dir := t.TempDir()
+	src := filepath.Join(dir, "main.go")
+	if err := os.WriteFile(src, []byte("package main\n\nimport \"net\"\n\nfunc main() { net.LookupHost(\"localhost\") }\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ cgo, want string }{{"0", "static"}, {"1", "dynamic"}} {
+		out := filepath.Join(dir, "bin"+tc.cgo)
+		cmd := exec.Command("go", "build", "-o", out, src)
+		cmd.Env = append(os.Environ(), "CGO_ENABLED="+tc.cgo)
+		if b, err := cmd.CombinedOutput(); err != nil {
+			if tc.cgo == "1" {
+				t.Logf("no cgo build here (%v: %s): the dynamic case is not checked", err, b)
+				continue
+			}
+			t.Fatalf("go build: %v: %s", err, b)
+		}
+		if got := linkage(out); got != tc.want {
+			t.Errorf("CGO_ENABLED=%s: %s, want %s", tc.cgo, got, tc.want)
+		}
+	}
+	if got := linkage(src); got != "unknown" {
+		t.Errorf("a Go source file: %s, want unknown", got)
 	}
 }
