@@ -122,10 +122,7 @@ func (d *doorkeeper) seen(key string) bool {
 	if !found {
 		at = doorWays - 1 // a key not in the bucket takes the place of its oldest
 	}
-	for ; at > 0; at-- {
-		b[at].Store(b[at-1].Load())
-	}
-	b[0].Store(h)
+	moveToFront(b, at, h)
 	if !found && t.buckets < d.buckets && t.fresh.Add(1) == int64(len(t.slots)/2) {
 		d.grow(t) // only the miss that reached the mark grows t
 	}
@@ -147,15 +144,19 @@ func (d *doorkeeper) grow(t *doorTable) {
 				continue
 			}
 			b := n.bucket(h)
-			if _, found := slotOf(b, h); found {
-				continue
+			if _, found := slotOf(b, h); !found {
+				moveToFront(b, doorWays-1, h) // in the place of the bucket's oldest
 			}
-			for j := doorWays - 1; j > 0; j-- {
-				b[j].Store(b[j-1].Load())
-			}
-			b[0].Store(h)
 		}
 	}
+}
+
+// moveToFront puts h first in bucket b, in the place of slot at: the hashes before it move one slot back.
+func moveToFront(b []atomic.Uint64, at int, h uint64) {
+	for ; at > 0; at-- {
+		b[at].Store(b[at-1].Load())
+	}
+	b[0].Store(h)
 }
 
 // hash returns key's hash, never 0 (an empty slot).

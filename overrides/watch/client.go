@@ -89,31 +89,33 @@ func (q *queued) response(into *pb.WatchResponse) *pb.WatchResponse {
 // enqueueEvents queues resps for w, back to back (the parts of a fragmented response stay together), unless the
 // stream already holds its share of event responses. Called with h.mu held.
 func (cs *clientStream) enqueueEvents(w *watcher, resps ...*pb.WatchResponse) bool {
-	cs.qmu.Lock()
-	defer cs.qmu.Unlock()
-	if cs.queuedEvents >= cs.queueLen {
-		return false
-	}
-	for _, r := range resps {
-		cs.queue = append(cs.queue, queued{resp: r, events: true})
-		w.sent = w.sent || len(r.Events) > 0
-	}
-	cs.queuedEvents += len(resps)
-	cs.poke()
-	return true
+	return cs.enqueue(func() {
+		for _, r := range resps {
+			cs.queue = append(cs.queue, queued{resp: r, events: true})
+			w.sent = w.sent || len(r.Events) > 0
+		}
+		cs.queuedEvents += len(resps)
+	})
 }
 
 // enqueueShared is enqueueEvents of the response of enc's header and events under w's id.
 func (cs *clientStream) enqueueShared(w *watcher, enc *shared) bool {
 	id := w.idPart()
+	return cs.enqueue(func() {
+		cs.queue = append(cs.queue, queued{events: true, enc: enc, id: id, watchID: w.id})
+		w.sent = true
+		cs.queuedEvents++
+	})
+}
+
+// enqueue runs add under qmu, unless the stream already holds its share of event responses (false).
+func (cs *clientStream) enqueue(add func()) bool {
 	cs.qmu.Lock()
 	defer cs.qmu.Unlock()
 	if cs.queuedEvents >= cs.queueLen {
 		return false
 	}
-	cs.queue = append(cs.queue, queued{events: true, enc: enc, id: id, watchID: w.id})
-	w.sent = true
-	cs.queuedEvents++
+	add()
 	cs.poke()
 	return true
 }
