@@ -42,6 +42,8 @@ type Config struct {
 	Leader leader.Options
 	// Watch tunes the watch coalescer.
 	Watch watch.Options
+	// Lease tunes the keepalive sharing (--lease-keepalive-streams).
+	Lease lease.Options
 	// KVCache configures the read cache (serializable reads, and linearizable ones unless SerializableOnly);
 	// MaxBytes 0 turns it off. Its Floor is set by Apply when ReadYourWrites.Ordering is on.
 	KVCache kvcache.Options
@@ -94,7 +96,7 @@ func Apply(s *gen.Services, d Deps, c Config) *Set {
 	set.Stream = append(set.Stream, set.Leader.StreamInterceptor)
 	s.KV = leader.NewKV(s.KV, set.Leader)
 	s.Lease = leader.NewLease(s.Lease, set.Leader)
-	s.Lease = closing(set, lease.New(s.Lease, cc, d.Logger.Named("lease")))
+	s.Lease = closing(set, lease.New(s.Lease, cc, d.Logger.Named("lease"), c.Lease))
 	s.Watch = closing(set, watch.New(s.Watch, cc, set.Leader, d.Logger.Named("watch"), c.Watch))
 	writes := ryw.New(c.ReadYourWrites)
 	closing(set, writes.Seed(pb.NewKVClient(internal), []byte(c.Namespace+"\x00etcdproxy/ordering")))

@@ -9,6 +9,7 @@ import (
 
 	"github.com/etcdproxy/etcdproxy/overrides"
 	"github.com/etcdproxy/etcdproxy/overrides/kvcache"
+	"github.com/etcdproxy/etcdproxy/overrides/lease"
 	"github.com/etcdproxy/etcdproxy/overrides/members"
 	"github.com/etcdproxy/etcdproxy/overrides/ryw"
 	"github.com/etcdproxy/etcdproxy/proxy"
@@ -21,14 +22,15 @@ func TestFlagsReachConfig(t *testing.T) {
 	if err := cmd.ParseFlags([]string{"--experimental-serializable-ordering", "--max-send-bytes", "1000",
 		"--max-recv-bytes", "2000", "--max-concurrent-streams", "7", "--grpc-keepalive-min-time", "3s",
 		"--grpc-keepalive-interval", "4s", "--grpc-keepalive-timeout", "5s", "--enable-pprof",
-		"--kv-cache-bytes", "123", "--kv-cache-ttl", "6s", "--experimental-enable-grpc-logging", "--namespace", "/t1/"}); err != nil {
+		"--kv-cache-bytes", "123", "--kv-cache-ttl", "6s", "--experimental-enable-grpc-logging", "--namespace", "/t1/",
+		"--lease-keepalive-streams", "9"}); err != nil {
 		t.Fatal(err)
 	}
 	want := proxy.Config{MaxRecvBytes: 1000, MaxSendBytes: 2000, MaxConcurrentStreams: 7,
 		KeepaliveMinTime: 3 * time.Second, KeepaliveInterval: 4 * time.Second, KeepaliveTimeout: 5 * time.Second,
 		EnablePprof: true, LogCalls: true, Overrides: overrides.Config{
 			KVCache:        kvcache.Options{MaxBytes: 123, TTL: 6 * time.Second},
-			ReadYourWrites: ryw.Options{Ordering: true}, Namespace: "/t1/"}}
+			ReadYourWrites: ryw.Options{Ordering: true}, Lease: lease.Options{Streams: 9}, Namespace: "/t1/"}}
 	if got := f.proxyConfig(); !reflect.DeepEqual(got, want) {
 		t.Errorf("proxy configuration from the flags:\n got %+v\nwant %+v", got, want)
 	}
@@ -141,6 +143,40 @@ func TestCacheAdmitFlag(t *testing.T) {
 			t.Errorf("start %v: %v", c.args, err)
 		case c.err == "" && (got == nil || *got != c.want):
 			t.Errorf("start %v: AdmitFirst %v, want %v", c.args, got, c.want)
+		}
+	}
+}
+
+// TestLeaseStreamsFlag: --lease-keepalive-streams defaults to lease.DefaultStreams and must be at least 1.
+func TestLeaseStreamsFlag(t *testing.T) {
+	for _, c := range []struct {
+		args []string
+		want int
+		err  string
+	}{
+		{nil, lease.DefaultStreams, ""},
+		{[]string{"--lease-keepalive-streams", "1"}, 1, ""},
+		{[]string{"--lease-keepalive-streams=0"}, 0, "--lease-keepalive-streams: 0 is not at least 1"},
+		{[]string{"--lease-keepalive-streams", "-3"}, 0, "--lease-keepalive-streams: -3 is not at least 1"},
+	} {
+		got := -1
+		cmd := startCommand(&startFlags{}, func(f *startFlags) error {
+			got = f.proxyConfig().Overrides.Lease.Streams
+			return nil
+		})
+		cmd.SetArgs(c.args)
+		cmd.SetOut(io.Discard)
+		cmd.SetErr(io.Discard)
+		err := cmd.Execute()
+		switch {
+		case c.err != "" && (err == nil || err.Error() != c.err):
+			t.Errorf("start %v: %v; want %q", c.args, err, c.err)
+		case c.err != "" && got != -1:
+			t.Errorf("start %v ran with %d streams despite the error", c.args, got)
+		case c.err == "" && err != nil:
+			t.Errorf("start %v: %v", c.args, err)
+		case c.err == "" && got != c.want:
+			t.Errorf("start %v: Streams %d, want %d", c.args, got, c.want)
 		}
 	}
 }

@@ -19,6 +19,7 @@ import (
 	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/etcdproxy/etcdproxy/overrides"
 	"github.com/etcdproxy/etcdproxy/overrides/kvcache"
+	"github.com/etcdproxy/etcdproxy/overrides/lease"
 	"github.com/etcdproxy/etcdproxy/overrides/members"
 	"github.com/etcdproxy/etcdproxy/overrides/ryw"
 	"github.com/etcdproxy/etcdproxy/proxy"
@@ -60,6 +61,7 @@ type startFlags struct {
 	kvCacheTTL   time.Duration
 	kvCacheLin   bool
 	kvCacheAdmit string
+	leaseStreams int
 	metricsAddr  string
 	metricsURL   string // --metrics-addr's scheme: http, https or unix
 	enablePprof  bool
@@ -134,6 +136,7 @@ func (f *startFlags) addFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&f.kvCacheTTL, "kv-cache-ttl", 30*time.Second, "longest life of a cached read; the cache is kept coherent by a watch, this is a backstop")
 	fs.StringVar(&f.kvCacheAdmit, "kv-cache-admit", "second", "when the read cache stores a read's answer: second (a key's first miss is only remembered, in a table of up to 1/32 of --kv-cache-bytes, and its answer stored at the key's second miss, or at the first when identical reads wait for it: keys read once take no cache memory and cost no store) or first (at every miss, keys never read again included; a key read twice then costs etcd one read, not two)")
 	fs.BoolVar(&f.kvCacheLin, "kv-cache-linearizable", true, "also answer linearizable reads from the cache when that is provably linearizable (one shared linearizable barrier read to etcd per batch of reads, then the cache's watch must have reached its revision; with auth enabled they always go to etcd); false sends every linearizable read to etcd")
+	fs.IntVar(&f.leaseStreams, "lease-keepalive-streams", lease.DefaultStreams, "upstream LeaseKeepAlive streams that the client keepalive streams of one identity (auth token) share at most, each client stream on one of them: etcd renews one stream's leases one at a time (a member that is not the leader asks the leader for each renewal), so a few streams renew in parallel; at least 1")
 	fs.StringVar(&f.metricsAddr, "metrics-addr", "", "also serve /metrics and /health (and /debug/pprof with --enable-pprof) on this URL, as etcd grpc-proxy takes it: http://host:port, https://host:port (TLS toward clients, as on --listen-addr; needs --cert-file/--key-file or --auto-tls) or unix://name (a unix socket; the URL's host part is the socket file, as with etcd); host:port works too, as http; they are always served on --listen-addr too")
 	fs.StringVar(&f.namespace, "namespace", "", "string to prefix to all keys for namespacing requests (every keyed service: KV, Watch, LeaseTimeToLive keys, Election and Lock names and keys; end it with a separator, e.g. /tenant1/: /t1 and /t10 overlap, /t1/ and /t10/ do not)")
 	fs.BoolVar(&f.enablePprof, "enable-pprof", false, "serve runtime profiling data at /debug/pprof/")
@@ -166,6 +169,9 @@ etcdproxy-etcd (built beside etcdproxy by make build), and stops with the proxy;
 			}
 			if f.leasingPrefix != "" {
 				return errLeasing
+			}
+			if f.leaseStreams < 1 {
+				return fmt.Errorf("--lease-keepalive-streams: %d is not at least 1", f.leaseStreams)
 			}
 			if f.kvCacheAdmit != "first" && f.kvCacheAdmit != "second" {
 				return fmt.Errorf("--kv-cache-admit: %q is neither first nor second", f.kvCacheAdmit)
@@ -403,6 +409,7 @@ func (f *startFlags) proxyConfig() proxy.Config {
 			KVCache: kvcache.Options{MaxBytes: f.kvCacheBytes, TTL: f.kvCacheTTL, SerializableOnly: !f.kvCacheLin,
 				AdmitFirst: f.kvCacheAdmit == "first"},
 			ReadYourWrites: ryw.Options{Ordering: f.serializableOrdering},
+			Lease:          lease.Options{Streams: f.leaseStreams},
 			Namespace:      f.namespace,
 			Members:        f.members(),
 		},

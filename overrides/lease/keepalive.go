@@ -1,5 +1,10 @@
 // Package lease overrides Lease.LeaseKeepAlive: client keepalive streams share upstream streams.
 //
+// Sharing: the clients of one identity share Options.Streams upstream streams at most (each client stream stays on
+// one, picked in turn when it opens). etcd serves one stream's renewals one at a time, and a member that is not the
+// leader forwards each to the leader and waits for its answer, so one stream carries at most one renewal per round
+// trip to the leader: a few streams let etcd renew in parallel, and a burst of renewals does not queue behind one.
+//
 // Replaces: LeaseKeepAlive. Every other Lease RPC falls through to the service it wraps (LeaseGrant, LeaseRevoke,
 // LeaseTimeToLive and LeaseLeases fail slow through the upstream connection's wait-for-ready; see proxy.Dial).
 //
@@ -14,7 +19,7 @@
 //     the upstream stream, possibly on another member, and re-sends the unanswered requests.
 //   - Auth: etcd checks a renewal against the caller's token (put permission on the lease's keys), so streams are
 //     shared only between callers with the same credentials (token and authorization metadata); with auth off,
-//     all clients share one upstream stream.
+//     all clients share the same upstream streams.
 //   - Require-leader client streams end with etcd's no-leader error when the leader is lost (overrides/leader);
 //     upstream streams are require-leader, so a member that loses the cluster does not hold them.
 //
@@ -26,6 +31,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"sync/atomic"
 	"time"
 
 	"github.com/etcdproxy/etcdproxy/overrides/internal/upstream"
@@ -38,31 +44,58 @@ import (
 // the client. A client that sends more without reading replies is held back by gRPC flow control, as by etcd.
 const maxOutstanding = 64
 
+// DefaultStreams is Options.Streams when it is 0.
+const DefaultStreams = 4
+
+// Options tune the override; the zero value is the default.
+type Options struct {
+	// Streams bounds the upstream keepalive streams that the clients of one identity share (--lease-keepalive-streams;
+	// 0: DefaultStreams). A stream is opened only when a client is put on it, so a proxy with fewer client streams
+	// has fewer.
+	Streams int
+}
+
 // Lease is the LeaseKeepAlive override.
 type Lease struct {
 	pb.LeaseServer
-	groups *upstream.Pool[*group] // one upstream stream per client credentials
+	// groups are the shards: shard i keeps one upstream stream per client credentials, shared by the client
+	// streams put on it.
+	groups []*upstream.Pool[*group]
+	next   atomic.Uint64 // the shard of the next client stream, modulo len(groups)
 }
 
 // New wraps base; upstream streams are opened on cc.
-func New(base pb.LeaseServer, cc grpc.ClientConnInterface, lg *zap.Logger) *Lease {
+func New(base pb.LeaseServer, cc grpc.ClientConnInterface, lg *zap.Logger, opts Options) *Lease {
 	client := pb.NewLeaseClient(cc)
-	return &Lease{LeaseServer: base, groups: upstream.NewPool(func(ctx context.Context, c upstream.Creds) *group {
-		return &group{ctx: ctx, creds: c, upstream: client, logger: lg}
-	})}
+	n := opts.Streams
+	if n <= 0 {
+		n = DefaultStreams
+	}
+	l := &Lease{LeaseServer: base, groups: make([]*upstream.Pool[*group], n)}
+	for i := range l.groups {
+		l.groups[i] = upstream.NewPool(func(ctx context.Context, c upstream.Creds) *group {
+			return &group{ctx: ctx, creds: c, upstream: client, logger: lg}
+		})
+	}
+	return l
 }
 
 // Close ends every upstream stream and waits for them. Client streams still open then end with Unavailable.
-func (l *Lease) Close() { l.groups.Close() }
+func (l *Lease) Close() {
+	for _, p := range l.groups {
+		p.Close()
+	}
+}
 
 // LeaseKeepAlive serves one client keepalive stream over a shared upstream stream.
 func (l *Lease) LeaseKeepAlive(ss grpc.BidiStreamingServer[pb.LeaseKeepAliveRequest, pb.LeaseKeepAliveResponse]) error {
 	creds := upstream.CredsOf(ss.Context())
-	g, err := l.groups.Join(creds)
+	pool := l.groups[(l.next.Add(1)-1)%uint64(len(l.groups))]
+	g, err := pool.Join(creds)
 	if err != nil {
 		return err
 	}
-	defer l.groups.Leave(creds)
+	defer pool.Leave(creds)
 	keepaliveClientStreams.Inc()
 	defer keepaliveClientStreams.Dec()
 

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/etcdproxy/etcdproxy/internal/proxytest"
+	"github.com/etcdproxy/etcdproxy/overrides/lease"
+	"github.com/etcdproxy/etcdproxy/proxy"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -25,12 +27,31 @@ func etcdKeepAliveStreams(t *testing.T) float64 {
 	return proxytest.Gauge(t, "grpc_server_started_total", labels...) - proxytest.Gauge(t, "grpc_server_handled_total", labels...)
 }
 
-// TestKeepAliveShared: 1000 leases kept alive over 10 client streams share one upstream stream, and every request
-// gets its own prompt reply with etcd's TTL (etcd's grpc-proxy answers only at its next refresh, up to TTL/3 later).
+// TestKeepAliveShared: leases kept alive over many client streams share a few upstream streams (at most
+// --lease-keepalive-streams, each opened only once a client stream is put on it), and every request gets its own
+// prompt reply with etcd's TTL (etcd's grpc-proxy answers only at its next refresh, up to TTL/3 later). When the
+// last client leaves, no upstream stream is left.
 func TestKeepAliveShared(t *testing.T) {
-	e := proxytest.Start(t, proxytest.Options{})
+	for _, tc := range []struct {
+		name                string
+		option              int // lease.Options.Streams
+		streams, perStream  int // client streams, and leases on each
+		wantUpstreamStreams float64
+	}{
+		{"default: 1000 leases over 10 client streams", 0, 10, 100, lease.DefaultStreams},
+		{"one shared stream", 1, 10, 10, 1},
+		{"fewer client streams than allowed", 16, 3, 10, 3},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) { c.Overrides.Lease.Streams = tc.option }})
+			keepAliveShared(t, e, tc.streams, tc.perStream, tc.wantUpstreamStreams)
+		})
+	}
+}
+
+func keepAliveShared(t *testing.T, e *proxytest.Env, streams, perStream int, wantUpstream float64) {
 	ctx := proxytest.Timeout(t, 60*time.Second)
-	const streams, perStream, ttl = 10, 100, 60
+	const ttl = 60
 	var ids []int64
 	for i := 0; i < streams*perStream; i++ {
 		r, err := pb.NewLeaseClient(e.Direct).LeaseGrant(ctx, &pb.LeaseGrantRequest{TTL: ttl})
@@ -83,8 +104,8 @@ func TestKeepAliveShared(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if got := etcdKeepAliveStreams(t) - base; got != 1 {
-		t.Errorf("etcd has %v keepalive streams for 10 client streams, want 1", got)
+	if got := etcdKeepAliveStreams(t) - base; got != wantUpstream {
+		t.Errorf("etcd has %v keepalive streams for %d client streams, want %v", got, streams, wantUpstream)
 	}
 	for _, ka := range kas {
 		if err := ka.CloseSend(); err != nil {
@@ -95,7 +116,7 @@ func TestKeepAliveShared(t *testing.T) {
 		}
 	}
 	proxytest.Eventually(t, 5*time.Second, func() bool { return etcdKeepAliveStreams(t) == base },
-		"the upstream keepalive stream outlived its last client")
+		"an upstream keepalive stream outlived its last client")
 }
 
 // TestExpiryAfterLastHeartbeat: the proxy never renews a lease on its own, so it expires no later than its TTL
