@@ -499,7 +499,11 @@ const howToRead = `## How to read this
 - ↑ higher is better, ↓ lower is better: for ops/s a ratio above 1 is better; for latency, CPU and memory a ratio
   below 1 is better.
 - ops/s is throughput over the measured window. Unary workloads are closed loops (C clients, each on its own
-  connection, 256-byte values); put and the hot serializable get run at several C (the ops/s plots). Watch
+  connection, 256-byte values); put and the hot serializable get run at several C (the ops/s plots). The put
+  rows run first, before any read: etcdproxy's read cache has not been read, so its keyspace watch (which starts
+  at the first cacheable read and stops 30 s after the last) is not running, and etcdproxy forwards puts as a
+  relay does. "put C=1, the read cache in use" runs after the reads, each round after one serializable read
+  through the target: etcd then sends etcdproxy every write's event, and each write's reply waits for it. Watch
   workloads are paced, so their ops/s (events delivered per second) follows the pace and an op is one event
   delivered to one watcher; their latency is from the moment the put is sent (straight to etcd, for every target)
   to the watcher's receipt of the event (timing from the put's acknowledgement would read 0 for direct etcd, which

@@ -78,9 +78,34 @@ func (b *bench) unaryWorkloads() []workload {
 		ws = append(ws, b.getWorkload(getSpec{name: hotGetName(c, p.hotKeys), clients: c, serializable: true,
 			keys: hotKeys}, preload))
 	}
-	return append(ws, b.getWorkload(getSpec{name: fmt.Sprintf("get serializable cold C=16 (%d fresh keys per round)",
+	ws = append(ws, b.getWorkload(getSpec{name: fmt.Sprintf("get serializable cold C=16 (%d fresh keys per round)",
 		p.coldKeys), clients: 16, serializable: true, keys: coldKeys, cold: true}, preload))
+	// The put rows above run before any read, on a proxy whose read cache has not been read: etcdproxy's keyspace
+	// watch is not running then (it starts at the first cacheable read). This one shows what a write costs while
+	// the cache is in use: one serializable read through the target before each round starts the watch (it runs
+	// for --kv-cache-watch-idle, 30 s, after the last read: longer than a round), and etcd then sends the proxy
+	// every write's event, which it reads and applies, and each write's reply waits for its event.
+	inUse := put(1)
+	inUse.name = putCacheInUseName
+	inner := inUse.run
+	inUse.run = func(ctx context.Context, t *target, round int) (*measurement, error) {
+		conns, err := b.pool(t, 1)
+		if err != nil {
+			return nil, err
+		}
+		rctx, cancel := context.WithTimeout(ctx, opTimeout)
+		_, err = pb.NewKVClient(conns[0]).Range(rctx, &pb.RangeRequest{Key: putKeys[0], Serializable: true})
+		cancel()
+		if err != nil {
+			return nil, fmt.Errorf("the read that starts the cache's watch: %w", err)
+		}
+		return inner(ctx, t, round)
+	}
+	return append(ws, inUse)
 }
+
+// putCacheInUseName is the put workload run while etcdproxy's read cache is in use.
+const putCacheInUseName = "put C=1, the read cache in use (its keyspace watch running)"
 
 // barrierRate is the pace of the barrier-alone workload: about the rate at which etcdproxy sends its barrier reads
 // in the linearizable get workload (16 clients, 14 to 16 reads per barrier here).

@@ -23,13 +23,13 @@ func TestFlagsReachConfig(t *testing.T) {
 		"--max-recv-bytes", "2000", "--max-concurrent-streams", "7", "--grpc-keepalive-min-time", "3s",
 		"--grpc-keepalive-interval", "4s", "--grpc-keepalive-timeout", "5s", "--enable-pprof",
 		"--kv-cache-bytes", "123", "--kv-cache-ttl", "6s", "--experimental-enable-grpc-logging", "--namespace", "/t1/",
-		"--lease-keepalive-streams", "9"}); err != nil {
+		"--lease-keepalive-streams", "9", "--kv-cache-watch-idle", "7s"}); err != nil {
 		t.Fatal(err)
 	}
 	want := proxy.Config{MaxRecvBytes: 1000, MaxSendBytes: 2000, MaxConcurrentStreams: 7,
 		KeepaliveMinTime: 3 * time.Second, KeepaliveInterval: 4 * time.Second, KeepaliveTimeout: 5 * time.Second,
 		EnablePprof: true, LogCalls: true, Overrides: overrides.Config{
-			KVCache:        kvcache.Options{MaxBytes: 123, TTL: 6 * time.Second},
+			KVCache:        kvcache.Options{MaxBytes: 123, TTL: 6 * time.Second, WatchIdle: 7 * time.Second},
 			ReadYourWrites: ryw.Options{Ordering: true}, Lease: lease.Options{Streams: 9}, Namespace: "/t1/"}}
 	if got := f.proxyConfig(); !reflect.DeepEqual(got, want) {
 		t.Errorf("proxy configuration from the flags:\n got %+v\nwant %+v", got, want)
@@ -177,6 +177,40 @@ func TestLeaseStreamsFlag(t *testing.T) {
 			t.Errorf("start %v: %v", c.args, err)
 		case c.err == "" && got != c.want:
 			t.Errorf("start %v: Streams %d, want %d", c.args, got, c.want)
+		}
+	}
+}
+
+// TestWatchIdleFlag: --kv-cache-watch-idle defaults to kvcache.DefaultWatchIdle, 0 keeps the watch always on (a
+// negative WatchIdle), and a negative value is refused.
+func TestWatchIdleFlag(t *testing.T) {
+	for _, c := range []struct {
+		args []string
+		want time.Duration
+		err  string
+	}{
+		{nil, kvcache.DefaultWatchIdle, ""},
+		{[]string{"--kv-cache-watch-idle", "2m"}, 2 * time.Minute, ""},
+		{[]string{"--kv-cache-watch-idle=0"}, -1, ""},
+		{[]string{"--kv-cache-watch-idle", "-1s"}, 0, "--kv-cache-watch-idle: -1s is negative"},
+	} {
+		var got *time.Duration
+		cmd := startCommand(&startFlags{}, func(f *startFlags) error {
+			d := f.proxyConfig().Overrides.KVCache.WatchIdle
+			got = &d
+			return nil
+		})
+		cmd.SetArgs(c.args)
+		cmd.SetOut(io.Discard)
+		cmd.SetErr(io.Discard)
+		err := cmd.Execute()
+		switch {
+		case c.err != "" && (err == nil || err.Error() != c.err || got != nil):
+			t.Errorf("start %v: %v (ran: %v); want %q", c.args, err, got != nil, c.err)
+		case c.err == "" && err != nil:
+			t.Errorf("start %v: %v", c.args, err)
+		case c.err == "" && (got == nil || *got != c.want):
+			t.Errorf("start %v: WatchIdle %v, want %v", c.args, got, c.want)
 		}
 	}
 }

@@ -61,6 +61,7 @@ type startFlags struct {
 	kvCacheTTL   time.Duration
 	kvCacheLin   bool
 	kvCacheAdmit string
+	kvCacheIdle  time.Duration
 	leaseStreams int
 	metricsAddr  string
 	metricsURL   string // --metrics-addr's scheme: http, https or unix
@@ -135,6 +136,7 @@ func (f *startFlags) addFlags(fs *pflag.FlagSet) {
 	fs.Int64Var(&f.kvCacheBytes, "kv-cache-bytes", 64<<20, "size of the read cache (serializable reads, and linearizable ones with --kv-cache-linearizable), in bytes of cached responses (each held decoded and encoded, so counted twice its encoded size; with --kv-cache-admit=second, a table of up to 1/32 of it, growing with the keys, besides remembers the keys that missed); 0 turns the cache off")
 	fs.DurationVar(&f.kvCacheTTL, "kv-cache-ttl", 30*time.Second, "longest life of a cached read; the cache is kept coherent by a watch, this is a backstop")
 	fs.StringVar(&f.kvCacheAdmit, "kv-cache-admit", "second", "when the read cache stores a read's answer: second (a key's first miss is only remembered, in a table of up to 1/32 of --kv-cache-bytes, and its answer stored at the key's second miss, or at the first when identical reads wait for it: keys read once take no cache memory and cost no store) or first (at every miss, keys never read again included; a key read twice then costs etcd one read, not two)")
+	fs.DurationVar(&f.kvCacheIdle, "kv-cache-watch-idle", kvcache.DefaultWatchIdle, "how long the read cache's keyspace watch runs with no cacheable read before it stops, so that etcd stops sending this proxy an event for every write (the next cacheable read starts it again, and goes to etcd meanwhile); 0 keeps the watch running from the start")
 	fs.BoolVar(&f.kvCacheLin, "kv-cache-linearizable", true, "also answer linearizable reads from the cache when that is provably linearizable (one shared linearizable barrier read to etcd per batch of reads, then the cache's watch must have reached its revision; with auth enabled they always go to etcd); false sends every linearizable read to etcd")
 	fs.IntVar(&f.leaseStreams, "lease-keepalive-streams", lease.DefaultStreams, "upstream LeaseKeepAlive streams that the client keepalive streams of one identity (auth token) share at most, each client stream on one of them: etcd renews one stream's leases one at a time (a member that is not the leader asks the leader for each renewal), so a few streams renew in parallel; at least 1")
 	fs.StringVar(&f.metricsAddr, "metrics-addr", "", "also serve /metrics and /health (and /debug/pprof with --enable-pprof) on this URL, as etcd grpc-proxy takes it: http://host:port, https://host:port (TLS toward clients, as on --listen-addr; needs --cert-file/--key-file or --auto-tls) or unix://name (a unix socket; the URL's host part is the socket file, as with etcd); host:port works too, as http; they are always served on --listen-addr too")
@@ -148,6 +150,14 @@ func (f *startFlags) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&f.embeddedEtcdPeerURL, "embedded-etcd-peer-url", "http://127.0.0.1:23792", "peer URL of the embedded etcd (with --embedded-etcd)")
 	fs.StringVar(&f.embeddedEtcdBinary, "embedded-etcd-binary", "", "the etcdproxy-etcd binary that runs the embedded etcd, as a child process (with --embedded-etcd; default: the one beside this binary, else the one in PATH)")
 	fs.DurationVar(&f.shutdownTimeout, "shutdown-timeout", 5*time.Second, "on SIGINT or SIGTERM, how long running calls may finish before the proxy ends them and exits; watch, lease keepalive and election observe streams, which never finish by themselves, end at once with Unavailable so that clients reconnect elsewhere")
+}
+
+// watchIdle is --kv-cache-watch-idle as kvcache.Options takes it: 0 there is the default, negative is always on.
+func (f *startFlags) watchIdle() time.Duration {
+	if f.kvCacheIdle == 0 {
+		return -1
+	}
+	return f.kvCacheIdle
 }
 
 // startCommand is `start` with its flags in f, running run once they are checked.
@@ -169,6 +179,9 @@ etcdproxy-etcd (built beside etcdproxy by make build), and stops with the proxy;
 			}
 			if f.leasingPrefix != "" {
 				return errLeasing
+			}
+			if f.kvCacheIdle < 0 {
+				return fmt.Errorf("--kv-cache-watch-idle: %v is negative", f.kvCacheIdle)
 			}
 			if f.leaseStreams < 1 {
 				return fmt.Errorf("--lease-keepalive-streams: %d is not at least 1", f.leaseStreams)
@@ -407,7 +420,7 @@ func (f *startFlags) proxyConfig() proxy.Config {
 		LogCalls:             f.logCalls,
 		Overrides: overrides.Config{
 			KVCache: kvcache.Options{MaxBytes: f.kvCacheBytes, TTL: f.kvCacheTTL, SerializableOnly: !f.kvCacheLin,
-				AdmitFirst: f.kvCacheAdmit == "first"},
+				AdmitFirst: f.kvCacheAdmit == "first", WatchIdle: f.watchIdle()},
 			ReadYourWrites: ryw.Options{Ordering: f.serializableOrdering},
 			Lease:          lease.Options{Streams: f.leaseStreams},
 			Namespace:      f.namespace,

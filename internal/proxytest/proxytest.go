@@ -101,9 +101,13 @@ func Start(t testing.TB, o Options) *Env {
 }
 
 // defaults is the proxy's configuration on up as etcdproxy start runs it: the read cache on, with its
-// command-line defaults.
+// command-line defaults, but for one: the cache's invalidation watch runs from the start (etcdproxy
+// --kv-cache-watch-idle=0), so that the first reads of a test are cached as any later one. A watch that starts at
+// the first read and stops when reads stop (the default) is tested on its own (kvcache's TestWatchRunsWhileRead),
+// and by the suites that run the binary.
 func defaults(up *clientv3.Client) proxy.Config {
-	return proxy.Config{Upstream: up, Overrides: overrides.Config{KVCache: kvcache.Options{MaxBytes: 64 << 20}}}
+	return proxy.Config{Upstream: up, Overrides: overrides.Config{KVCache: kvcache.Options{MaxBytes: 64 << 20,
+		WatchIdle: -1}}}
 }
 
 // serve starts a proxy with cfg on a loopback port and stops it at cleanup.

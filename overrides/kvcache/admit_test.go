@@ -30,6 +30,9 @@ func inProcess(t *testing.T, e *proxytest.Env, base pb.KVServer, opts kvcache.Op
 	if base == nil {
 		base = gen.NewServices(cc).KV
 	}
+	if opts.WatchIdle == 0 {
+		opts.WatchIdle = -1 // the watch from the start, as proxytest's proxies have it
+	}
 	k := kvcache.New(base, cc, zap.NewNop(), opts)
 	t.Cleanup(k.Close)
 	proxytest.Eventually(t, 10*time.Second, k.Live, "the cache never went live")

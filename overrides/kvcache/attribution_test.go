@@ -18,7 +18,7 @@ func TestAttribution(t *testing.T) {
 	k := &KV{index: newIndex(), opts: Options{TTL: time.Minute}}
 	k.cache = ccache.New(ccache.Configure[*entry]().MaxSize(1 << 20).OnDelete(k.index.evicted))
 	defer k.cache.Stop()
-	inv := newInvalidator(nil, k.cache, k.index, time.Second, zap.NewNop())
+	inv := newInvalidator(nil, k.cache, k.index, time.Second, -1, zap.NewNop())
 	k.watch = inv
 	inv.setLive(true, 1)
 

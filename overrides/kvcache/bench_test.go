@@ -32,7 +32,7 @@ func BenchmarkHit(b *testing.B) {
 	ctx := proxytest.Timeout(b, 30*time.Second)
 	proxytest.Put(b, ctx, e.Direct, "bench/hit", "v")
 	cc := e.Upstream.ActiveConnection()
-	k := kvcache.New(gen.NewServices(cc).KV, cc, zap.NewNop(), kvcache.Options{MaxBytes: 1 << 20})
+	k := kvcache.New(gen.NewServices(cc).KV, cc, zap.NewNop(), kvcache.Options{MaxBytes: 1 << 20, WatchIdle: -1})
 	defer k.Close()
 	proxytest.Eventually(b, 10*time.Second, k.Live, "the cache never went live")
 	in := metadata.NewIncomingContext(ctx, metadata.Pairs(":authority", "127.0.0.1:2379",
@@ -93,7 +93,7 @@ func BenchmarkColdMiss(b *testing.B) {
 	proxytest.Put(b, ctx, e.Direct, "bench/cold", strings.Repeat("v", 100))
 	cc := e.Upstream.ActiveConnection()
 	base := gen.NewServices(cc).KV
-	k := kvcache.New(base, cc, zap.NewNop(), kvcache.Options{MaxBytes: 64 << 20})
+	k := kvcache.New(base, cc, zap.NewNop(), kvcache.Options{MaxBytes: 64 << 20, WatchIdle: -1})
 	defer k.Close()
 	proxytest.Eventually(b, 10*time.Second, k.Live, "the cache never went live")
 	in := metadata.NewIncomingContext(ctx, metadata.Pairs(":authority", "127.0.0.1:2379",

@@ -46,7 +46,7 @@ func SkimCodec() grpcenc.CodecV2 { return newSkimCodec() }
 func WatchInvalidation(cc grpc.ClientConnInterface, resps chan<- *pb.WatchResponse) (live func() bool, stop func()) {
 	ix := newIndex()
 	cache := ccache.New(ccache.Configure[*entry]().MaxSize(1 << 20).OnDelete(ix.evicted))
-	inv := newInvalidator(cc, cache, ix, time.Second, zap.NewNop())
+	inv := newInvalidator(cc, cache, ix, time.Second, -1, zap.NewNop())
 	inv.watch = recordingWatch{WatchClient: inv.watch, resps: resps}
 	go inv.run()
 	return func() bool { _, live := inv.state(); return live }, func() { inv.stop(); cache.Stop() }

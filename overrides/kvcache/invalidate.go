@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -29,6 +30,13 @@ import (
 // The watch is require-leader: a member that loses the cluster ends it. Whenever the watch is not live the cache
 // is flushed and serves nothing; each (re)start begins a new generation, and entries of an older generation are
 // never served.
+//
+// The watch runs while the cache is read: the first cacheable read starts it (use), and it stops once no
+// cacheable read has come for idleAfter (Options.WatchIdle). An idle cache serves nothing anyway (the auth poll
+// stops and flushes it after 10 s without a read, and its entries outlive no TTL), while a running watch costs etcd
+// an event to this proxy for every write in the cluster, and the proxy the event's decoding and a wake-up: a
+// fleet of proxies that serve writes, leases and watches but no cacheable reads would make etcd send every write
+// to each of them for nothing. A read that finds the watch stopped goes to etcd, as any read while it is not live.
 type invalidator struct {
 	watch     pb.WatchClient
 	cache     *ccache.Cache[*entry] // the entries it invalidates, and flushes
@@ -56,6 +64,36 @@ type invalidator struct {
 	// progress asks the live watch's stream for a progress notification (linearizable.go); a request already
 	// pending covers the next. answered says one has come back (a response with no event and no watch id).
 	progress, answered chan struct{}
+
+	// idleAfter is how long the watch runs without a cacheable read; negative: from the start, always.
+	idleAfter time.Duration
+	used      atomic.Bool   // a cacheable read came since the idle check last looked
+	running   atomic.Bool   // the watch is wanted: starting, live, or retrying
+	starting  atomic.Bool   // a read started the watch, and its first attempt is neither live nor failed yet
+	wanted    chan struct{} // a read's request to start the watch (cap 1)
+}
+
+// idleChecks is how many times per idleAfter the watch looks whether a cacheable read came.
+const idleChecks = 4
+
+// use records a cacheable read, and starts the watch if it is stopped. Two atomic loads on the read path.
+func (inv *invalidator) use() {
+	if !inv.used.Load() {
+		inv.used.Store(true)
+	}
+	if !inv.running.Load() {
+		select {
+		case inv.wanted <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// fine reports whether the watch is where it should be: live, stopped for want of reads, or started by a read and
+// on its way (its first attempt has not failed). A watch that is wanted and cannot be opened (etcd refuses it, or
+// is gone) is not fine; nor is one that has not been live yet with the watch always on (WatchIdle < 0).
+func (inv *invalidator) fine() bool {
+	return inv.live.Load() || !inv.running.Load() || inv.starting.Load()
 }
 
 // beginWrite registers a local write about to be forwarded; its endWrite must follow, whatever happens.
@@ -72,12 +110,18 @@ func (inv *invalidator) endWrite(seq uint64, rev int64) {
 	inv.sources.end(seq, rev, rev > inv.pos && inv.live.Load())
 }
 
-func newInvalidator(cc grpc.ClientConnInterface, cache *ccache.Cache[*entry], ix *index, writeWait time.Duration,
-	lg *zap.Logger) *invalidator {
+func newInvalidator(cc grpc.ClientConnInterface, cache *ccache.Cache[*entry], ix *index, writeWait,
+	idleAfter time.Duration, lg *zap.Logger) *invalidator {
 	inv := &invalidator{watch: pb.NewWatchClient(cc), cache: cache, index: ix, writeWait: writeWait, logger: lg,
 		done: make(chan struct{}), advanced: make(chan struct{}), sources: newAttribution(),
-		progress: make(chan struct{}, 1), answered: make(chan struct{}, 1)}
+		progress: make(chan struct{}, 1), answered: make(chan struct{}, 1),
+		idleAfter: idleAfter, wanted: make(chan struct{}, 1)}
 	inv.ctx, inv.cancel = context.WithCancel(context.Background())
+	if idleAfter < 0 {
+		inv.wanted <- struct{}{}
+	} else {
+		watchIdle.Set(1)
+	}
 	return inv
 }
 
@@ -108,6 +152,14 @@ func (inv *invalidator) store(e *entry, rev int64, put func()) {
 // configured wait (or ctx ends first), it flushes the cache instead, so that the caller still reads its write.
 func (inv *invalidator) await(ctx context.Context, rev int64) {
 	start := time.Now()
+	if inv.reached(rev) {
+		writeWait.Observe(time.Since(start).Seconds())
+		return
+	}
+	// Without --user, a write's event comes on the connection its reply came on, mostly in the same read, so the
+	// watch's goroutine is usually runnable already, often queued behind this one on the same P. Let it run once
+	// before parking: a yield costs less than the park and the wake-up it saves.
+	runtime.Gosched()
 	timer := time.NewTimer(inv.writeWait)
 	defer timer.Stop()
 	for {
@@ -129,6 +181,13 @@ func (inv *invalidator) await(ctx context.Context, rev int64) {
 			return
 		}
 	}
+}
+
+// reached reports whether every write up to rev has been applied to the cache, or the watch is not live.
+func (inv *invalidator) reached(rev int64) bool {
+	inv.mu.Lock()
+	defer inv.mu.Unlock()
+	return !inv.live.Load() || inv.pos >= rev
 }
 
 // A linearizable read's wait (reach) asks for a progress notification once it has waited progressEvery for events
@@ -276,22 +335,76 @@ func (inv *invalidator) apply(resp *pb.WatchResponse) {
 	}
 }
 
+// run starts the watch when a read wants it, and keeps it while the cache is read, until stop.
 func (inv *invalidator) run() {
 	defer close(inv.done)
-	upstream.Keep(inv.ctx, upstream.Backoff{Min: 100 * time.Millisecond, Max: 10 * time.Second}, func() (bool, error) {
-		err := inv.once()
-		inv.setLive(false, 0)
-		return false, err
-	}, func(err error) {
-		inv.logger.Warn("kv cache invalidation watch ended; the cache serves nothing until it is back", zap.Error(err))
-	})
+	for {
+		select {
+		case <-inv.ctx.Done():
+			return
+		case <-inv.wanted:
+		}
+		inv.starting.Store(inv.idleAfter >= 0) // first: fine all along
+		inv.running.Store(true)
+		watchIdle.Set(0)
+		ctx, cancel := context.WithCancel(inv.ctx)
+		checked := make(chan struct{})
+		go func() {
+			defer close(checked)
+			inv.untilIdle(ctx, cancel)
+		}()
+		upstream.Keep(ctx, upstream.Backoff{Min: 100 * time.Millisecond, Max: 10 * time.Second}, func() (bool, error) {
+			err := inv.once(ctx)
+			inv.setLive(false, 0)
+			return false, err
+		}, func(err error) {
+			inv.starting.Store(false)
+			inv.logger.Warn("kv cache invalidation watch ended; the cache serves nothing until it is back", zap.Error(err))
+		})
+		cancel()
+		<-checked
+		if inv.ctx.Err() != nil {
+			return
+		}
+		inv.logger.Debug("kv cache invalidation watch stopped: no cacheable read for a while",
+			zap.Duration("idle", inv.idleAfter))
+	}
+}
+
+// untilIdle calls stop once no cacheable read has come for idleAfter (never if idleAfter is negative), or returns
+// when ctx ends.
+func (inv *invalidator) untilIdle(ctx context.Context, stop context.CancelFunc) {
+	if inv.idleAfter < 0 {
+		<-ctx.Done()
+		return
+	}
+	inv.used.Store(true) // the read that started the watch
+	t := time.NewTicker(inv.idleAfter / idleChecks)
+	defer t.Stop()
+	for quiet := 0; ; {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if inv.used.Swap(false) {
+			quiet = 0
+		} else if quiet++; quiet >= idleChecks {
+			// Stopped from here on: a read that comes now asks for the watch again (wanted keeps its request
+			// until run is back for it), and the cache is fine meanwhile (its watch serves until it ends).
+			inv.running.Store(false)
+			watchIdle.Set(1)
+			stop()
+			return
+		}
+	}
 }
 
 var errRefused = errors.New("etcd refused the keyspace watch (with auth enabled the proxy needs read permission on every key)")
 
-// once runs one invalidation watch until it fails.
-func (inv *invalidator) once() error {
-	ctx, cancel := context.WithCancel(inv.ctx)
+// once runs one invalidation watch until it fails or ctx ends.
+func (inv *invalidator) once(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	// Its responses come without values (skimCodec): once and apply read keys, revisions, the header, the watch
 	// id, created, canceled and the cancel reason.
@@ -328,6 +441,7 @@ func (inv *invalidator) once() error {
 		case resp.Created:
 			// Events after the created revision are applied from here on: live from it.
 			inv.setLive(true, resp.Header.GetRevision())
+			inv.starting.Store(false)
 		case resp.Canceled:
 			return errors.New("etcd cancelled the invalidation watch: " + resp.CancelReason)
 		default:

@@ -74,11 +74,18 @@ type Options struct {
 	// Floor, if set, is a revision below which a cached answer is not served (a hit whose header is older is
 	// read again): --experimental-serializable-ordering keeps answers from going back in time.
 	Floor func() int64
+	// WatchIdle is how long the invalidation watch runs without a cacheable read before it stops (the next one
+	// starts it again, and goes to etcd meanwhile): see invalidator. 0 means DefaultWatchIdle; negative keeps it
+	// running from the start (--kv-cache-watch-idle=0).
+	WatchIdle time.Duration
 	// AdmitFirst stores the answer of every miss the cache may take (--kv-cache-admit=first). By default a key's
 	// first miss is only remembered, in a table of 1/32 of MaxBytes, and its answer stored at its second miss,
 	// or at the first if other misses wait for it (admit.go).
 	AdmitFirst bool
 }
+
+// DefaultWatchIdle is Options.WatchIdle when it is 0.
+const DefaultWatchIdle = 30 * time.Second
 
 // KV is the caching override of the KV service.
 type KV struct {
@@ -122,12 +129,15 @@ func New(base pb.KVServer, cc grpc.ClientConnInterface, lg *zap.Logger, opts Opt
 	if opts.LinearizableWait <= 0 {
 		opts.LinearizableWait = 500 * time.Millisecond
 	}
+	if opts.WatchIdle == 0 {
+		opts.WatchIdle = DefaultWatchIdle
+	}
 	k := &KV{KVServer: base, opts: opts, logger: lg, index: newIndex()}
 	if !opts.AdmitFirst {
 		k.door = newDoorkeeper(opts.MaxBytes)
 	}
 	k.cache = ccache.New(ccache.Configure[*entry]().MaxSize(opts.MaxBytes).GetsPerPromote(1).OnDelete(k.dropped))
-	k.watch = newInvalidator(cc, k.cache, k.index, opts.WriteWait, lg)
+	k.watch = newInvalidator(cc, k.cache, k.index, opts.WriteWait, opts.WatchIdle, lg)
 	k.linCtx, k.stopLin = context.WithCancel(context.Background())
 	go k.watch.run()
 	var ctx context.Context
@@ -144,11 +154,12 @@ func New(base pb.KVServer, cc grpc.ClientConnInterface, lg *zap.Logger, opts Opt
 	return k
 }
 
-// Live reports whether the invalidation watch is live and etcd's auth revision can be read, so that the cache may
-// serve (while idle, it starts serving again at the first poll after a read: auth.go).
+// Live reports whether the cache can serve: its invalidation watch is live, or stopped for want of reads, or
+// started by a read and on its way (invalidator.fine), and etcd's auth revision can be read (while idle, the cache
+// starts serving again at the first poll after a read: auth.go). A watch that is wanted and cannot be opened
+// (etcd refuses it, or is gone) is not live.
 func (k *KV) Live() bool {
-	_, live := k.watch.state()
-	return live && !k.authFailing.Load()
+	return k.watch.fine() && !k.authFailing.Load()
 }
 
 // Close stops the invalidation watch and the cache.
@@ -197,6 +208,7 @@ func (k *KV) Range(ctx context.Context, req *pb.RangeRequest) (*pb.RangeResponse
 	if !k.read.Load() { // one load on the read path; a store once per auth poll at most
 		k.read.Store(true)
 	}
+	k.watch.use()
 	gen, live := k.watch.state()
 	live = live && k.authKnown.Load()
 	if resp := k.hit(ctx, key, gen, live); resp != nil {

@@ -234,6 +234,7 @@ func (k *KV) linearizable(ctx context.Context, req *pb.RangeRequest) (*pb.RangeR
 	if !ok {
 		return fallback("uncacheable")
 	}
+	k.watch.use()
 	if _, live := k.watch.state(); !live {
 		return fallback("not_live")
 	}

@@ -62,6 +62,10 @@ var (
 		Namespace: "etcdproxy", Subsystem: "kvcache", Name: "live",
 		Help: "1 while the invalidation watch is live and the cache may serve.",
 	})
+	watchIdle = prometheus.NewGauge(prometheus.GaugeOpts{
+		Namespace: "etcdproxy", Subsystem: "kvcache", Name: "watch_idle",
+		Help: "1 while the invalidation watch is stopped because no cacheable read came for --kv-cache-watch-idle (the next one starts it; live is 0 meanwhile).",
+	})
 	writeWait = prometheus.NewHistogram(prometheus.HistogramOpts{
 		Namespace: "etcdproxy", Subsystem: "kvcache", Name: "write_wait_seconds",
 		Help:    "Time a write through the proxy waited for the invalidation watch to see it: the staleness window of the cache.",
@@ -97,6 +101,6 @@ func init() {
 	for _, r := range linFallbackReasons {
 		linFallbacks.WithLabelValues(r)
 	}
-	prometheus.MustRegister(hits, misses, sharedMisses, firstMisses, invalidations, evictions, authPolls, flushes, entries, cacheLive, writeWait,
+	prometheus.MustRegister(hits, misses, sharedMisses, firstMisses, invalidations, evictions, authPolls, flushes, entries, cacheLive, watchIdle, writeWait,
 		linHits, linBatches, linWait, linFallbacks)
 }
