@@ -116,88 +116,51 @@ func TestLinearizableCacheFlag(t *testing.T) {
 // TestCacheAdmitFlag: --kv-cache-admit is second by default (the doorkeeper), first stores every miss, and any
 // other value is refused.
 func TestCacheAdmitFlag(t *testing.T) {
-	for _, c := range []struct {
-		args []string
-		want bool
-		err  string
-	}{
+	checkFlag(t, []flagCase[bool]{
 		{nil, false, ""},
 		{[]string{"--kv-cache-admit", "second"}, false, ""},
 		{[]string{"--kv-cache-admit=first"}, true, ""},
 		{[]string{"--kv-cache-admit", "third"}, false, `--kv-cache-admit: "third" is neither first nor second`},
-	} {
-		var got *bool
-		cmd := startCommand(&startFlags{}, func(f *startFlags) error {
-			first := f.proxyConfig().Overrides.KVCache.AdmitFirst
-			got = &first
-			return nil
-		})
-		cmd.SetArgs(c.args)
-		cmd.SetOut(io.Discard)
-		cmd.SetErr(io.Discard)
-		err := cmd.Execute()
-		switch {
-		case c.err != "" && (err == nil || err.Error() != c.err):
-			t.Errorf("start %v: %v; want %q", c.args, err, c.err)
-		case c.err == "" && err != nil:
-			t.Errorf("start %v: %v", c.args, err)
-		case c.err == "" && (got == nil || *got != c.want):
-			t.Errorf("start %v: AdmitFirst %v, want %v", c.args, got, c.want)
-		}
-	}
+	}, func(c proxy.Config) bool { return c.Overrides.KVCache.AdmitFirst })
 }
 
 // TestLeaseStreamsFlag: --lease-keepalive-streams defaults to lease.DefaultStreams and must be at least 1.
 func TestLeaseStreamsFlag(t *testing.T) {
-	for _, c := range []struct {
-		args []string
-		want int
-		err  string
-	}{
+	checkFlag(t, []flagCase[int]{
 		{nil, lease.DefaultStreams, ""},
 		{[]string{"--lease-keepalive-streams", "1"}, 1, ""},
 		{[]string{"--lease-keepalive-streams=0"}, 0, "--lease-keepalive-streams: 0 is not at least 1"},
 		{[]string{"--lease-keepalive-streams", "-3"}, 0, "--lease-keepalive-streams: -3 is not at least 1"},
-	} {
-		got := -1
-		cmd := startCommand(&startFlags{}, func(f *startFlags) error {
-			got = f.proxyConfig().Overrides.Lease.Streams
-			return nil
-		})
-		cmd.SetArgs(c.args)
-		cmd.SetOut(io.Discard)
-		cmd.SetErr(io.Discard)
-		err := cmd.Execute()
-		switch {
-		case c.err != "" && (err == nil || err.Error() != c.err):
-			t.Errorf("start %v: %v; want %q", c.args, err, c.err)
-		case c.err != "" && got != -1:
-			t.Errorf("start %v ran with %d streams despite the error", c.args, got)
-		case c.err == "" && err != nil:
-			t.Errorf("start %v: %v", c.args, err)
-		case c.err == "" && got != c.want:
-			t.Errorf("start %v: Streams %d, want %d", c.args, got, c.want)
-		}
-	}
+	}, func(c proxy.Config) int { return c.Overrides.Lease.Streams })
 }
 
 // TestWatchIdleFlag: --kv-cache-watch-idle defaults to kvcache.DefaultWatchIdle, 0 keeps the watch always on (a
 // negative WatchIdle), and a negative value is refused.
 func TestWatchIdleFlag(t *testing.T) {
-	for _, c := range []struct {
-		args []string
-		want time.Duration
-		err  string
-	}{
+	checkFlag(t, []flagCase[time.Duration]{
 		{nil, kvcache.DefaultWatchIdle, ""},
 		{[]string{"--kv-cache-watch-idle", "2m"}, 2 * time.Minute, ""},
 		{[]string{"--kv-cache-watch-idle=0"}, -1, ""},
 		{[]string{"--kv-cache-watch-idle", "-1s"}, 0, "--kv-cache-watch-idle: -1s is negative"},
-	} {
-		var got *time.Duration
+	}, func(c proxy.Config) time.Duration { return c.Overrides.KVCache.WatchIdle })
+}
+
+// flagCase is one command line of a flag's test: the value it must give (read from the proxy's configuration), or
+// the error start must refuse it with, without running.
+type flagCase[T comparable] struct {
+	args []string
+	want T
+	err  string
+}
+
+// checkFlag runs start with each case's arguments and checks what reached the configuration (read), or the error.
+func checkFlag[T comparable](t *testing.T, cases []flagCase[T], read func(proxy.Config) T) {
+	t.Helper()
+	for _, c := range cases {
+		var got *T
 		cmd := startCommand(&startFlags{}, func(f *startFlags) error {
-			d := f.proxyConfig().Overrides.KVCache.WatchIdle
-			got = &d
+			v := read(f.proxyConfig())
+			got = &v
 			return nil
 		})
 		cmd.SetArgs(c.args)
@@ -209,8 +172,10 @@ func TestWatchIdleFlag(t *testing.T) {
 			t.Errorf("start %v: %v (ran: %v); want %q", c.args, err, got != nil, c.err)
 		case c.err == "" && err != nil:
 			t.Errorf("start %v: %v", c.args, err)
-		case c.err == "" && (got == nil || *got != c.want):
-			t.Errorf("start %v: WatchIdle %v, want %v", c.args, got, c.want)
+		case c.err == "" && got == nil:
+			t.Errorf("start %v did not run", c.args)
+		case c.err == "" && *got != c.want:
+			t.Errorf("start %v: got %v, want %v", c.args, *got, c.want)
 		}
 	}
 }

@@ -57,16 +57,23 @@ func TestWatchRunsWhileRead(t *testing.T) {
 		t.Fatal("a proxy whose cache has not been read yet is not healthy")
 	}
 
-	// The first read starts it; the cache serves, and a write elsewhere invalidates.
-	if got := read(); got != "v1" {
-		t.Fatalf("first read: %q, want v1", got)
+	// startedBy: a read (of value v, at once: nothing older is cached) starts the watch; the cache then serves v,
+	// and a write elsewhere (next) invalidates it.
+	startedBy := func(when, v, next string) {
+		t.Helper()
+		if got := read(); got != v {
+			t.Fatalf("read %s: %q, want %q", when, got, v)
+		}
+		proxytest.Eventually(t, 5*time.Second, func() bool { return etcdWatchStreams(t) == base+1 },
+			"the read %s did not start the invalidation watch", when)
+		proxytest.Eventually(t, 5*time.Second, func() bool { return served(v) }, "the cache never served %s", when)
+		put(next)
+		proxytest.Eventually(t, 5*time.Second, func() bool { return read() == next },
+			"a write elsewhere was not seen while the watch ran, %s", when)
 	}
-	proxytest.Eventually(t, 5*time.Second, func() bool { return etcdWatchStreams(t) == base+1 },
-		"the first read did not start the invalidation watch")
-	proxytest.Eventually(t, 5*time.Second, func() bool { return served("v1") }, "the cache never served")
-	put("v2")
-	proxytest.Eventually(t, 5*time.Second, func() bool { return read() == "v2" },
-		"a write elsewhere was not seen while the watch ran")
+
+	// The first read starts it; the cache serves, and a write elsewhere invalidates.
+	startedBy("first", "v1", "v2")
 
 	// No read: it stops, and the proxy stays healthy.
 	proxytest.Eventually(t, 10*time.Second, func() bool { return etcdWatchStreams(t) == base },
@@ -78,15 +85,7 @@ func TestWatchRunsWhileRead(t *testing.T) {
 	// A write while stopped is read back at once (nothing cached from before is served), and the read starts the
 	// watch again: the cache serves again, coherent.
 	put("v3")
-	if got := read(); got != "v3" {
-		t.Fatalf("read after a write made while the watch was stopped: %q, want v3", got)
-	}
-	proxytest.Eventually(t, 5*time.Second, func() bool { return etcdWatchStreams(t) == base+1 },
-		"a read did not start the stopped watch again")
-	proxytest.Eventually(t, 5*time.Second, func() bool { return served("v3") }, "the cache never served again")
-	put("v4")
-	proxytest.Eventually(t, 5*time.Second, func() bool { return read() == "v4" },
-		"a write elsewhere was not seen after the watch started again")
+	startedBy("after a write made while the watch was stopped", "v3", "v4")
 
 	// A linearizable read starts it too.
 	proxytest.Eventually(t, 10*time.Second, func() bool { return etcdWatchStreams(t) == base },
