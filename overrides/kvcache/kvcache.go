@@ -17,8 +17,9 @@
 //     the proxy would otherwise have to track: etcd answers them, compacted error included, and a compaction never
 //     stops current-revision reads from being cached.
 //   - Coherence: one keyspace-wide upstream watch (invalidate.go) invalidates every entry whose range holds a key
-//     written anywhere, through this proxy or not. While that watch is not live (startup, reconnect, leader loss,
-//     no permission to watch), the cache serves nothing and stores nothing. A response is stored only if no write
+//     written anywhere, through this proxy or not. It runs while the cache is read: the first cacheable read starts
+//     it, and it stops after Options.WatchIdle without one (invalidator). While that watch is not live (stopped,
+//     starting, reconnecting, leader loss, no permission to watch), the cache serves nothing and stores nothing. A response is stored only if no write
 //     the cache has seen is newer than it, so a fill racing a write cannot store a stale answer. TTL is a backstop.
 //   - No client gets an answer its credentials would not get from etcd: the caller's token and authorization
 //     metadata are part of the cache key, and a permission change flushes the cache (auth.go): at once when made
