@@ -346,6 +346,10 @@ func (inv *invalidator) run() {
 		}
 		inv.starting.Store(inv.idleAfter >= 0) // first: fine all along
 		inv.running.Store(true)
+		select { // a read's request made before running was set is answered by this start
+		case <-inv.wanted:
+		default:
+		}
 		watchIdle.Set(0)
 		ctx, cancel := context.WithCancel(inv.ctx)
 		checked := make(chan struct{})
