@@ -60,7 +60,7 @@ var (
 	caches    sync.Map
 	cacheLive = prometheus.NewGauge(prometheus.GaugeOpts{
 		Namespace: "etcdproxy", Subsystem: "kvcache", Name: "live",
-		Help: "1 while the invalidation watch is live and the cache may serve.",
+		Help: "1 while the invalidation watch is live and the cache may serve; 0 also while the watch is stopped because no cacheable read came (watch_idle is 1 then, and the proxy is healthy).",
 	})
 	watchIdle = prometheus.NewGauge(prometheus.GaugeOpts{
 		Namespace: "etcdproxy", Subsystem: "kvcache", Name: "watch_idle",
