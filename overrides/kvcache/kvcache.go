@@ -19,8 +19,9 @@
 //   - Coherence: one keyspace-wide upstream watch (invalidate.go) invalidates every entry whose range holds a key
 //     written anywhere, through this proxy or not. It runs while the cache is read: the first cacheable read starts
 //     it, and it stops after Options.WatchIdle without one (invalidator). While that watch is not live (stopped,
-//     starting, reconnecting, leader loss, no permission to watch), the cache serves nothing and stores nothing. A response is stored only if no write
-//     the cache has seen is newer than it, so a fill racing a write cannot store a stale answer. TTL is a backstop.
+//     starting, reconnecting, leader loss, no permission to watch), the cache serves nothing and stores nothing. A
+//     response is stored only if no write the cache has seen is newer than it, so a fill racing a write cannot
+//     store a stale answer. TTL is a backstop.
 //   - No client gets an answer its credentials would not get from etcd: the caller's token and authorization
 //     metadata are part of the cache key, and a permission change flushes the cache (auth.go): at once when made
 //     through this proxy, within about a second when made elsewhere.
@@ -329,9 +330,10 @@ func (k *KV) hit(ctx context.Context, key string, gen uint64, live bool) *pb.Ran
 // is a channel send and, when the worker sleeps, a wake-up. A hot key is promoted a few times a second whatever
 // its read rate, and a key read less often at every read, as a plain LRU list would have it; an entry is evicted
 // out of order only if the whole cache turns over within promoteAfter. Promoting one lookup in three at random,
-// as before, cost more and kept the order less well (a key read once had one chance in three). Measured:
-// BenchmarkHit/serial 0.70-0.82 µs of CPU per hit before, 0.47-0.51 after; the bench's hot reads at C=4, 12
-// rounds in one run, 63.0 µs per hit before, 59.6 after (floorcache 52.9).
+// as before, cost more and kept the order less well (a key read once had one chance in three). Measured in
+// process: BenchmarkHit/serial 0.70-0.82 µs of CPU per hit before, 0.47-0.51 after. Through the binary, A/B runs
+// of the bench's hot reads disagreed within their noise (from 0.95× to 1.1× the CPU per hit at C=1 and C=4; the
+// same binary in the two slots of one run differed by 9%): see overrides/README.md.
 func (k *KV) lookup(key string) *ccache.Item[*entry] {
 	item := k.cache.GetWithoutPromote(key)
 	if item == nil {
