@@ -30,7 +30,7 @@ func TestOverridesShadowOnlyServiceMethods(t *testing.T) {
 		{(*leader.Lease)(nil), (*pb.LeaseServer)(nil), nil},
 		{(*lease.Lease)(nil), (*pb.LeaseServer)(nil), []string{"Close"}},
 		{(*watch.Watch)(nil), (*pb.WatchServer)(nil), []string{"Close"}},
-		{(*kvcache.KV)(nil), (*pb.KVServer)(nil), []string{"Close", "Live", "BeginWrite", "EndWrite", "Await"}},
+		{(*kvcache.KV)(nil), (*pb.KVServer)(nil), []string{"Close", "Live", "BeginWrite", "EndWrite", "Await", "RawHit"}},
 		{(*ryw.KV)(nil), (*pb.KVServer)(nil), nil},
 		{(*kvcache.Auth)(nil), (*pb.AuthServer)(nil), nil},
 		{(*members.Cluster)(nil), (*pb.ClusterServer)(nil), []string{"Close"}},

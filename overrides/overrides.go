@@ -7,9 +7,11 @@
 package overrides
 
 import (
+	"context"
 	"sync"
 
 	"github.com/etcdproxy/etcdproxy/gen"
+	"github.com/etcdproxy/etcdproxy/internal/encoded"
 	"github.com/etcdproxy/etcdproxy/overrides/crashguard"
 	"github.com/etcdproxy/etcdproxy/overrides/kvcache"
 	"github.com/etcdproxy/etcdproxy/overrides/leader"
@@ -22,6 +24,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/mem"
 )
 
 // Deps are what the overrides run on: the connections to etcd and the logger. What they do is Config.
@@ -66,6 +69,11 @@ type Set struct {
 	// Unary and Stream are server interceptors, outermost first.
 	Unary  []grpc.UnaryServerInterceptor
 	Stream []grpc.StreamServerInterceptor
+	// RawRange, if set, answers a KV.Range call from its request's bytes when the read cache can (a hit), before
+	// the request is decoded and without Unary's interceptors, having checked what they would (encoded.Raw): set
+	// only when no namespace rewrites the keys (the cache sees the namespaced request) and no serializable ordering
+	// follows every read's revision (ryw). nil otherwise, and when the cache is off.
+	RawRange encoded.Answer
 
 	closers   []func()
 	closeOnce sync.Once
@@ -110,11 +118,26 @@ func Apply(s *gen.Services, d Deps, c Config) *Set {
 		writes.KeepCoherent(set.KVCache)
 		s.KV = set.KVCache
 		s.Auth = kvcache.NewAuth(s.Auth, set.KVCache)
+		if c.Namespace == "" && !c.ReadYourWrites.Ordering {
+			set.RawRange = rawRange(set.KVCache, set.Leader)
+		}
 	}
 	s.Cluster = closing(set, members.New(s.Cluster, own, d.Logger.Named("members"), c.Members))
 	s.Maintenance = crashguard.New(s.Maintenance)
 	namespace.Apply(s, c.Namespace) // outermost: every override above sees namespaced keys
 	return set
+}
+
+// rawRange answers hits of kv from their request's bytes while the cluster has a leader. The interceptors it goes
+// around: the leader tracker's refuses a require-leader call when there is none (then Range serves the call, which
+// goes through it); ryw's does nothing for a read without ordering.
+func rawRange(kv *kvcache.KV, t *leader.Tracker) encoded.Answer {
+	return func(ctx context.Context, req []byte) (parts [2]mem.Buffer, n int, ok bool) {
+		if !t.HasLeader() {
+			return parts, 0, false
+		}
+		return kv.RawHit(ctx, req)
+	}
 }
 
 // closing registers c to be closed with set, and returns it.

@@ -677,8 +677,10 @@ func statusStep(name string) diffStep {
 			}
 			st = resp.(*pb.StatusResponse)
 			own, err = pb.NewMaintenanceClient(s.env.Direct).Status(ctx, &pb.StatusRequest{})
-			if err != nil || (st.RaftAppliedIndex == st.RaftIndex && own.RaftAppliedIndex == own.RaftIndex) ||
-				time.Now().After(deadline) {
+			// Equal as well: etcd's backend commits on its own schedule (every 100 ms), and a commit between the two
+			// calls grows the db size one saw (seen once under make test's load: 24576 against 32768).
+			if err != nil || (st.RaftAppliedIndex == st.RaftIndex && own.RaftAppliedIndex == own.RaftIndex &&
+				proto.Equal(own, st)) || time.Now().After(deadline) {
 				break
 			}
 		}

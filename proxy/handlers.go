@@ -4,13 +4,19 @@ import (
 	"context"
 
 	"github.com/etcdproxy/etcdproxy/internal/encoded"
+	"go.uber.org/zap"
 	"google.golang.org/grpc"
 )
 
 // handlers registers services on the server with their unary methods' handlers wrapped: each call grows its
-// goroutine's stack at once (grown), and the methods in offering may answer with an encoding they keep
-// (encoded.Handler; the server's codec is encoded.Codec).
-type handlers struct{ grpc.ServiceRegistrar }
+// goroutine's stack at once (grown), the methods in offering may answer with an encoding they keep
+// (encoded.Handler; the server's codec is encoded.Codec), and those in raw may answer from the request's bytes
+// before it is decoded (encoded.Raw), a panic there becoming codes.Internal as under recoverUnary.
+type handlers struct {
+	grpc.ServiceRegistrar
+	raw map[string]encoded.Answer // by full method name
+	lg  *zap.Logger
+}
 
 // offering names the unary methods whose handlers may answer with an encoding they keep (internal/encoded): Range,
 // whose cache hits offer their entry's encoding.
@@ -28,13 +34,30 @@ func (r handlers) RegisterService(desc *grpc.ServiceDesc, impl any) {
 	d := *desc
 	d.Methods = make([]grpc.MethodDesc, len(desc.Methods))
 	for i, m := range desc.Methods {
-		if offering["/"+desc.ServiceName+"/"+m.MethodName] {
+		name := "/" + desc.ServiceName + "/" + m.MethodName
+		if offering[name] {
 			m.Handler = encoded.Handler(m.Handler)
+		}
+		if answer := r.raw[name]; answer != nil {
+			m.Handler = recovered(r.lg, name, encoded.Raw(m.Handler, answer))
 		}
 		m.Handler = grown(m.Handler)
 		d.Methods[i] = m
 	}
 	r.ServiceRegistrar.RegisterService(&d, impl)
+}
+
+// recovered turns a panic in h into codes.Internal for the call, as recoverUnary does under the interceptors
+// (which a call answered by encoded.Raw does not reach).
+func recovered(lg *zap.Logger, method string, h grpc.MethodHandler) grpc.MethodHandler {
+	return func(srv any, ctx context.Context, dec func(any) error, interceptor grpc.UnaryServerInterceptor) (resp any, err error) {
+		defer func() {
+			if r := recover(); r != nil {
+				resp, err = nil, panicked(lg, method, r)
+			}
+		}()
+		return h(srv, ctx, dec, interceptor)
+	}
 }
 
 // grown wraps a unary method's handler so that the call's goroutine grows its stack once, first, to what a call

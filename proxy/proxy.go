@@ -132,7 +132,11 @@ func New(cfg Config) *Proxy {
 	// encodings it shares between messages (internal/encoded; Watch's fan-out, overrides/watch/encoding.go).
 	opts = append([]grpc.ServerOption{grpc.ChainStreamInterceptor(encoded.StreamInterceptor(offeringStreams))}, opts...)
 	srv := grpc.NewServer(opts...)
-	services.Register(handlers{srv})
+	h := handlers{ServiceRegistrar: srv, lg: lg}
+	if p.overrides.RawRange != nil && !cfg.LogCalls { // the call log logs decoded requests
+		h.raw = map[string]encoded.Answer{"/etcdserverpb.KV/Range": p.overrides.RawRange}
+	}
+	services.Register(h)
 	p.health = health.NewServer()
 	healthpb.RegisterHealthServer(srv, p.health)
 	p.healthed = make(chan struct{})

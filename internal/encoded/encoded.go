@@ -4,10 +4,12 @@
 // (the same pointer: a wrapper that returns another message, a copy with keys stripped say, gets it encoded as
 // usual). Every interceptor still sees the message; only the encoding is skipped.
 //
+// A unary method may also answer a call from its request's bytes before they are decoded (Raw, raw.go).
+//
 // It owns the reply slot a call's context carries (Handler), the offer slot of a stream (StreamInterceptor, below),
-// and the server codec that sends an offered encoding (Codec); it must not decide what is offered, nor make an
-// encoding: the offerer's bytes must be exactly what gRPC's proto codec makes of the message, and must never
-// change.
+// the request kept as bytes (Raw) and the server codec that sends an offered encoding (Codec); it must not decide
+// what is offered or answered, nor make an encoding: the offerer's bytes must be exactly what gRPC's proto codec
+// makes of the message, and must never change.
 package encoded
 
 import (
@@ -82,8 +84,14 @@ func (c Codec) Marshal(v any) (mem.BufferSlice, error) {
 	return c.base.Marshal(v)
 }
 
-// Unmarshal decodes data into v, as gRPC's proto codec does.
-func (c Codec) Unmarshal(data mem.BufferSlice, v any) error { return c.base.Unmarshal(data, v) }
+// Unmarshal decodes data into v, as gRPC's proto codec does; a *Request keeps data as it is (Raw).
+func (c Codec) Unmarshal(data mem.BufferSlice, v any) error {
+	if r, ok := v.(*Request); ok {
+		r.buf = data.MaterializeToBuffer(mem.DefaultBufferPool()) // a reference, not a copy, if data is one buffer
+		return nil
+	}
+	return c.base.Unmarshal(data, v)
+}
 
 // Name is proto's name.
 func (c Codec) Name() string { return c.base.Name() }

@@ -59,16 +59,24 @@ func (e encoding) offer(ctx context.Context, resp *pb.RangeResponse) {
 // offerWithHeader offers an encoding for resp, a new response with a header of its own around the cached parts
 // (every field but the header is the cached response's).
 func (e encoding) offerWithHeader(ctx context.Context, resp *pb.RangeResponse) {
-	if e.rest == nil {
-		return
+	if hdr, ok := e.header(resp.Header); ok {
+		encoded.Offer(ctx, resp, hdr, e.rest)
 	}
-	size := proto.Size(resp.Header)
+}
+
+// header returns the encoding of field 1 (the header) holding h, which followed by rest is the encoding of a
+// response with header h around the cached parts; false if there is no such encoding (see encode).
+func (e encoding) header(h *pb.ResponseHeader) (mem.Buffer, bool) {
+	if e.rest == nil {
+		return nil, false
+	}
+	size := proto.Size(h)
 	b := make([]byte, 0, protowire.SizeTag(1)+protowire.SizeBytes(size))
 	b = protowire.AppendTag(b, 1, protowire.BytesType)
 	b = protowire.AppendVarint(b, uint64(size))
-	b, err := proto.MarshalOptions{UseCachedSize: true}.MarshalAppend(b, resp.Header)
+	b, err := proto.MarshalOptions{UseCachedSize: true}.MarshalAppend(b, h)
 	if err != nil {
-		return
+		return nil, false
 	}
-	encoded.Offer(ctx, resp, mem.SliceBuffer(b), e.rest)
+	return mem.SliceBuffer(b), true
 }

@@ -1,7 +1,8 @@
 // Package kvcache overrides KV with a coherent cache of reads (github.com/karlseguin/ccache/v3).
 //
 // Replaces: Range (current revision: served from the cache when it can vouch for an entry; a linearizable one only
-// when that is provably linearizable, linearizable.go) and the
+// when that is provably linearizable, linearizable.go; a serializable hit may be answered from the request's bytes
+// before gRPC decodes them, RawHit in raw.go) and the
 // Auth RPCs that change rights (forwarded, then the cache is flushed). Every RPC that writes keys (ryw.KeyWriter)
 // is held, through the ryw interceptor and this cache's BeginWrite, EndWrite and Await, until the cache has seen
 // its revision, so a client reads its own writes through this proxy. RangeStream and Compact fall through.
@@ -183,6 +184,9 @@ type entry struct {
 	gen   uint64 // the invalidator's generation when stored
 	size  int64
 	ttl   time.Duration
+	// serializable says the entry answers a serializable read; a linearizable read's entry (a key of its own: the
+	// request's encoding differs) is answered by linHit only, never by RawHit.
+	serializable bool
 
 	promoted atomic.Int64 // clock() when last promoted in ccache's LRU list, or stored (lookup)
 }
@@ -287,7 +291,8 @@ func (k *KV) fill(ctx context.Context, req *pb.RangeRequest, key string, creds u
 	enc := encode(resp)
 	enc.offer(ctx, resp) // the filling call sends the bytes it just made, not a second encoding of its own
 	e := &entry{key: key, resp: resp, enc: enc, start: string(req.Key), end: string(req.RangeEnd), gen: gen,
-		size: int64(2*enc.size + len(key)), ttl: ttl} // held twice: decoded and encoded
+		size: int64(2*enc.size + len(key)), ttl: ttl, // held twice: decoded and encoded
+		serializable: req.Serializable}
 	k.watch.store(e, resp.Header.GetRevision(), func() { k.keep(e) })
 	return resp, nil
 }
@@ -298,18 +303,12 @@ func (k *KV) hit(ctx context.Context, key string, gen uint64, live bool) *pb.Ran
 	if !live {
 		return nil
 	}
-	pos := k.watch.position(gen) // before the lookup: the entry found is then the store at pos
-	item := k.lookup(key)
-	if item == nil || item.Expired() || item.Value().gen != gen {
-		return nil
-	}
-	e := item.Value()
-	resp := e.resp
-	rev := max(resp.Header.GetRevision(), pos)
-	if k.opts.Floor != nil && rev < k.opts.Floor() {
+	e, rev := k.servable(key, gen)
+	if e == nil {
 		return nil
 	}
 	hits.Inc()
+	resp := e.resp
 	if rev == resp.Header.GetRevision() {
 		e.enc.offer(ctx, resp)
 		return resp
@@ -317,11 +316,30 @@ func (k *KV) hit(ctx context.Context, key string, gen uint64, live bool) *pb.Ran
 	// Answered at the watch's position, as etcd answers with its current revision: an answer never says a revision
 	// older than a write this proxy has acknowledged (it waits for the watch to reach it). The cached answer is
 	// shared and never mutated: a new response around its parts.
-	h := resp.Header
-	hdr := &pb.ResponseHeader{ClusterId: h.GetClusterId(), MemberId: h.GetMemberId(), Revision: rev, RaftTerm: h.GetRaftTerm()}
-	out := &pb.RangeResponse{Header: hdr, Kvs: resp.Kvs, More: resp.More, Count: resp.Count}
+	out := &pb.RangeResponse{Header: atRevision(resp.Header, rev), Kvs: resp.Kvs, More: resp.More, Count: resp.Count}
 	e.enc.offerWithHeader(ctx, out)
 	return out
+}
+
+// servable returns the entry of key if the cache, live in generation gen, may serve it now, and the revision the
+// answer says: the entry's, or the watch's position if that is newer (see hit). It counts nothing.
+func (k *KV) servable(key string, gen uint64) (*entry, int64) {
+	pos := k.watch.position(gen) // before the lookup: the entry found is then the store at pos
+	item := k.lookup(key)
+	if item == nil || item.Expired() || item.Value().gen != gen {
+		return nil, 0
+	}
+	e := item.Value()
+	rev := max(e.resp.Header.GetRevision(), pos)
+	if k.opts.Floor != nil && rev < k.opts.Floor() {
+		return nil, 0
+	}
+	return e, rev
+}
+
+// atRevision is h at revision rev: a new header, h is shared.
+func atRevision(h *pb.ResponseHeader, rev int64) *pb.ResponseHeader {
+	return &pb.ResponseHeader{ClusterId: h.GetClusterId(), MemberId: h.GetMemberId(), Revision: rev, RaftTerm: h.GetRaftTerm()}
 }
 
 // lookup returns the item of key, if any, and promotes it (moves it to the front of ccache's LRU list) if it was

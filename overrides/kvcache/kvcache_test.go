@@ -276,7 +276,7 @@ func as(t *testing.T, ctx context.Context, cc *grpc.ClientConn, user string) con
 }
 
 // TestCredentials: the cache never hands one user's answer to another (etcd's grpc-proxy's cache key ignores the
-// token): alice's read is cached for alice, and bob, who may not read the key, gets etcd's refusal every time.
+// token): alice's read is cached for alice (answered from its bytes: raw.go), and bob, who may not read the key, gets etcd's refusal every time.
 func TestCredentials(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
 	ctx := proxytest.Timeout(t, 30*time.Second)
@@ -288,7 +288,7 @@ func TestCredentials(t *testing.T) {
 	// it sees the auth changes above, which may fall between two rounds, and her key's first miss is only
 	// remembered (admit.go). Bob is refused in every round.
 	proxytest.Eventually(t, 10*time.Second, func() bool {
-		base := hits(t)
+		base, raw := hits(t), rawHits(t)
 		for i := 0; i < 3; i++ {
 			r, err := pb.NewKVClient(e.Via).Range(alice, req)
 			if err != nil || value(r) != "secret" {
@@ -300,7 +300,7 @@ func TestCredentials(t *testing.T) {
 				t.Fatalf("bob through the proxy: %v; directly: %v", viaErr, directErr)
 			}
 		}
-		return hits(t) >= base+2
+		return hits(t) >= base+2 && rawHits(t) >= raw+2 // her token is in the key of the bytes too (raw.go)
 	}, "alice's repeated reads were not served from the cache (2 hits in 3 reads)")
 }
 
@@ -337,7 +337,7 @@ func TestProxyCredentials(t *testing.T) {
 	proxytest.Eventually(t, 10*time.Second, func() bool { return proxytest.Gauge(t, "etcdproxy_kvcache_live") == 1 },
 		"the invalidation watch never went live with the proxy's credentials")
 	proxytest.Eventually(t, 10*time.Second, func() bool { // as in TestCredentials
-		base := hits(t)
+		base, raw := hits(t), rawHits(t)
 		for i := 0; i < 3; i++ {
 			if r, err := pb.NewKVClient(e.Via).Range(alice, req); err != nil || value(r) != "secret" {
 				t.Fatalf("alice: %v, %v", r, err)
@@ -346,7 +346,7 @@ func TestProxyCredentials(t *testing.T) {
 				t.Fatal("bob read a1 through the proxy")
 			}
 		}
-		return hits(t) >= base+2
+		return hits(t) >= base+2 && rawHits(t) >= raw+2 // her token is in the key of the bytes too (raw.go)
 	}, "alice's repeated reads were not served from the cache (2 hits in 3 reads)")
 	// A write made elsewhere still reaches alice.
 	proxytest.Put(t, proxytest.As(t, ctx, e.Direct, "root", "r"), e.Direct, "a1", "new")

@@ -11,6 +11,10 @@ var (
 		Namespace: "etcdproxy", Subsystem: "kvcache", Name: "hits_total",
 		Help: "Serializable Range requests answered from the cache.",
 	})
+	rawHits = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "etcdproxy", Subsystem: "kvcache", Name: "raw_hits_total",
+		Help: "Cache hits answered from the request's bytes before it was decoded (counted in hits_total too).",
+	})
 	misses = prometheus.NewCounter(prometheus.CounterOpts{
 		Namespace: "etcdproxy", Subsystem: "kvcache", Name: "misses_total",
 		Help: "Cacheable Range requests forwarded to etcd (not cached, expired, invalidated, or the cache not live).",
@@ -101,6 +105,6 @@ func init() {
 	for _, r := range linFallbackReasons {
 		linFallbacks.WithLabelValues(r)
 	}
-	prometheus.MustRegister(hits, misses, sharedMisses, firstMisses, invalidations, evictions, authPolls, flushes, entries, cacheLive, watchIdle, writeWait,
+	prometheus.MustRegister(hits, rawHits, misses, sharedMisses, firstMisses, invalidations, evictions, authPolls, flushes, entries, cacheLive, watchIdle, writeWait,
 		linHits, linBatches, linWait, linFallbacks)
 }
