@@ -34,21 +34,35 @@ func Raw(h grpc.MethodHandler, answer Answer) grpc.MethodHandler {
 		if err := dec(&req); err != nil {
 			return nil, err
 		}
-		defer req.buf.Free()
+		defer req.free()
 		if parts, n, ok := answer(ctx, req.buf.ReadOnlyData()); ok {
-			return &reply{bufs: parts, n: n}, nil
+			return &reply{Context: ctx, bufs: parts, n: n}, nil
 		}
-		return h(srv, ctx, req.decode, interceptor)
+		// The bytes are let go once decoded, as gRPC does, not held while h waits on etcd.
+		return h(srv, ctx, req.decodeOnce, interceptor)
 	}
 }
 
 // protoCodec is gRPC's registered proto codec, which decodes requests (Codec's base).
 var protoCodec = encoding.GetCodecV2(proto.Name)
 
-// decode decodes the request into v as gRPC's server does, with the status it gives bytes that do not decode.
-func (r *Request) decode(v any) error {
+// decodeOnce decodes the request into v as gRPC's server does, with the status it gives bytes that do not decode,
+// and lets the bytes go (gRPC's own decoding function may be called once too).
+func (r *Request) decodeOnce(v any) error {
+	if r.buf == nil {
+		return status.Error(codes.Internal, "grpc: error unmarshalling request: decoded twice")
+	}
+	defer r.free()
 	if err := protoCodec.Unmarshal(mem.BufferSlice{r.buf}, v); err != nil {
 		return status.Errorf(codes.Internal, "grpc: error unmarshalling request: %v", err)
 	}
 	return nil
+}
+
+// free lets the bytes go, if they are still held.
+func (r *Request) free() {
+	if r.buf != nil {
+		r.buf.Free()
+		r.buf = nil
+	}
 }

@@ -30,10 +30,14 @@ func TestRaw(t *testing.T) {
 	// call runs Raw over a handler that decodes its request and returns resp, for a client that sent b; the
 	// answer says yes to the bytes of req only, with want in two parts.
 	call := func(b []byte) (sent []byte, handled *pb.RangeRequest, err error) {
+		pool := &countingPool{}
 		h := func(_ any, _ context.Context, dec func(any) error, _ grpc.UnaryServerInterceptor) (any, error) {
 			handled = &pb.RangeRequest{}
 			if err := dec(handled); err != nil {
 				return nil, err
+			}
+			if pool.put != 1 {
+				t.Errorf("the request's bytes are still held after they were decoded")
 			}
 			return resp, nil
 		}
@@ -44,7 +48,13 @@ func TestRaw(t *testing.T) {
 			return [2]mem.Buffer{mem.SliceBuffer(want[:2]), mem.SliceBuffer(want[2:])}, 2, true
 		}
 		codec := NewCodec()
-		dec := func(v any) error { return codec.Unmarshal(mem.BufferSlice{mem.SliceBuffer(b)}, v) }
+		dec := func(v any) error { // as gRPC's: the received buffer is freed once decoded
+			held := make([]byte, len(b), 4<<10) // above gRPC's pooling threshold: a pooled buffer, counted
+			copy(held, b)
+			data := mem.BufferSlice{mem.NewBuffer(&held, pool)}
+			defer data.Free()
+			return codec.Unmarshal(data, v)
+		}
 		out, err := Raw(h, answer)(nil, context.Background(), dec, nil)
 		if err != nil {
 			return nil, handled, err
@@ -52,6 +62,9 @@ func TestRaw(t *testing.T) {
 		data, err := codec.Marshal(out)
 		if err != nil {
 			t.Fatal(err)
+		}
+		if pool.put != 1 {
+			t.Errorf("the request's bytes were let go %d times, want once", pool.put)
 		}
 		return data.Materialize(), handled, nil
 	}
@@ -77,3 +90,9 @@ func TestRaw(t *testing.T) {
 		t.Errorf("bad bytes: %v", err)
 	}
 }
+
+// countingPool is a mem.BufferPool that counts the buffers given back to it.
+type countingPool struct{ put int }
+
+func (p *countingPool) Get(n int) *[]byte { b := make([]byte, n); return &b }
+func (p *countingPool) Put(*[]byte)       { p.put++ }

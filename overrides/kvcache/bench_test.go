@@ -24,7 +24,7 @@ import (
 
 // BenchmarkHit: the cache's Range for a serializable read it holds, called as the gRPC server calls it (with the
 // incoming metadata a clientv3 client sends), without the network and the server around it; serially, and from 16
-// goroutines (the benchmark's C=16):
+// goroutines (the benchmark's C=16); and, serially, as RawHit answers it from the request's bytes:
 //
 //	go test ./overrides/kvcache -run '^$' -bench Hit -benchmem
 func BenchmarkHit(b *testing.B) {
@@ -77,6 +77,20 @@ func BenchmarkHit(b *testing.B) {
 				}
 			}
 		})
+		report()
+	}) // raw: the same hit answered from the request's bytes (RawHit), as the server's Range handler tries first.
+	enc, err := proto.Marshal(req)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Run("raw", func(b *testing.B) {
+		b.ReportAllocs()
+		report := proxytest.CPUPerOp(b)
+		for b.Loop() {
+			if _, _, ok := k.RawHit(in, enc); !ok {
+				b.Fatal("not answered from the request's bytes")
+			}
+		}
 		report()
 	})
 }
