@@ -15,8 +15,8 @@ import (
 // are requests' encodings finds a hit without decoding the request, and sends the bytes it keeps. The calls it does
 // not answer are decoded as gRPC decodes them and served by the method's handler, interceptors and all.
 
-// Request is a call's request as the bytes the client sent (decompressed), held until the call ends: what Codec
-// decodes into a *Request.
+// Request is a call's request as the bytes the client sent (decompressed), held until they are decoded or the
+// call is answered: what Codec decodes into a *Request.
 type Request struct{ buf mem.Buffer }
 
 // Answer answers the call whose server context is ctx and whose request's encoding is req, with the n parts of its

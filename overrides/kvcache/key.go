@@ -16,10 +16,7 @@ import (
 func cacheKey(ctx context.Context, req *pb.RangeRequest) (key string, creds upstream.Creds, ok bool) {
 	c := upstream.CredsOf(ctx)
 	var buf [128]byte // most keys fit: one allocation, the string
-	b := append(buf[:0], c.Token...)
-	b = append(b, 0)
-	b = append(b, c.Authorization...)
-	b = append(b, 0)
+	b := appendCreds(buf[:0], c)
 	if len(req.ProtoReflect().GetUnknown()) == 0 {
 		b = appendRequest(b, req)
 	} else {
@@ -30,6 +27,15 @@ func cacheKey(ctx context.Context, req *pb.RangeRequest) (key string, creds upst
 		b = append(b, enc...)
 	}
 	return string(b), c, true
+}
+
+// appendCreds appends the start of a cache key: c's token and authorization metadata, each ended by a zero byte
+// (metadata values hold none).
+func appendCreds(b []byte, c upstream.Creds) []byte {
+	b = append(b, c.Token...)
+	b = append(b, 0)
+	b = append(b, c.Authorization...)
+	return append(b, 0)
 }
 
 // appendRequest appends r's encoding, as proto.MarshalOptions{Deterministic: true} makes it for a RangeRequest

@@ -212,10 +212,7 @@ func (k *KV) Range(ctx context.Context, req *pb.RangeRequest) (*pb.RangeResponse
 	if !ok {
 		return k.KVServer.Range(ctx, req)
 	}
-	if !k.read.Load() { // one load on the read path; a store once per auth poll at most
-		k.read.Store(true)
-	}
-	k.watch.use()
+	k.used()
 	gen, live := k.watch.state()
 	live = live && k.authKnown.Load()
 	if resp := k.hit(ctx, key, gen, live); resp != nil {
@@ -236,6 +233,14 @@ func (k *KV) Range(ctx context.Context, req *pb.RangeRequest) (*pb.RangeResponse
 		live = live && k.authKnown.Load()
 		return k.hit(ctx, key, gen, live)
 	}, read)
+}
+
+// used records a cacheable read: the auth poll goes on (read), and the invalidation watch runs (use).
+func (k *KV) used() {
+	if !k.read.Load() { // one load on the read path; a store once per auth poll at most
+		k.read.Store(true)
+	}
+	k.watch.use()
 }
 
 // readShared serves a miss of key, letting identical misses share one read (flight.go): if a read of key is in

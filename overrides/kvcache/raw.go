@@ -28,13 +28,8 @@ func (k *KV) RawHit(ctx context.Context, req []byte) (parts [2]mem.Buffer, n int
 	if !live || !k.authKnown.Load() {
 		return parts, 0, false
 	}
-	c := upstream.CredsOf(ctx)
 	var buf [192]byte // most keys fit: the lookup then allocates nothing
-	b := append(buf[:0], c.Token...)
-	b = append(b, 0)
-	b = append(b, c.Authorization...)
-	b = append(b, 0)
-	b = append(b, req...)
+	b := append(appendCreds(buf[:0], upstream.CredsOf(ctx)), req...)
 	// Only looked up with, never kept: ccache keeps the key it was stored with.
 	e, rev := k.servable(unsafe.String(unsafe.SliceData(b), len(b)), gen)
 	if e == nil || !e.serializable {
@@ -52,11 +47,7 @@ func (k *KV) RawHit(ctx context.Context, req []byte) (parts [2]mem.Buffer, n int
 		}
 		parts[0], parts[1], n = hdr, e.enc.rest, 2
 	}
-	// A read, as Range counts one: it keeps the invalidation watch running and the auth poll going.
-	if !k.read.Load() {
-		k.read.Store(true)
-	}
-	k.watch.use()
+	k.used() // a read, as Range records one
 	hits.Inc()
 	rawHits.Inc()
 	return parts, n, true
