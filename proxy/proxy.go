@@ -194,7 +194,11 @@ func (p *Proxy) Serve(l net.Listener) error {
 	shut := p.shut
 	p.mu.Unlock()
 	if shut {
-		return nil // Shutdown, whichever of the three saw it first
+		// Shutdown, whichever of the three saw it first. It closed the multiplexer, so the other two end too
+		// (their listeners are the multiplexer's): Serve returns once nothing it started runs.
+		<-errc
+		<-errc
+		return nil
 	}
 	return err
 }
