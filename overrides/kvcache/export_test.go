@@ -80,3 +80,11 @@ func (s recordingStream) Recv() (*pb.WatchResponse, error) {
 	}
 	return resp, err
 }
+
+// HoldFor makes the linearizable batcher hold a batch back for up to d, whatever the barrier's round trip, until
+// the test ends. Call it before the proxy starts (the batcher reads it with no lock of the test's).
+func HoldFor(t interface{ Cleanup(func()) }, d time.Duration) {
+	was := holdFor
+	holdFor = func(time.Duration) time.Duration { return d }
+	t.Cleanup(func() { holdFor = was })
+}

@@ -9,6 +9,7 @@ import (
 
 	"github.com/etcdproxy/etcdproxy/internal/embedetcd"
 	"github.com/etcdproxy/etcdproxy/internal/proxytest"
+	"github.com/etcdproxy/etcdproxy/overrides/kvcache"
 	"github.com/etcdproxy/etcdproxy/proxy"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -266,8 +267,13 @@ func TestLinearizableBatching(t *testing.T) {
 // TestLinearizableClosedLoop: clients that each read in a loop (as most do: a read, its answer, the next read)
 // share one barrier per round of reads: the batcher holds the next barrier until the reads of the last one came
 // again, instead of letting the first of them send it alone (and the clients split into groups that alternate,
-// each with barriers of its own).
+// each with barriers of its own). The hold is bounded by 3 barrier round trips (2 ms at most), which a busy
+// machine running the race detector does not always give 8 clients to come back in (make test once gathered
+// 3.8 reads per barrier, about what no hold at all gathers); so the test holds for up to 50 ms, and tests the
+// mechanism (7.8-7.9 per barrier, also with two CPU hogs beside it): what the production bound gathers is the
+// bench's to measure (BENCHMARKS.md, 16 clients).
 func TestLinearizableClosedLoop(t *testing.T) {
+	kvcache.HoldFor(t, 50*time.Millisecond)
 	e := proxytest.Start(t, proxytest.Options{})
 	ctx := proxytest.Timeout(t, 60*time.Second)
 	proxytest.Put(t, ctx, e.Direct, "cl/k", "v")
@@ -302,9 +308,9 @@ func TestLinearizableClosedLoop(t *testing.T) {
 	if hits < clients*reads*9/10 {
 		t.Errorf("only %v of %d reads were answered from the cache", hits, clients*reads)
 	}
-	// Each barrier serves the reads of about every client (1 in 8 would be one barrier per read, 1 in 2 two
-	// alternating groups); a hold that expires now and then, on a busy machine, still leaves more than 4.
-	if perBarrier := hits / batches; perBarrier < 4 {
+	// Each barrier serves the reads of about every client (1 in 8 would be one barrier per read; with no hold
+	// 3.8-4.1, the clients in two alternating groups); at the end, as clients finish, fewer remain.
+	if perBarrier := hits / batches; perBarrier < 6 {
 		t.Errorf("%v barrier reads for %v reads from the cache: %.1f per barrier, want at least 4 of the %d clients", batches, hits, perBarrier, clients)
 	}
 }
