@@ -291,7 +291,8 @@ func VerifyTestMain(m *testing.M, atExit ...func()) {
 // LeftOver reports the goroutines (LeakOptions and extra aside) still running 10 s from now, or as soon as none
 // is: it gives goroutines that are still ending (a closed client's watch stream, an etcd member's send loop for a
 // stream just closed, its peers' HTTP connections) the time a loaded machine may take. goleak's own retries last
-// about 2 s; a goroutine that never ends is still reported.
+// about 0.4 s (v1.3.0: 20 sleeps, from 1 µs doubling to at most 100 ms); a goroutine that never ends is still
+// reported.
 func LeftOver(extra ...goleak.Option) error {
 	opts := append(LeakOptions(), extra...)
 	err := goleak.Find(opts...)

@@ -13,16 +13,24 @@ import (
 // to the front of the LRU list, so that eviction takes older entries first; one found sooner stays where it is.
 func TestLookupPromotes(t *testing.T) {
 	defer func(d time.Duration) { promoteAfter = d }(promoteAfter)
-	promoteAfter = 50 * time.Millisecond
+	// clock reads an hour more than the process has run, so that an entry whose storing did not count as its last
+	// promotion (promoted 0) is due for one even with the minute below.
+	defer func(s time.Time) { started = s }(started)
+	started = started.Add(-time.Hour)
 	for _, c := range []struct {
-		name    string
-		wait    bool // wait promoteAfter between storing the four entries and looking up "a"
-		evicted string
+		name         string
+		promoteAfter time.Duration
+		wait         bool // wait promoteAfter between storing the four entries and looking up "a"
+		evicted      string
 	}{
-		{name: "looked up at once, a is the oldest and is evicted", evicted: "a"},
-		{name: "looked up later, a is promoted and b is evicted", wait: true, evicted: "b"},
+		// A minute, not the 50 ms waited below: storing four entries waits for ccache's worker four times, which
+		// a busy machine running the race detector can stretch past 50 ms, and a would be promoted.
+		{name: "looked up at once, a is the oldest and is evicted", promoteAfter: time.Minute, evicted: "a"},
+		{name: "looked up later, a is promoted and b is evicted", promoteAfter: 50 * time.Millisecond, wait: true,
+			evicted: "b"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
+			promoteAfter = c.promoteAfter
 			k := &KV{index: newIndex()}
 			k.cache = ccache.New(configure(4).ItemsToPrune(1).OnDelete(k.dropped))
 			defer k.cache.Stop()

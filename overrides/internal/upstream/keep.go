@@ -44,15 +44,28 @@ func Keep(ctx context.Context, b Backoff, attempt func() (fresh bool, err error)
 			eb.Reset()
 			continue
 		}
-		if time.Since(start) > b.Max {
+		if since(start) > b.Max {
 			eb.Reset()
 		}
-		t := time.NewTimer(eb.NextBackOff())
-		select {
-		case <-ctx.Done():
-			t.Stop()
+		if !wait(ctx, eb.NextBackOff()) {
 			return
-		case <-t.C:
 		}
 	}
 }
+
+// wait waits d and says true, or says false as soon as ctx ends; since is time.Since. Variables so that a test can
+// record the waits Keep asks for and take its attempts as lasting no time (export_test.go), instead of measuring
+// the waits, and the attempts that decide them, with the clock of a machine too busy to keep to either.
+var (
+	wait = func(ctx context.Context, d time.Duration) bool {
+		t := time.NewTimer(d)
+		defer t.Stop()
+		select {
+		case <-ctx.Done():
+			return false
+		case <-t.C:
+			return true
+		}
+	}
+	since = time.Since
+)
