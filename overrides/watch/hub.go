@@ -514,6 +514,9 @@ func (h *hub) attach(w *watcher) {
 		bs = &broadcasts{h: h, rk: w.rk, all: map[*broadcast]struct{}{}}
 		h.ranges[w.rk] = bs
 	}
+	// The same range, with the strings of the first watcher of it: those decoded from this watcher's request go
+	// (at W=10,000 watchers of one prefix, 0.4 MB of a live heap of 7 at the burst's peak).
+	w.rk = bs.rk
 	var best *broadcast
 	// With auth on, a new watcher gets an upstream watch of its own, so that etcd checks the caller's permission
 	// on the range exactly as it would; a progress round then lets it merge into the shared broadcast.
