@@ -3,12 +3,14 @@ package proxy
 import (
 	"context"
 	"math"
+	"time"
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	"go.etcd.io/etcd/api/v3/version"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/metadata"
 )
 
@@ -27,6 +29,9 @@ import (
 //     it, each attempt ends at the client's own deadline, which is what a clientv3 client sees talking to etcd
 //     directly (clientv3 waits for ready by default too). Applied to every RPC, not only leases, because the
 //     storm is the same for any RPC a client retries (proxy/README.md).
+//   - A member that comes back is reconnected to within reconnectMaxDelay (and its jitter): gRPC's default backoff
+//     between connection attempts grows to 120 s, so after an outage of a minute the proxy (every client call,
+//     watch and keepalive through it) could wait two more before it saw etcd again.
 //   - The client's own client-api-version reaches etcd (see clientAPIVersion).
 //   - Without a Logger, the client logs nothing: an etcd error on a client's request is the client's to see, not
 //     a line in the proxy's log for every failed call.
@@ -51,7 +56,8 @@ func Dial(cfg clientv3.Config) (*clientv3.Client, error) {
 	cfg.DialOptions = append(cfg.DialOptions,
 		grpc.WithDefaultCallOptions(grpc.WaitForReady(true),
 			grpc.MaxCallSendMsgSize(send), grpc.MaxCallRecvMsgSize(cfg.MaxCallRecvMsgSize)),
-		grpc.WithChainStreamInterceptor(keepClientAPIVersionStream))
+		grpc.WithChainStreamInterceptor(keepClientAPIVersionStream),
+		grpc.WithConnectParams(grpc.ConnectParams{Backoff: reconnectBackoff, MinConnectTimeout: 20 * time.Second}))
 	if cfg.Username == "" && cfg.Token == "" {
 		// No credentials of the proxy's own on this connection: clientv3's unary interceptor has nothing to do here
 		// (one attempt, no token to refresh) but costs every call a debug log check, a peer record and two metadata
@@ -64,6 +70,13 @@ func Dial(cfg clientv3.Config) (*clientv3.Client, error) {
 	}
 	return clientv3.New(cfg)
 }
+
+// reconnectBackoff is gRPC's default backoff between connection attempts (1 s, times 1.6 each attempt, ±20%),
+// capped at reconnectMaxDelay instead of 120 s: one connection attempt every 2 s or so per endpoint while etcd is
+// down costs etcd nothing, and an upstream back is seen within that time (TestReconnectsPromptly).
+var reconnectBackoff = backoff.Config{BaseDelay: time.Second, Multiplier: 1.6, Jitter: 0.2, MaxDelay: reconnectMaxDelay}
+
+const reconnectMaxDelay = 2 * time.Second
 
 // onceUnary replaces clientv3's unary interceptor on a connection without credentials of the proxy's own: one
 // attempt, with the client's own metadata for a call made on behalf of a client (client-api-version included, or
