@@ -156,6 +156,11 @@ func TestLinearizableWriteElsewhere(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e := proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) {
+				// A read that waits longer than LinearizableWait for its barrier and the watch goes to etcd, and so
+				// do the reads of the next second: on a loaded machine the default 500 ms would turn rounds into
+				// fallbacks, and the hits counted below would measure the machine. The reads' answers are what this
+				// tests, and the reads still wait for the lagging watch.
+				c.Overrides.KVCache.LinearizableWait = 10 * time.Second
 				if tc.delay > 0 {
 					delayedWatch(t, tc.delay)(c)
 				}
@@ -458,7 +463,9 @@ func TestLinearizableAuthEnabledElsewhere(t *testing.T) {
 // TestLinearizableCompaction: a compaction does not stop current-revision linearizable reads from being answered
 // from the cache, and they still equal etcd's; a read at a compacted revision gets etcd's compacted error.
 func TestLinearizableCompaction(t *testing.T) {
-	e := proxytest.Start(t, proxytest.Options{})
+	// The reads below must each be a hit: one whose barrier and watch take longer than LinearizableWait (the
+	// default 500 ms, which a loaded machine can exceed) goes to etcd, and so do the reads of the next second.
+	e := proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) { c.Overrides.KVCache.LinearizableWait = 10 * time.Second }})
 	ctx := proxytest.Timeout(t, 30*time.Second)
 	req := &pb.RangeRequest{Key: []byte("c")}
 	for i := range 5 {

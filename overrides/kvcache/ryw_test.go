@@ -482,7 +482,10 @@ func TestOrderingFromStart(t *testing.T) {
 // a key the write did not touch says that revision or a later one (etcd answers with its current revision), and
 // the cached answer itself is not changed.
 func TestHitHeaderAfterWrite(t *testing.T) {
-	e := proxytest.Start(t, proxytest.Options{})
+	// Each write waits for the invalidation watch to apply its event, and flushes the cache if that takes longer
+	// than WriteWait (the default 1 s, which a loaded machine can exceed): the next read would then be a miss. The
+	// hit's header is tested here, not that wait.
+	e := proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) { c.Overrides.KVCache.WriteWait = 30 * time.Second }})
 	ctx := proxytest.Timeout(t, 30*time.Second)
 	filled := proxytest.Put(t, ctx, e.Direct, "hh/k", "v")
 	req := &pb.RangeRequest{Key: []byte("hh/k"), Serializable: true}
