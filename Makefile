@@ -4,7 +4,7 @@ BUF     := $(GO) tool -modfile=tools/go.mod buf
 BUILD   := .build
 RUN_DIR ?= $(BUILD)/run
 
-.PHONY: all build run test fuzz generate api-diff lint bench bench-quick floor-bin etcd-bin robustness robustness-smoke soak clean
+.PHONY: all build run test fuzz generate api-diff lint bench bench-quick floor-bin etcd-bin robustness robustness-smoke etcd-integration soak clean
 
 all: build
 
@@ -111,6 +111,26 @@ SOAK_OUT  ?= $(BUILD)/soak
 SOAK_FLAGS ?=
 soak: build etcd-bin
 	$(GO) run ./cmd/etcdproxy-bench -etcd $(BUILD)/etcd -etcdproxy bin/etcdproxy -soak $(DURATION) -soak-out $(SOAK_OUT) $(SOAK_FLAGS)
+
+## etcd-integration: etcd's own integration tests of clientv3 (go.etcd.io/etcd/tests/v3 at the version
+## robustness/go.mod pins) with every client their framework makes for a member going through bin/etcdproxy, one
+## proxy process in front of each endpoint (robustness/etcdintegration/README.md). The tests module is copied out
+## of the module cache into $(BUILD)/etcd-tests, and our own cluster_direct.go put in the framework's (Go refuses
+## an -overlay of the module cache); nothing of etcd's is kept in this repository. ETCDINT_PKGS: the packages,
+## ETCDINT_RUN: a -run pattern, ETCDINT_FLAGS: more go test flags (-v); proxies' logs in $(BUILD)/etcd-integration.
+ETCDINT_PKGS ?= go.etcd.io/etcd/tests/v3/integration/clientv3/...
+ETCDINT_RUN  ?= .
+ETCDINT_FLAGS ?=
+etcd-integration: build
+	@set -e; src=$$(cd robustness && $(GO) list -m -f '{{.Dir}}' go.etcd.io/etcd/tests/v3); \
+	rm -rf $(BUILD)/etcd-tests $(BUILD)/etcd-integration; mkdir -p $(BUILD)/etcd-integration; \
+	cp -r $$src $(BUILD)/etcd-tests; chmod -R u+w $(BUILD)/etcd-tests; \
+	cp robustness/etcdintegration/cluster_proxied.go.in $(BUILD)/etcd-tests/framework/integration/cluster_direct.go; \
+	printf 'go %s\n\nuse ../robustness\n\nreplace go.etcd.io/etcd/tests/v3 => ./etcd-tests\n' \
+		$$(cd robustness && $(GO) list -m -f '{{.GoVersion}}') > $(BUILD)/etcd-integration.work; \
+	cd robustness && GOWORK=$(CURDIR)/$(BUILD)/etcd-integration.work \
+		ETCDPROXY_BIN=$(CURDIR)/bin/etcdproxy ETCDPROXY_LOG_DIR=$(CURDIR)/$(BUILD)/etcd-integration \
+		$(GO) test -count=1 -timeout 60m -run '$(ETCDINT_RUN)' $(ETCDINT_FLAGS) $(ETCDINT_PKGS)
 
 ## etcd-bin: etcd itself (server and `etcd grpc-proxy`) at the version pinned in go.mod, for the benchmark.
 etcd-bin:
