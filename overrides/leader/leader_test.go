@@ -152,3 +152,21 @@ func TestLeaderLoss(t *testing.T) {
 	default:
 	}
 }
+
+// TestProbeHoldsNoWatcher: the probe's stream stays open (the proxy sees the leader) but holds no watcher in etcd:
+// etcd counts the clients' watchers only, as without the proxy (etcd's TestV3WatchCancellation counts them).
+// (The read cache is off: its invalidation watch, which proxytest runs from the start, is a watcher of its own.)
+func TestProbeHoldsNoWatcher(t *testing.T) {
+	e := proxytest.Start(t, proxytest.Options{Proxy: func(c *proxy.Config) { c.Overrides.KVCache.MaxBytes = 0 }})
+	proxytest.Eventually(t, 10*time.Second, e.Proxy.HasLeader, "the proxy never saw the leader")
+	const watchers, streams = "etcd_debugging_mvcc_watcher_total", "etcd_debugging_mvcc_watch_stream_total"
+	proxytest.Eventually(t, 5*time.Second, func() bool { return proxytest.Gauge(t, watchers) == 0 },
+		"etcd counts %v watchers with no client watching, want 0", proxytest.Gauge(t, watchers))
+	if n := proxytest.Gauge(t, streams); n < 1 {
+		t.Fatalf("etcd counts %v watch streams: the probe's is not open", n)
+	}
+	time.Sleep(500 * time.Millisecond)
+	if n := proxytest.Gauge(t, watchers); n != 0 || !e.Proxy.HasLeader() {
+		t.Fatalf("after 500 ms: %v watchers, leader seen %v; want 0 and true", n, e.Proxy.HasLeader())
+	}
+}

@@ -54,6 +54,9 @@ type Tracker struct {
 
 	cancel context.CancelFunc
 	done   chan struct{}
+	// decided is closed at the tracker's first verdict: the first probe accepted (or any MarkPresent), or failed.
+	decided    chan struct{}
+	decideOnce sync.Once
 }
 
 // probeKey is the key the probe watches: in etcd's reserved-looking space, never written by the proxy.
@@ -69,7 +72,8 @@ func NewTracker(cc grpc.ClientConnInterface, lg *zap.Logger, opts Options) *Trac
 		opts.RetryMax = 2 * time.Second
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	t := &Tracker{logger: lg, watch: pb.NewWatchClient(cc), opts: opts, cancel: cancel, done: make(chan struct{})}
+	t := &Tracker{logger: lg, watch: pb.NewWatchClient(cc), opts: opts, cancel: cancel, done: make(chan struct{}),
+		decided: make(chan struct{})}
 	t.loss, t.signalLoss = context.WithCancel(context.Background())
 	t.signalLoss()
 	t.found = make(chan struct{})
@@ -103,6 +107,16 @@ func (t *Tracker) Found() <-chan struct{} {
 	return t.found
 }
 
+// Decided returns a channel that is closed once the tracker knows whether the cluster has a leader: its first probe
+// was accepted or failed (or an RPC that needs a leader succeeded). Before that HasLeader says false without
+// having looked, so a long-lived upstream stream that would be opened differently without a leader (the watch
+// hub's) waits for it: opened plain and re-opened require-leader a moment later, it would re-create its watches
+// from a past revision, and etcd batches the events of a catch-up (etcd's TestV3WatchFromCurrentRevision
+// expects one response per revision from a watcher created from now). The wait is the probe's first round trip.
+func (t *Tracker) Decided() <-chan struct{} { return t.decided }
+
+func (t *Tracker) decide() { t.decideOnce.Do(func() { close(t.decided) }) }
+
 // MarkPresent records that the cluster has a leader: an RPC that needs one has just succeeded. It costs one atomic
 // load when the leader is already known to be present.
 func (t *Tracker) MarkPresent() {
@@ -117,6 +131,7 @@ func (t *Tracker) MarkPresent() {
 	t.loss, t.signalLoss = context.WithCancel(context.Background())
 	close(t.found)
 	t.present.Store(true)
+	t.decide() // after present: a waiter on Decided sees the leader
 	leaderPresent.Set(1)
 	leaderChanges.Inc()
 	t.logger.Info("etcd cluster has a leader")
@@ -125,6 +140,7 @@ func (t *Tracker) MarkPresent() {
 func (t *Tracker) markLost(err error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	defer t.decide()
 	if !t.present.Load() {
 		return
 	}
@@ -153,16 +169,26 @@ func (t *Tracker) probeOnce(ctx context.Context) error {
 	}
 	// A watcher on a key nobody writes: its creation (or etcd's refusal of it, e.g. for lack of permission) is
 	// etcd's proof that it accepted the require-leader stream; what matters afterwards is how the stream ends.
+	// The watcher is cancelled at once: etcd watches the require-leader stream, not its watchers, so the probe
+	// costs etcd no watcher (etcd_debugging_mvcc_watcher_total counts the clients' only, as without the proxy).
 	err = ws.Send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{
 		CreateRequest: &pb.WatchCreateRequest{Key: append([]byte(t.opts.ProbePrefix), probeKey...)}}})
 	if err != nil {
 		_, err = ws.Recv()
 		return err
 	}
-	if _, err := ws.Recv(); err != nil {
+	created, err := ws.Recv()
+	if err != nil {
 		return err
 	}
 	t.MarkPresent()
+	if created.Created && !created.Canceled {
+		if err := ws.Send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CancelRequest{
+			CancelRequest: &pb.WatchCancelRequest{WatchId: created.WatchId}}}); err != nil {
+			_, err = ws.Recv()
+			return err
+		}
+	}
 	for {
 		if _, err := ws.Recv(); err != nil {
 			return err

@@ -43,6 +43,7 @@ type hub struct {
 	askedAt                time.Time          // when it was sent
 	outbox                 []*pb.WatchRequest // requests for the current stream's sender
 	kick                   chan struct{}      // wakes the sender; capacity 1
+	emptied                chan struct{}      // the stream carries no watch any more (pokeIfEmpty); capacity 1
 	connected              bool
 	lastHeader             *pb.ResponseHeader
 	// Progress notifications (progress.go): the clock's upstream watch, whether one of its ticks waits for a
@@ -70,10 +71,21 @@ type rangeKey struct {
 
 func newHub(ctx context.Context, w *Watch, c upstream.Creds) *hub {
 	h := &hub{w: w, ctx: ctx, creds: c, ranges: map[rangeKey]*broadcasts{}, byID: map[int64]*broadcast{},
-		nextID: 1, kick: make(chan struct{}, 1)}
+		nextID: 1, kick: make(chan struct{}, 1), emptied: make(chan struct{}, 1)}
 	h.revs = newRevisions(w.cc, c)
 	h.authed = c != upstream.Creds{}
 	return h
+}
+
+// pokeIfEmpty tells a plain stream waiting to become require-leader (upgradeWhenFree) that it carries no watch
+// any more. Called with h.mu held.
+func (h *hub) pokeIfEmpty() {
+	if len(h.byID) == 0 {
+		select {
+		case h.emptied <- struct{}{}:
+		default:
+		}
+	}
 }
 
 // send queues req for the upstream stream. Called with h.mu held.
@@ -114,15 +126,23 @@ var errLeaderFound = errors.New("the cluster has a leader again: the upstream wa
 func (h *hub) serve() error {
 	ctx, cancel := context.WithCancelCause(h.ctx)
 	defer cancel(nil)
+	// Not before the tracker has looked: a stream opened plain because it had not, and re-opened require-leader a
+	// moment later, would re-create every watch from a past revision (leader.Tracker.Decided).
+	select {
+	case <-h.w.leader.Decided():
+	case <-ctx.Done():
+		return context.Cause(ctx)
+	}
 	requireLeader := h.w.leader.HasLeader()
 	if !requireLeader {
 		found := h.w.leader.Found()
 		go func() {
 			select {
 			case <-found:
-				cancel(errLeaderFound)
 			case <-ctx.Done():
+				return
 			}
+			h.upgradeWhenFree(ctx, cancel)
 		}()
 	}
 	stream, err := h.w.upstream.Watch(h.creds.Outgoing(ctx, requireLeader))
@@ -167,6 +187,43 @@ func (h *hub) serve() error {
 		case err := <-failed:
 			return err
 		default:
+		}
+	}
+}
+
+// plainGrace bounds how long a plain upstream stream that carries watches stays plain once the leader is back.
+var plainGrace = 10 * time.Second
+
+// upgradeWhenFree ends the plain stream of ctx (cancel, with errLeaderFound) so that it is reopened require-leader,
+// the leader being back: at once if it carries no watch, else once it carries none, or after plainGrace, or when
+// the leader is lost again (a require-leader stream would have ended then too). Reopening a stream re-creates its
+// watches from where they were, which etcd serves as a catch-up: the events of the reopening's window come batched
+// in one response, where a watcher that etcd had held all along gets one response per revision. Right after the
+// proxy starts, or after a leader election, clients are creating watches and writing (etcd's
+// TestV3WatchFromCurrentRevision: a watch made while the proxy's stream was plain, and three puts): the grace keeps
+// those watchers exact, and still moves the stream off a member that may lose the cluster later.
+func (h *hub) upgradeWhenFree(ctx context.Context, cancel context.CancelCauseFunc) {
+	loss := h.w.leader.Loss()
+	grace := time.NewTimer(plainGrace)
+	defer grace.Stop()
+	for {
+		h.mu.Lock()
+		idle := len(h.byID) == 0
+		h.mu.Unlock()
+		if idle {
+			cancel(errLeaderFound)
+			return
+		}
+		select {
+		case <-h.emptied:
+		case <-grace.C:
+			cancel(errLeaderFound)
+			return
+		case <-loss.Done():
+			cancel(errLeaderFound)
+			return
+		case <-ctx.Done():
+			return
 		}
 	}
 }
@@ -236,6 +293,7 @@ func (h *hub) createUpstream(b *broadcast) {
 // cancelUpstream drops b's upstream watch. Called with h.mu held.
 func (h *hub) cancelUpstream(b *broadcast) {
 	delete(h.byID, b.id)
+	h.pokeIfEmpty()
 	h.retarget(b)
 	b.bs.remove(b)
 	if len(b.bs.all) == 0 {

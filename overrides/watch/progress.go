@@ -46,6 +46,7 @@ func (h *hub) stopClock() {
 	c := h.clock
 	h.clock, h.tick = nil, false
 	delete(h.byID, c.id)
+	h.pokeIfEmpty()
 	h.retarget(c)
 	upstreamWatchers.Dec()
 	if c.created {

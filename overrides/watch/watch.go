@@ -63,6 +63,10 @@ type Leader interface {
 	HasLeader() bool
 	// Found returns a channel that is closed when the leader is found (at once if it is present).
 	Found() <-chan struct{}
+	// Decided returns a channel that is closed once HasLeader has looked (the tracker's first verdict).
+	Decided() <-chan struct{}
+	// Loss returns a context that is cancelled when the leader is lost (done already if it is lost now).
+	Loss() context.Context
 }
 
 // New wraps base; upstream watches are made on cc. Upstream streams are require-leader while ld says the cluster
