@@ -359,8 +359,11 @@ func (inv *invalidator) run() {
 		}()
 		upstream.Keep(ctx, upstream.Backoff{Min: 100 * time.Millisecond, Max: 10 * time.Second}, func() (bool, error) {
 			err := inv.once(ctx)
+			// A watch that went live ended for a new reason (a dropped connection, a member restarted): reopened
+			// at once, as the other long-lived streams are; one that never went live, with backoff.
+			wasLive := inv.live.Load()
 			inv.setLive(false, 0)
-			return false, err
+			return wasLive, err
 		}, func(err error) {
 			inv.starting.Store(false)
 			inv.logger.Warn("kv cache invalidation watch ended; the cache serves nothing until it is back", zap.Error(err))

@@ -156,16 +156,19 @@ func (t *Tracker) markLost(err error) {
 func (t *Tracker) probe(ctx context.Context) {
 	defer close(t.done)
 	upstream.Keep(ctx, upstream.Backoff{Min: t.opts.RetryMin, Max: t.opts.RetryMax},
-		func() (bool, error) { return false, t.probeOnce(ctx) }, t.markLost)
+		func() (bool, error) { return t.probeOnce(ctx) }, t.markLost)
 }
 
-// probeOnce opens one probe stream; once etcd accepts it, the leader is present. It returns when the stream ends.
-func (t *Tracker) probeOnce(ctx context.Context) error {
+// probeOnce opens one probe stream; once etcd accepts it, the leader is present. It returns when the stream ends,
+// and whether etcd had accepted it: then the next probe is opened at once (the end is news: a dropped connection,
+// a member restarted, the leader lost), as a client reopens its stream; one that etcd refused is retried with
+// backoff.
+func (t *Tracker) probeOnce(ctx context.Context) (accepted bool, err error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	ws, err := t.watch.Watch(upstream.Creds{}.Outgoing(ctx, true), grpc.WaitForReady(true))
 	if err != nil {
-		return err
+		return false, err
 	}
 	// A watcher on a key nobody writes: its creation (or etcd's refusal of it, e.g. for lack of permission) is
 	// etcd's proof that it accepted the require-leader stream; what matters afterwards is how the stream ends.
@@ -175,23 +178,23 @@ func (t *Tracker) probeOnce(ctx context.Context) error {
 		CreateRequest: &pb.WatchCreateRequest{Key: append([]byte(t.opts.ProbePrefix), probeKey...)}}})
 	if err != nil {
 		_, err = ws.Recv()
-		return err
+		return false, err
 	}
 	created, err := ws.Recv()
 	if err != nil {
-		return err
+		return false, err
 	}
 	t.MarkPresent()
 	if created.Created && !created.Canceled {
 		if err := ws.Send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CancelRequest{
 			CancelRequest: &pb.WatchCancelRequest{WatchId: created.WatchId}}}); err != nil {
 			_, err = ws.Recv()
-			return err
+			return true, err
 		}
 	}
 	for {
 		if _, err := ws.Recv(); err != nil {
-			return err
+			return true, err
 		}
 	}
 }

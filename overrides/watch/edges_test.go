@@ -612,3 +612,45 @@ func TestProbeAfterAuthEnabled(t *testing.T) {
 		t.Errorf("%v more probes after etcd refused one, want none until a create is confirmed again", n)
 	}
 }
+
+// TestReopensAtOnceAfterDrop: when the proxy's connection to etcd drops, again and again, each time after its
+// watch stream worked, the stream is reopened at once (as clientv3 reopens its own), not after a backoff that
+// doubles with every drop: etcd's TestWatchOverlapDropConnContextCancel drops a member's connections 100 times
+// and waits at most 5 s for each watcher. Each round: drop, write, and the proxy's watcher must get the event.
+// With the backoff doubling from 50 ms to 2 s (±20%), rounds 6 to 10 take 1.3 s or more each; reopened at once,
+// a round takes the reconnection and etcd's catch-up pass (~100 ms). At most 2 of the 10 may be slow.
+func TestReopensAtOnceAfterDrop(t *testing.T) {
+	var relay *proxytest.Relay
+	e := proxytest.Start(t, proxytest.Options{Upstream: func(c *embedetcd.Cluster) []string {
+		relay = proxytest.NewRelay(t, c.Members[0].ClientURL)
+		return []string{"http://" + relay.Addr}
+	}})
+	ctx := proxytest.Timeout(t, 120*time.Second)
+	s := open(t, ctx, e.Via)
+	s.create(&pb.WatchCreateRequest{Key: []byte("dr")})
+	if r := s.next(); !r.Created {
+		t.Fatalf("created: %v", r)
+	}
+	const rounds, slowAfter = 10, 1200 * time.Millisecond
+	var took []time.Duration
+	slow := 0
+	for i := 0; i < rounds; i++ {
+		relay.Drop()
+		start := time.Now()
+		v := fmt.Sprint(i)
+		proxytest.Put(t, ctx, e.Direct, "dr", v)
+		r := s.next()
+		if len(r.Events) != 1 || string(r.Events[0].Kv.Value) != v {
+			t.Fatalf("round %d: %v, want the event of the write of %q", i, r, v)
+		}
+		d := time.Since(start)
+		took = append(took, d.Round(time.Millisecond))
+		if d > slowAfter {
+			slow++
+		}
+	}
+	t.Logf("rounds took %v", took)
+	if slow > 2 {
+		t.Errorf("%d of %d rounds took more than %v to deliver the write after a drop: %v", slow, rounds, slowAfter, took)
+	}
+}

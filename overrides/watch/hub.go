@@ -100,8 +100,11 @@ func (h *hub) send(req *pb.WatchRequest) {
 // Run keeps the upstream stream open until the hub is closed.
 func (h *hub) Run() {
 	upstream.Keep(h.ctx, retry, func() (bool, error) {
-		err := h.serve()
-		return errors.Is(err, errLeaderFound), err // a leader found: reopen at once, require-leader
+		answered, err := h.serve()
+		// Reopened at once after a stream that worked (a new failure: a dropped connection, a member restarted),
+		// as clientv3 reopens its own, or when the leader is found (require-leader from now on); with backoff
+		// while attempts fail before etcd answers anything.
+		return answered || errors.Is(err, errLeaderFound), err
 	}, func(err error) {
 		if !errors.Is(err, errLeaderFound) {
 			h.w.logger.Debug("upstream watch stream ended; reopening", zap.Error(err))
@@ -123,7 +126,7 @@ var errLeaderFound = errors.New("the cluster has a leader again: the upstream wa
 // the stream is plain: etcd serves watchers that did not ask for a leader from its local store, and so does the
 // proxy (client streams that asked for one are ended by the leader override). It becomes require-leader again as
 // soon as the leader is back.
-func (h *hub) serve() error {
+func (h *hub) serve() (answered bool, err error) {
 	ctx, cancel := context.WithCancelCause(h.ctx)
 	defer cancel(nil)
 	// Not before the tracker has looked: a stream opened plain because it had not, and re-opened require-leader a
@@ -131,7 +134,7 @@ func (h *hub) serve() error {
 	select {
 	case <-h.w.leader.Decided():
 	case <-ctx.Done():
-		return context.Cause(ctx)
+		return false, context.Cause(ctx)
 	}
 	requireLeader := h.w.leader.HasLeader()
 	if !requireLeader {
@@ -148,9 +151,9 @@ func (h *hub) serve() error {
 	stream, err := h.w.upstream.Watch(h.creds.Outgoing(ctx, requireLeader))
 	if err != nil {
 		if cause := context.Cause(ctx); errors.Is(cause, errLeaderFound) {
-			return cause
+			return false, cause
 		}
-		return err
+		return false, err
 	}
 	upstreamStreams.Inc()
 	defer upstreamStreams.Dec()
@@ -175,17 +178,18 @@ func (h *hub) serve() error {
 		resp, err := stream.Recv()
 		if err != nil {
 			if cause := context.Cause(ctx); errors.Is(cause, errLeaderFound) {
-				return cause
+				return answered, cause
 			}
 			if errors.Is(err, io.EOF) {
 				err = errors.New("upstream watch stream closed")
 			}
-			return err
+			return answered, err
 		}
+		answered = true
 		h.route(resp)
 		select {
 		case err := <-failed:
-			return err
+			return answered, err
 		default:
 		}
 	}
