@@ -6,6 +6,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 )
 
 // Relay carries TCP connections to an address through a loopback listener of its own until the test ends, and
@@ -84,5 +85,27 @@ func (r *Relay) dropLocked() {
 	for c := range r.conns {
 		c.Close()
 		delete(r.conns, c)
+	}
+}
+
+// FewSlow runs round(i) for i from 0 to rounds-1, timing each, and fails the test if more than maxSlow of them
+// took longer than slowAfter: a bound on how a recovery behaves round after round (a backoff that doubles makes
+// every later round slow), which one slow round of a busy machine does not break.
+func FewSlow(t testing.TB, rounds, maxSlow int, slowAfter time.Duration, what string, round func(i int)) {
+	t.Helper()
+	var took []time.Duration
+	slow := 0
+	for i := 0; i < rounds; i++ {
+		start := time.Now()
+		round(i)
+		d := time.Since(start)
+		took = append(took, d.Round(time.Millisecond))
+		if d > slowAfter {
+			slow++
+		}
+	}
+	t.Logf("rounds took %v", took)
+	if slow > maxSlow {
+		t.Errorf("%d of %d rounds took more than %v %s: %v", slow, rounds, slowAfter, what, took)
 	}
 }

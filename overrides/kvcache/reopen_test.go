@@ -20,28 +20,15 @@ func TestWatchReopensAtOnceAfterDrop(t *testing.T) {
 		relay = proxytest.NewRelay(t, c.Members[0].ClientURL)
 		return []string{"http://" + relay.Addr}
 	}})
-	const rounds, slowAfter = 8, 1200 * time.Millisecond
-	var took []time.Duration
-	slow := 0
-	for i := 0; i < rounds; i++ {
+	proxytest.FewSlow(t, 8, 2, 1200*time.Millisecond, "to be live again after a drop", func(i int) {
 		opened := watchStreamsStarted(t)
 		relay.Drop()
-		start := time.Now()
 		// Both the invalidation watch's stream and the probe's reopened (etcd counts the streams it started), and
 		// the cache live again.
 		proxytest.Eventually(t, 30*time.Second, func() bool {
 			return watchStreamsStarted(t) >= opened+2 && e.Proxy.Steady()
 		}, "round %d: the cache not live again on new streams within 30 s", i)
-		d := time.Since(start)
-		took = append(took, d.Round(time.Millisecond))
-		if d > slowAfter {
-			slow++
-		}
-	}
-	t.Logf("rounds took %v", took)
-	if slow > 2 {
-		t.Errorf("%d of %d rounds took more than %v to be live again after a drop: %v", slow, rounds, slowAfter, took)
-	}
+	})
 }
 
 // watchStreamsStarted is the number of Watch streams etcd has started (gRPC's server metrics, which the in-process

@@ -631,26 +631,12 @@ func TestReopensAtOnceAfterDrop(t *testing.T) {
 	if r := s.next(); !r.Created {
 		t.Fatalf("created: %v", r)
 	}
-	const rounds, slowAfter = 10, 1200 * time.Millisecond
-	var took []time.Duration
-	slow := 0
-	for i := 0; i < rounds; i++ {
+	proxytest.FewSlow(t, 10, 2, 1200*time.Millisecond, "to deliver the write after a drop", func(i int) {
 		relay.Drop()
-		start := time.Now()
 		v := fmt.Sprint(i)
 		proxytest.Put(t, ctx, e.Direct, "dr", v)
-		r := s.next()
-		if len(r.Events) != 1 || string(r.Events[0].Kv.Value) != v {
+		if r := s.next(); len(r.Events) != 1 || string(r.Events[0].Kv.Value) != v {
 			t.Fatalf("round %d: %v, want the event of the write of %q", i, r, v)
 		}
-		d := time.Since(start)
-		took = append(took, d.Round(time.Millisecond))
-		if d > slowAfter {
-			slow++
-		}
-	}
-	t.Logf("rounds took %v", took)
-	if slow > 2 {
-		t.Errorf("%d of %d rounds took more than %v to deliver the write after a drop: %v", slow, rounds, slowAfter, took)
-	}
+	})
 }

@@ -128,7 +128,8 @@ var errLeaderFound = errors.New("the cluster has a leader again: the upstream wa
 // soon as the leader is back.
 func (h *hub) serve() (answered bool, err error) {
 	ctx, cancel := context.WithCancelCause(h.ctx)
-	defer cancel(nil)
+	var upgrading sync.WaitGroup // ends before the next stream's, so that it takes none of that one's pokes
+	defer func() { cancel(nil); upgrading.Wait() }()
 	// Not before the tracker has looked: a stream opened plain because it had not, and re-opened require-leader a
 	// moment later, would re-create every watch from a past revision (leader.Tracker.Decided).
 	select {
@@ -139,14 +140,14 @@ func (h *hub) serve() (answered bool, err error) {
 	requireLeader := h.w.leader.HasLeader()
 	if !requireLeader {
 		found := h.w.leader.Found()
-		go func() {
+		upgrading.Go(func() {
 			select {
 			case <-found:
 			case <-ctx.Done():
 				return
 			}
 			h.upgradeWhenFree(ctx, cancel)
-		}()
+		})
 	}
 	stream, err := h.w.upstream.Watch(h.creds.Outgoing(ctx, requireLeader))
 	if err != nil {
