@@ -3,7 +3,6 @@ package proxytest
 import (
 	"io"
 	"net"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -24,9 +23,7 @@ type Relay struct {
 // NewRelay relays to target (host:port, or a URL such as a member's http://127.0.0.1:PORT).
 func NewRelay(t testing.TB, target string) *Relay {
 	t.Helper()
-	if i := strings.Index(target, "://"); i >= 0 {
-		target = target[i+3:]
-	}
+	target, _ = trimScheme(target)
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
