@@ -17,6 +17,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/gorilla/websocket"
 	"github.com/grpc-ecosystem/grpc-gateway/v2/runtime"
@@ -42,11 +43,16 @@ type gateway struct {
 	handler http.Handler
 	served  chan struct{} // closed when the server's Serve on lis returns
 
-	// mu protects websockets and closed.
+	// mu protects websockets, closed and emptied.
 	mu         sync.Mutex
 	websockets map[*websocketConn]struct{} // open websocket connections, which the HTTP server no longer sees
 	closed     bool
+	emptied    chan struct{} // made by close while websockets are open; closed when the last one closes
 }
+
+// websocketDrain bounds how long close lets the open websockets write their calls' last messages before it ends
+// the websockets still open.
+const websocketDrain = time.Second
 
 // newGateway serves srv on an in-memory listener and builds the gateway on a connection to it. srv must have every
 // service registered already (Serve fixes the service set).
@@ -107,16 +113,36 @@ func gatewayMux() *runtime.ServeMux {
 	}))
 }
 
-// close ends the gateway's connection, and so every gateway call still open, closes the websockets still open, and
-// waits for the in-memory Serve. Called once the server has stopped (the server closes lis itself; closing it
-// again is harmless).
-func (g *gateway) close() {
-	_ = g.conn.Close()
-	_ = g.lis.Close()
-	// A websocket normally ends with its call; one whose client stopped reading would keep grpc-websocket-proxy's
-	// goroutines blocked in a write for as long as the client stays.
+// close ends the gateway: it lets each open websocket deliver what its call answered last, then ends the gateway's
+// connection, and so every gateway call still open, closes the websockets still open, and waits for the in-memory
+// Serve. Called once the server has stopped, so each websocket's call has ended or is ending (the server closes lis
+// itself; closing it again is harmless).
+//
+// The websockets come first: grpc-websocket-proxy writes a call's last message (a watch's "shutting down" error)
+// to the websocket after the call has ended, and closes the websocket itself once it has; closing the websocket
+// or the connection earlier would lose that message. The wait is bounded by ctx and by websocketDrain: a client
+// that stopped reading keeps grpc-websocket-proxy blocked in a write, and a websocket whose client never sent its
+// request has no call that could end; closing the connection ends both.
+func (g *gateway) close(ctx context.Context) {
 	g.mu.Lock()
 	g.closed = true
+	if len(g.websockets) > 0 {
+		g.emptied = make(chan struct{})
+	}
+	emptied := g.emptied
+	g.mu.Unlock()
+	if emptied != nil {
+		t := time.NewTimer(websocketDrain)
+		select {
+		case <-emptied:
+		case <-t.C:
+		case <-ctx.Done():
+		}
+		t.Stop()
+	}
+	_ = g.conn.Close()
+	_ = g.lis.Close()
+	g.mu.Lock()
 	open := make([]*websocketConn, 0, len(g.websockets))
 	for c := range g.websockets {
 		open = append(open, c)
@@ -176,7 +202,12 @@ type websocketConn struct {
 
 func (c *websocketConn) Close() error {
 	c.g.mu.Lock()
-	delete(c.g.websockets, c)
+	if _, ok := c.g.websockets[c]; ok {
+		delete(c.g.websockets, c)
+		if len(c.g.websockets) == 0 && c.g.emptied != nil {
+			close(c.g.emptied)
+		}
+	}
 	c.g.mu.Unlock()
 	return c.Conn.Close()
 }

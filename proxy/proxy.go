@@ -237,9 +237,10 @@ func (p *Proxy) Shutdown(ctx context.Context) {
 		<-done
 	}
 	<-httpDone
-	// After the server: the connection's last calls have ended (or been ended by Stop). Closing it also ends a
-	// websocket's call, which neither HTTP Shutdown nor Close reaches (the connection is hijacked).
-	p.gateway.close()
+	// After the server: the connection's last calls have ended (or been ended by Stop). The websockets, which
+	// neither HTTP Shutdown nor Close reaches (the connections are hijacked), are given a moment to deliver their
+	// calls' last messages, then closed.
+	p.gateway.close(ctx)
 	p.overrides.Close()
 }
 
