@@ -104,7 +104,7 @@ func Apply(s *gen.Services, d Deps, c Config) *Set {
 	set.Stream = append(set.Stream, set.Leader.StreamInterceptor)
 	s.KV = leader.NewKV(s.KV, set.Leader)
 	s.Lease = leader.NewLease(s.Lease, set.Leader)
-	s.Lease = closing(set, lease.New(s.Lease, cc, d.Logger.Named("lease"), c.Lease))
+	s.Lease = closing(set, lease.New(s.Lease, cc, set.Leader, d.Logger.Named("lease"), c.Lease))
 	s.Watch = closing(set, watch.New(s.Watch, cc, set.Leader, d.Logger.Named("watch"), c.Watch))
 	writes := ryw.New(c.ReadYourWrites)
 	closing(set, writes.Seed(pb.NewKVClient(internal), []byte(c.Namespace+"\x00etcdproxy/ordering")))

@@ -23,14 +23,14 @@ func TestFlagsReachConfig(t *testing.T) {
 		"--max-recv-bytes", "2000", "--max-concurrent-streams", "7", "--grpc-keepalive-min-time", "3s",
 		"--grpc-keepalive-interval", "4s", "--grpc-keepalive-timeout", "5s", "--enable-pprof",
 		"--kv-cache-bytes", "123", "--kv-cache-ttl", "6s", "--experimental-enable-grpc-logging", "--namespace", "/t1/",
-		"--lease-keepalive-streams", "9", "--kv-cache-watch-idle", "7s"}); err != nil {
+		"--lease-keepalive-streams", "9", "--kv-cache-watch-idle", "7s", "--lease-renew-timeout", "8s"}); err != nil {
 		t.Fatal(err)
 	}
 	want := proxy.Config{MaxRecvBytes: 1000, MaxSendBytes: 2000, MaxConcurrentStreams: 7,
 		KeepaliveMinTime: 3 * time.Second, KeepaliveInterval: 4 * time.Second, KeepaliveTimeout: 5 * time.Second,
 		EnablePprof: true, LogCalls: true, Overrides: overrides.Config{
 			KVCache:        kvcache.Options{MaxBytes: 123, TTL: 6 * time.Second, WatchIdle: 7 * time.Second},
-			ReadYourWrites: ryw.Options{Ordering: true}, Lease: lease.Options{Streams: 9}, Namespace: "/t1/"}}
+			ReadYourWrites: ryw.Options{Ordering: true}, Lease: lease.Options{Streams: 9, RenewTimeout: 8 * time.Second}, Namespace: "/t1/"}}
 	if got := f.proxyConfig(); !reflect.DeepEqual(got, want) {
 		t.Errorf("proxy configuration from the flags:\n got %+v\nwant %+v", got, want)
 	}
@@ -132,6 +132,16 @@ func TestLeaseStreamsFlag(t *testing.T) {
 		{[]string{"--lease-keepalive-streams=0"}, 0, "--lease-keepalive-streams: 0 is not at least 1"},
 		{[]string{"--lease-keepalive-streams", "-3"}, 0, "--lease-keepalive-streams: -3 is not at least 1"},
 	}, func(c proxy.Config) int { return c.Overrides.Lease.Streams })
+}
+
+// TestLeaseRenewTimeoutFlag: --lease-renew-timeout defaults to lease.DefaultRenewTimeout and must be positive.
+func TestLeaseRenewTimeoutFlag(t *testing.T) {
+	checkFlag(t, []flagCase[time.Duration]{
+		{nil, lease.DefaultRenewTimeout, ""},
+		{[]string{"--lease-renew-timeout", "3.5s"}, 3500 * time.Millisecond, ""},
+		{[]string{"--lease-renew-timeout=0"}, 0, "--lease-renew-timeout: 0s is not positive"},
+		{[]string{"--lease-renew-timeout", "-1s"}, 0, "--lease-renew-timeout: -1s is not positive"},
+	}, func(c proxy.Config) time.Duration { return c.Overrides.Lease.RenewTimeout })
 }
 
 // TestWatchIdleFlag: --kv-cache-watch-idle defaults to kvcache.DefaultWatchIdle, 0 keeps the watch always on (a

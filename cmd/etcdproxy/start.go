@@ -63,6 +63,7 @@ type startFlags struct {
 	kvCacheAdmit string
 	kvCacheIdle  time.Duration
 	leaseStreams int
+	leaseRenew   time.Duration
 	metricsAddr  string
 	metricsURL   string // --metrics-addr's scheme: http, https or unix
 	enablePprof  bool
@@ -138,6 +139,7 @@ func (f *startFlags) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&f.kvCacheAdmit, "kv-cache-admit", "second", "when the read cache stores a read's answer: second (a key's first miss is only remembered, in a table of up to 1/32 of --kv-cache-bytes, and its answer stored at the key's second miss, or at the first when identical reads wait for it: keys read once take no cache memory and cost no store) or first (at every miss, keys never read again included; a key read twice then costs etcd one read, not two)")
 	fs.DurationVar(&f.kvCacheIdle, "kv-cache-watch-idle", kvcache.DefaultWatchIdle, "how long the read cache's keyspace watch runs with no cacheable read before it stops, so that etcd stops sending this proxy an event for every write (the next cacheable read starts it again, and goes to etcd meanwhile); 0 keeps the watch running from the start")
 	fs.BoolVar(&f.kvCacheLin, "kv-cache-linearizable", true, "also answer linearizable reads from the cache when that is provably linearizable (one shared linearizable barrier read to etcd per batch of reads, then the cache's watch must have reached its revision; with auth enabled they always go to etcd); false sends every linearizable read to etcd")
+	fs.DurationVar(&f.leaseRenew, "lease-renew-timeout", lease.DefaultRenewTimeout, "how long a client's lease keepalive request may wait through the proxy for etcd's answer (re-sent meanwhile when its upstream stream fails, as while the cluster has no leader) before the client's stream ends as etcd ends it: with 'etcdserver: no leader' when the proxy sees no leader, else 'etcdserver: request timed out'; set it to etcd's own bound on a renewal, 5s + 2 x etcd's --election-timeout; must be positive")
 	fs.IntVar(&f.leaseStreams, "lease-keepalive-streams", lease.DefaultStreams, "upstream LeaseKeepAlive streams that the client keepalive streams of one identity (auth token) share at most, each client stream on one of them: etcd renews one stream's leases one at a time (a member that is not the leader asks the leader for each renewal), so a few streams renew in parallel; at least 1")
 	fs.StringVar(&f.metricsAddr, "metrics-addr", "", "also serve /metrics and /health (and /debug/pprof with --enable-pprof) on this URL, as etcd grpc-proxy takes it: http://host:port, https://host:port (TLS toward clients, as on --listen-addr; needs --cert-file/--key-file or --auto-tls) or unix://name (a unix socket; the URL's host part is the socket file, as with etcd); host:port works too, as http; they are always served on --listen-addr too")
 	fs.StringVar(&f.namespace, "namespace", "", "string to prefix to all keys for namespacing requests (every keyed service: KV, Watch, LeaseTimeToLive keys, Election and Lock names and keys; end it with a separator, e.g. /tenant1/: /t1 and /t10 overlap, /t1/ and /t10/ do not)")
@@ -185,6 +187,9 @@ etcdproxy-etcd (built beside etcdproxy by make build), and stops with the proxy;
 			}
 			if f.leaseStreams < 1 {
 				return fmt.Errorf("--lease-keepalive-streams: %d is not at least 1", f.leaseStreams)
+			}
+			if f.leaseRenew <= 0 {
+				return fmt.Errorf("--lease-renew-timeout: %v is not positive", f.leaseRenew)
 			}
 			if f.kvCacheAdmit != "first" && f.kvCacheAdmit != "second" {
 				return fmt.Errorf("--kv-cache-admit: %q is neither first nor second", f.kvCacheAdmit)
@@ -422,7 +427,7 @@ func (f *startFlags) proxyConfig() proxy.Config {
 			KVCache: kvcache.Options{MaxBytes: f.kvCacheBytes, TTL: f.kvCacheTTL, SerializableOnly: !f.kvCacheLin,
 				AdmitFirst: f.kvCacheAdmit == "first", WatchIdle: f.watchIdle()},
 			ReadYourWrites: ryw.Options{Ordering: f.serializableOrdering},
-			Lease:          lease.Options{Streams: f.leaseStreams},
+			Lease:          lease.Options{Streams: f.leaseStreams, RenewTimeout: f.leaseRenew},
 			Namespace:      f.namespace,
 			Members:        f.members(),
 		},

@@ -9,6 +9,7 @@ import (
 
 	"github.com/etcdproxy/etcdproxy/overrides/internal/upstream"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -23,16 +24,21 @@ type group struct {
 	ctx      context.Context // cancelled when the last client leaves
 	creds    upstream.Creds
 	upstream pb.LeaseClient
+	leader   Leader
+	timeout  time.Duration // Options.RenewTimeout
 	logger   *zap.Logger
 
 	// sendMu serializes sends on the stream, so that the order of pending is the order on the wire. It is taken
 	// before mu, never after.
 	sendMu sync.Mutex
-	// mu protects stream, pending and queued.
+	// mu protects stream, pending, queued and the expiry timer.
 	mu      sync.Mutex
 	stream  grpc.BidiStreamingClient[pb.LeaseKeepAliveRequest, pb.LeaseKeepAliveResponse] // nil between streams
 	pending []*request                                                                    // sent, unanswered, oldest first
 	queued  []*request                                                                    // waiting for a stream
+	// expiry fires at expiryAt (zero: not armed), the earliest moment an outstanding request has waited timeout.
+	expiry   *time.Timer
+	expiryAt time.Time
 }
 
 // retry bounds the wait between attempts to (re)open the upstream stream.
@@ -57,6 +63,7 @@ func (g *group) sendLocked(r *request) {
 		g.mu.Unlock()
 		return
 	}
+	g.armLocked(r.received.Add(g.timeout))
 	st := g.stream
 	if st == nil {
 		g.queued = append(g.queued, r)
@@ -73,7 +80,109 @@ func (g *group) sendLocked(r *request) {
 func (g *group) Run() {
 	upstream.Keep(g.ctx, upstream.Backoff{Min: retryMin, Max: retryMax}, g.serve, func(err error) {
 		g.logger.Debug("lease keepalive upstream stream ended; reopening", zap.Error(err))
+		if noLeader(err) {
+			g.awaitLeader()
+		}
 	})
+	g.mu.Lock()
+	if g.expiry != nil {
+		g.expiry.Stop()
+	}
+	g.expiryAt = time.Time{}
+	g.mu.Unlock()
+}
+
+// noLeaderGrace is how long a stream that its member ended for want of a leader waits for the leader tracker to
+// see the loss too. The tracker's probe is a require-leader stream like the group's, ended by the same check of
+// etcd when both are on the member; when it is on another member that has a leader, the loss is never seen, and the
+// group reopens its stream after this grace (on the next endpoint).
+const noLeaderGrace = time.Second
+
+// awaitLeader holds the next attempt after the upstream stream ended with etcd's no-leader error: while the tracker
+// sees no leader, etcd would refuse every require-leader stream (each counted by etcd as a failed LeaseKeepAlive),
+// so the group waits until the leader is found. The clients' requests wait meanwhile, under their bound (expire).
+func (g *group) awaitLeader() {
+	grace := time.NewTimer(noLeaderGrace)
+	defer grace.Stop()
+	select {
+	case <-g.leader.Loss().Done():
+	case <-grace.C:
+		return
+	case <-g.ctx.Done():
+		return
+	}
+	select {
+	case <-g.leader.Found():
+	case <-g.ctx.Done():
+	}
+}
+
+// noLeader reports whether err is etcd's no-leader error.
+func noLeader(err error) bool {
+	s := status.Convert(err)
+	return s.Code() == codes.Unavailable && s.Message() == rpctypes.ErrNoLeader.Error()
+}
+
+// armLocked makes the expiry timer fire at at, unless it fires earlier already. g.mu is held.
+func (g *group) armLocked(at time.Time) {
+	if !g.expiryAt.IsZero() && !at.Before(g.expiryAt) {
+		return
+	}
+	g.expiryAt = at
+	if g.expiry == nil {
+		g.expiry = time.AfterFunc(time.Until(at), g.expire)
+		return
+	}
+	g.expiry.Reset(time.Until(at))
+}
+
+// expire ends the stream of every client with a request that has waited g.timeout for etcd's answer (sent on a
+// stream that did not answer it, or queued while no stream could be opened), as etcd ends a keepalive stream whose
+// renewal it could not complete within its request timeout: with "etcdserver: no leader" if the proxy sees no
+// leader, else "etcdserver: request timed out". The replies etcd sent the client before go first (see
+// Lease.LeaseKeepAlive), and none of the client's later requests is sent. Then the timer is armed for the next
+// request to reach its bound.
+func (g *group) expire() {
+	err := rpctypes.ErrGRPCTimeout
+	if !g.leader.HasLeader() {
+		err = rpctypes.ErrGRPCNoLeader
+	}
+	now := time.Now()
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.ctx.Err() != nil {
+		return
+	}
+	g.expiryAt = time.Time{}
+	var next time.Time
+	for _, list := range [][]*request{g.pending, g.queued} {
+		for _, r := range list {
+			if r.c.ended() {
+				continue
+			}
+			at := r.received.Add(g.timeout)
+			if !at.After(now) {
+				r.c.err = err
+				close(r.c.failed)
+				keepaliveExpired.Inc()
+			} else if next.IsZero() || at.Before(next) {
+				next = at
+			}
+		}
+	}
+	// A pending request of an ended client stays until etcd answers it (its reply goes nowhere): the order of
+	// pending is the stream's. A queued one is dropped now.
+	kept := g.queued[:0]
+	for _, r := range g.queued {
+		if !r.c.ended() {
+			kept = append(kept, r)
+		}
+	}
+	clear(g.queued[len(kept):])
+	g.queued = kept
+	if !next.IsZero() {
+		g.armLocked(next)
+	}
 }
 
 // serve opens one upstream stream, sends the queued requests on it, and routes its replies until it fails. It

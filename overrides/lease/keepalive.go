@@ -17,6 +17,11 @@
 //     etcd sent before it; the client's later requests are not sent, as etcd reads nothing more. A failure of the
 //     shared stream itself (member gone, no leader on that member, timeout) is not a client's: the proxy reopens
 //     the upstream stream, possibly on another member, and re-sends the unanswered requests.
+//   - A request is not held longer than etcd would hold it: one left unanswered for Options.RenewTimeout (etcd's own
+//     bound on a renewal, 5 s + 2 × its election timeout) ends its client's stream as etcd ends it then, with
+//     "etcdserver: no leader" while the proxy sees no leader, else "etcdserver: request timed out".
+//   - An upstream stream that its member ended for want of a leader is reopened once the proxy sees a leader again,
+//     not in a loop that etcd refuses meanwhile.
 //   - Auth: etcd checks a renewal against the caller's token (put permission on the lease's keys), so streams are
 //     shared only between callers with the same credentials (token and authorization metadata); with auth off,
 //     all clients share the same upstream streams.
@@ -47,12 +52,32 @@ const maxOutstanding = 64
 // DefaultStreams is Options.Streams when it is 0.
 const DefaultStreams = 4
 
+// DefaultRenewTimeout is Options.RenewTimeout when it is 0: etcd's bound on a renewal (its request timeout, 5 s +
+// 2 × the election timeout) with etcd's default election timeout, 1 s.
+const DefaultRenewTimeout = 7 * time.Second
+
 // Options tune the override; the zero value is the default.
 type Options struct {
 	// Streams bounds the upstream keepalive streams that the clients of one identity share (--lease-keepalive-streams;
 	// 0: DefaultStreams). A stream is opened only when a client is put on it, so a proxy with fewer client streams
 	// has fewer.
 	Streams int
+	// RenewTimeout bounds how long a client's keepalive request waits through the proxy for etcd's answer
+	// (--lease-renew-timeout; 0: DefaultRenewTimeout). etcd ends a keepalive stream whose renewal found no leader
+	// within its request timeout; the proxy, which re-sends a request whose upstream stream failed (require-leader
+	// streams fail as soon as their member loses the leader), ends the client's stream the same way once the
+	// request has waited this long.
+	RenewTimeout time.Duration
+}
+
+// Leader is what the override needs to know of the cluster's leader (leader.Tracker).
+type Leader interface {
+	// HasLeader reports whether the cluster has a leader, as far as the proxy knows.
+	HasLeader() bool
+	// Found returns a channel that is closed when the leader is found (at once if it is present).
+	Found() <-chan struct{}
+	// Loss returns a context that is cancelled when the leader is lost (done already if it is lost now).
+	Loss() context.Context
 }
 
 // Lease is the LeaseKeepAlive override.
@@ -64,17 +89,21 @@ type Lease struct {
 	next   atomic.Uint64 // the shard of the next client stream, modulo len(groups)
 }
 
-// New wraps base; upstream streams are opened on cc.
-func New(base pb.LeaseServer, cc grpc.ClientConnInterface, lg *zap.Logger, opts Options) *Lease {
+// New wraps base; upstream streams are opened on cc. ld tells which error ends a request that waited too long.
+func New(base pb.LeaseServer, cc grpc.ClientConnInterface, ld Leader, lg *zap.Logger, opts Options) *Lease {
 	client := pb.NewLeaseClient(cc)
 	n := opts.Streams
 	if n <= 0 {
 		n = DefaultStreams
 	}
+	timeout := opts.RenewTimeout
+	if timeout <= 0 {
+		timeout = DefaultRenewTimeout
+	}
 	l := &Lease{LeaseServer: base, groups: make([]*upstream.Pool[*group], n)}
 	for i := range l.groups {
 		l.groups[i] = upstream.NewPool(func(ctx context.Context, c upstream.Creds) *group {
-			return &group{ctx: ctx, creds: c, upstream: client, logger: lg}
+			return &group{ctx: ctx, creds: c, upstream: client, leader: ld, timeout: timeout, logger: lg}
 		})
 	}
 	return l
@@ -154,8 +183,9 @@ func (l *Lease) LeaseKeepAlive(ss grpc.BidiStreamingServer[pb.LeaseKeepAliveRequ
 type client struct {
 	out   chan reply    // replies for the client; never full, see slots
 	slots chan struct{} // one token per outstanding request
-	// failed is closed by the client's group, under its mu, when etcd refused one of the client's requests; err,
-	// written before, is etcd's error. From then on none of the client's requests is sent: etcd would have ended
+	// failed is closed by the client's group, under its mu, when etcd refused one of the client's requests, or one
+	// of them waited Options.RenewTimeout unanswered; err, written before, is etcd's error (or the one etcd would
+	// have returned). From then on none of the client's requests is sent: etcd would have ended
 	// the stream and read nothing more from it.
 	failed chan struct{}
 	err    error

@@ -9,10 +9,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/etcdproxy/etcdproxy/internal/embedetcd"
 	"github.com/etcdproxy/etcdproxy/internal/proxytest"
 	"github.com/etcdproxy/etcdproxy/overrides/lease"
 	"github.com/etcdproxy/etcdproxy/proxy"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
+	"go.etcd.io/etcd/server/v3/embed"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -353,4 +355,102 @@ func TestKeepAliveSurvivesMemberRestarts(t *testing.T) {
 			t.Fatalf("reply %d of %d did not come", i+1, sent)
 		}
 	}
+}
+
+// TestKeepAliveNoLeader: a renewal sent while the proxy's member has no leader waits as on etcd, and the client's
+// stream then ends with etcd's error ("etcdserver: no leader"), not held open forever while the proxy re-sends the
+// request on require-leader streams that the member refuses. The same renewal sent straight to the member is the
+// reference, code and message; the proxy's bound is set to etcd's own (its request timeout, 5 s + 2 elections).
+// Meanwhile the proxy does not keep opening upstream streams that the member refuses.
+func TestKeepAliveNoLeader(t *testing.T) {
+	const electionMs = 300
+	bound := 5*time.Second + 2*electionMs*time.Millisecond
+	e := proxytest.Start(t, proxytest.Options{
+		Members:   3,
+		Configure: func(c *embed.Config) { c.TickMs = 30; c.ElectionMs = electionMs },
+		Upstream:  func(c *embedetcd.Cluster) []string { return c.Endpoints()[:1] },
+		Proxy:     func(c *proxy.Config) { c.Overrides.Lease.RenewTimeout = bound },
+	})
+	ctx := proxytest.Timeout(t, 60*time.Second)
+	lease, err := pb.NewLeaseClient(e.Direct).LeaseGrant(ctx, &pb.LeaseGrantRequest{TTL: 60})
+	if err != nil {
+		t.Fatal(err)
+	}
+	open := func(cc *grpc.ClientConn) grpc.BidiStreamingClient[pb.LeaseKeepAliveRequest, pb.LeaseKeepAliveResponse] {
+		t.Helper()
+		s, err := pb.NewLeaseClient(cc).LeaseKeepAlive(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Send(&pb.LeaseKeepAliveRequest{ID: lease.ID}); err != nil {
+			t.Fatal(err)
+		}
+		if r, err := s.Recv(); err != nil || r.TTL <= 0 {
+			t.Fatalf("renewal with a leader: %v, %v", r, err)
+		}
+		return s
+	}
+	direct, via := open(e.Direct), open(e.Via)
+	refused := func() float64 {
+		return proxytest.Gauge(t, "grpc_server_handled_total", "grpc_service", "etcdserverpb.Lease",
+			"grpc_method", "LeaseKeepAlive", "grpc_code", "Unavailable")
+	}
+	refusedBefore := refused()
+
+	for _, m := range e.Cluster.Members[1:] {
+		m.Stop()
+	}
+	// Renew once the member knows it has no leader (had it been the leader, it would have answered "not primary"
+	// until it stepped down).
+	proxytest.Eventually(t, 20*time.Second, func() bool {
+		s, err := pb.NewMaintenanceClient(e.Direct).Status(ctx, &pb.StatusRequest{})
+		return err == nil && s.Leader == 0
+	}, "the remaining member still saw a leader 20s after the others stopped")
+	renew := func(s grpc.BidiStreamingClient[pb.LeaseKeepAliveRequest, pb.LeaseKeepAliveResponse]) <-chan error {
+		sent := time.Now()
+		if err := s.Send(&pb.LeaseKeepAliveRequest{ID: lease.ID}); err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan error, 1)
+		go func() {
+			r, err := s.Recv()
+			if err == nil {
+				err = fmt.Errorf("reply %v", r)
+			} else if waited := time.Since(sent); waited < bound {
+				err = fmt.Errorf("%w, after %v only (bound %v)", err, waited, bound)
+			}
+			done <- err
+		}()
+		return done
+	}
+	directDone, viaDone := renew(direct), renew(via)
+	wait := func(name string, done <-chan error) error {
+		select {
+		case err := <-done:
+			return err
+		case <-time.After(bound + 10*time.Second):
+			t.Fatalf("%s: no answer %v after the renewal", name, bound+10*time.Second)
+			return nil
+		}
+	}
+	want, got := wait("direct", directDone), wait("proxy", viaDone)
+	if status.Code(want) != codes.Unavailable || status.Convert(want).Message() != "etcdserver: no leader" {
+		t.Fatalf("etcd itself answered %v; the test expects its no-leader error", want)
+	}
+	if status.Code(got) != status.Code(want) || status.Convert(got).Message() != status.Convert(want).Message() {
+		t.Errorf("renewal without a leader:\n  direct: %v\n  proxy:  %v", want, got)
+	}
+	// etcd ended two LeaseKeepAlive streams for want of a leader: the direct client's and the proxy's upstream one.
+	// The proxy does not try again until it sees a leader (a stream every backoff step would be about 8 here); one
+	// more is allowed for a stream opened just before the proxy's tracker saw the loss.
+	if n := refused() - refusedBefore; n > 3 {
+		t.Errorf("etcd ended %v LeaseKeepAlive streams with Unavailable while it had no leader; want at most 3", n)
+	}
+
+	// With a leader again, a new client stream renews through the proxy (nothing of the ended one is left queued).
+	if err := e.Cluster.Members[1].Restart(30 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	proxytest.Eventually(t, 20*time.Second, e.Proxy.HasLeader, "the proxy saw no leader 20s after a member restarted")
+	open(e.Via)
 }

@@ -15,6 +15,10 @@ var (
 		Namespace: "etcdproxy", Subsystem: "lease", Name: "keepalive_requests_total",
 		Help: "Keepalive requests sent upstream (re-sent requests included).",
 	})
+	keepaliveExpired = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "etcdproxy", Subsystem: "lease", Name: "keepalive_expired_total",
+		Help: "Client keepalive streams ended because a request waited --lease-renew-timeout unanswered (no leader, or etcd did not answer).",
+	})
 	keepaliveLatency = prometheus.NewHistogram(prometheus.HistogramOpts{
 		Namespace: "etcdproxy", Subsystem: "lease", Name: "keepalive_reply_seconds",
 		Help:    "Time from a client's keepalive request reaching the proxy to its reply being sent.",
@@ -23,5 +27,5 @@ var (
 )
 
 func init() {
-	prometheus.MustRegister(keepaliveClientStreams, keepaliveUpstreamStreams, keepaliveRequests, keepaliveLatency)
+	prometheus.MustRegister(keepaliveClientStreams, keepaliveUpstreamStreams, keepaliveRequests, keepaliveExpired, keepaliveLatency)
 }
