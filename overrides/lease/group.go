@@ -84,11 +84,11 @@ func (g *group) Run() {
 			g.awaitLeader()
 		}
 	})
+	// A send after this, from a client not gone yet, may arm the timer again: expire then returns at once.
 	g.mu.Lock()
 	if g.expiry != nil {
 		g.expiry.Stop()
 	}
-	g.expiryAt = time.Time{}
 	g.mu.Unlock()
 }
 
