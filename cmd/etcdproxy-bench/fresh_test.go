@@ -31,11 +31,15 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
-// fakeKV answers Range with an empty response, which is all waitServing asks.
-type fakeKV struct{ pb.UnimplementedKVServer }
+// fakeMaintenance answers Status with an empty response, which is all waitServing asks. It serves no KV: a
+// waitServing that probed with a read (which starts etcdproxy's read-cache watch, procs.go) would not see it
+// serving.
+type fakeMaintenance struct {
+	pb.UnimplementedMaintenanceServer
+}
 
-func (fakeKV) Range(context.Context, *pb.RangeRequest) (*pb.RangeResponse, error) {
-	return &pb.RangeResponse{Header: &pb.ResponseHeader{}}, nil
+func (fakeMaintenance) Status(context.Context, *pb.StatusRequest) (*pb.StatusResponse, error) {
+	return &pb.StatusResponse{Header: &pb.ResponseHeader{}}, nil
 }
 
 func serveFakeProxy(addr string) {
@@ -45,7 +49,7 @@ func serveFakeProxy(addr string) {
 		os.Exit(1)
 	}
 	srv := grpc.NewServer()
-	pb.RegisterKVServer(srv, fakeKV{})
+	pb.RegisterMaintenanceServer(srv, fakeMaintenance{})
 	fmt.Fprintln(os.Stderr, "fake proxy:", srv.Serve(l))
 	os.Exit(1)
 }

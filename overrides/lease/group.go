@@ -18,7 +18,7 @@ import (
 
 // group is the clients of one identity and the upstream stream they share. Clients send on the stream
 // themselves (send, serialized by sendMu); the group's Run goroutine opens the stream, receives on it and routes
-// each reply. etcd answers the requests of a stream one by one, in order, so the reply at the head of the stream
+// each reply (receive, deliver; a client that does not read hands the receiving to another goroutine). etcd answers the requests of a stream one by one, in order, so the reply at the head of the stream
 // answers the oldest unanswered request.
 type group struct {
 	ctx      context.Context // cancelled when the last client leaves
@@ -210,7 +210,10 @@ func (g *group) serve() (bool, error) {
 	}
 	g.sendMu.Unlock()
 
-	answered, err := g.receive(stream)
+	results := make(chan received, 1)
+	g.receive(stream, false, results)
+	res := <-results
+	answered, err := res.answered, res.err
 
 	g.sendMu.Lock()
 	g.mu.Lock()
@@ -224,16 +227,36 @@ func (g *group) serve() (bool, error) {
 	return answered, err
 }
 
-// receive routes the replies of stream to the clients that asked, until the stream fails.
-func (g *group) receive(stream grpc.BidiStreamingClient[pb.LeaseKeepAliveRequest, pb.LeaseKeepAliveResponse]) (bool, error) {
-	answered := false
+// received is how an upstream stream ended: whether it answered anything, and its error.
+type received struct {
+	answered bool
+	err      error
+}
+
+// directWait bounds how long the goroutine receiving on an upstream stream may spend sending one reply to its
+// client (deliver) before another goroutine takes over the receiving: a send blocks only when the client does not
+// read (gRPC's flow control), and the other clients of the stream must not wait for that client.
+const directWait = 20 * time.Millisecond
+
+// receive routes the replies of stream to the clients that asked, until the stream fails; then it puts how the
+// stream ended in results. A goroutine that gives the receiving up to another (deliver) returns without a result:
+// one goroutine at a time receives on the stream, and the last one reports.
+func (g *group) receive(stream grpc.BidiStreamingClient[pb.LeaseKeepAliveRequest, pb.LeaseKeepAliveResponse],
+	answered bool, results chan<- received) {
+	var watchdog *time.Timer // this goroutine's; fires when one of its sends has taken directWait
+	defer func() {
+		if watchdog != nil {
+			watchdog.Stop()
+		}
+	}()
 	for {
 		resp, err := stream.Recv()
 		if err != nil {
 			if errors.Is(err, io.EOF) {
 				err = status.Error(codes.Unavailable, "etcdproxy: upstream lease keepalive stream ended")
 			}
-			return answered, err
+			results <- received{answered, err}
+			return
 		}
 		answered = true
 		g.mu.Lock()
@@ -251,12 +274,61 @@ func (g *group) receive(stream grpc.BidiStreamingClient[pb.LeaseKeepAliveRequest
 				g.pending = append([]*request{r}, g.pending...)
 				g.mu.Unlock()
 			}
-			return answered, status.Error(codes.Internal, "etcdproxy: lease keepalive replies out of order")
+			results <- received{answered, status.Error(codes.Internal, "etcdproxy: lease keepalive replies out of order")}
+			return
 		}
+		if watchdog == nil {
+			watchdog = time.AfterFunc(time.Hour, func() { g.receive(stream, true, results) })
+			watchdog.Stop()
+		}
+		if !g.deliver(r.c, reply{resp: resp, received: r.received}, watchdog) {
+			return // another goroutine receives now
+		}
+	}
+}
+
+// deliver gives the client its reply: directly, when nothing else is sending to it and none of its replies is
+// queued; else through its queue. A direct send that takes directWait (the client is not reading) starts another
+// goroutine receiving on the stream (watchdog's function); deliver then reports false, and its goroutine, once the
+// send returns, receives no more. That client's replies are queued from then on, so that it holds up the others
+// once at most.
+func (g *group) deliver(c *client, r reply, watchdog *time.Timer) (receiving bool) {
+	if !c.sendMu.TryLock() {
+		g.enqueue(c, r)
+		return true
+	}
+	if c.queued.Load() != 0 || c.slow.Load() || c.ended() || c.sendErr.Load() != nil {
+		c.sendMu.Unlock()
+		g.enqueue(c, r)
+		return true
+	}
+	watchdog.Reset(directWait)
+	err := c.send(r)
+	receiving = watchdog.Stop()
+	if !receiving {
+		c.slow.Store(true) // its replies are queued from now on: no other wait for it
+	}
+	c.sendMu.Unlock()
+	if err != nil {
+		c.sendErr.Store(&err)
+	}
+	<-c.slots
+	if err != nil || c.halfClosed.Load() {
 		select {
-		case r.c.out <- reply{resp: resp, received: r.received}:
-		case <-r.c.done:
+		case c.kick <- struct{}{}:
+		default:
 		}
+	}
+	return receiving
+}
+
+// enqueue puts r in the client's queue, for its handler to send, unless the client's stream has ended.
+func (g *group) enqueue(c *client, r reply) {
+	c.queued.Add(1)
+	select {
+	case c.out <- r:
+	case <-c.done:
+		c.queued.Add(-1)
 	}
 }
 
