@@ -296,6 +296,9 @@ func scrapeMetrics(ctx context.Context, url string, names ...string) (map[string
 	if err != nil {
 		return nil, err
 	}
+	// Uncompressed: a gzip answer costs the measured process a compressor (about 1.8 MB allocated per scrape once
+	// the collector has emptied the pool it is kept in), right before or after the window it is read around.
+	req.Header.Set("Accept-Encoding", "identity")
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		return nil, err

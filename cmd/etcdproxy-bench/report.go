@@ -534,7 +534,9 @@ const howToRead = `## How to read this
 - The serializable get "hot" key set fits any cache. The "cold" workload reads, in each round, a fresh stretch of
   keys that no earlier round read, split between the 16 clients, each walking its share in order; a read is a first
   read unless a client gets through its whole share within the round (only above about 20,000 ops/s here).
-  **etcdproxy cache hits %** (its hit and miss counters over the window) shows whether the cache answered any.
+  **etcdproxy cache hits %** (its hit and miss counters over the window, read from its /metrics uncompressed:
+  a gzip answer would cost it a compressor of about 1.8 MB at each edge of the window) shows whether the cache
+  answered any.
   etcdproxy stores a key's answer at its second miss (its doorkeeper), so first reads store nothing; the hot
   workloads' warm-up reads each key more than twice.
   The hot workloads warm up for 1.5 s (others: 300 ms; 150 ms quick): five targets in turn leave more than 10 s

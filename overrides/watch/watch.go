@@ -121,7 +121,8 @@ func (w *Watch) Watch(ss grpc.BidiStreamingServer[pb.WatchRequest, pb.WatchRespo
 		case <-cs.aborted:
 			return errCredentialsLost
 		}
-		for _, it := range cs.take() {
+		q, buf := cs.take()
+		for _, it := range q {
 			if it.events {
 				clientEventResponses.Inc()
 			}
@@ -133,6 +134,7 @@ func (w *Watch) Watch(ss grpc.BidiStreamingServer[pb.WatchRequest, pb.WatchRespo
 				return err
 			}
 		}
+		release(q, buf)
 		if cs.lagged.Load() {
 			h.resume(cs)
 		}
