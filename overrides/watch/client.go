@@ -32,11 +32,9 @@ type clientStream struct {
 
 	lagged atomic.Bool // lagging is not empty
 
-	// qmu protects queue, queueBuf, queuedEvents and queuedControl; it is taken under h.mu, never the other way
-	// round.
+	// qmu protects queue, queuedEvents and queuedControl; it is taken under h.mu, never the other way round.
 	qmu           sync.Mutex
 	queue         []queued
-	queueBuf      *queueBuf // the pooled array queue was started on, if any
 	queuedEvents  int
 	queuedControl int
 	notify        chan struct{} // capacity 1: the queue has something
@@ -93,7 +91,7 @@ func (q *queued) response(into *pb.WatchResponse) *pb.WatchResponse {
 func (cs *clientStream) enqueueEvents(w *watcher, resps ...*pb.WatchResponse) bool {
 	return cs.enqueue(func() {
 		for _, r := range resps {
-			cs.push(queued{resp: r, events: true})
+			cs.queue = append(cs.queue, queued{resp: r, events: true})
 			w.sent = w.sent || len(r.Events) > 0
 		}
 		cs.queuedEvents += len(resps)
@@ -104,7 +102,7 @@ func (cs *clientStream) enqueueEvents(w *watcher, resps ...*pb.WatchResponse) bo
 func (cs *clientStream) enqueueShared(w *watcher, enc *shared) bool {
 	id := w.idPart()
 	return cs.enqueue(func() {
-		cs.push(queued{events: true, enc: enc, id: id, watchID: w.id})
+		cs.queue = append(cs.queue, queued{events: true, enc: enc, id: id, watchID: w.id})
 		w.sent = true
 		cs.queuedEvents++
 	})
@@ -126,7 +124,7 @@ func (cs *clientStream) enqueue(add func()) bool {
 // a request of the client (bounded by waitRoom) or ends a watcher.
 func (cs *clientStream) enqueueControl(resp *pb.WatchResponse) {
 	cs.qmu.Lock()
-	cs.push(queued{resp: resp})
+	cs.queue = append(cs.queue, queued{resp: resp})
 	cs.queuedControl++
 	cs.qmu.Unlock()
 	cs.poke()
@@ -166,45 +164,16 @@ func (cs *clientStream) poke() {
 	}
 }
 
-// take empties the queue and returns what it held; the caller sends it, then gives it back with release.
-func (cs *clientStream) take() ([]queued, *queueBuf) {
+func (cs *clientStream) take() []queued {
 	cs.qmu.Lock()
 	defer cs.qmu.Unlock()
-	q, b := cs.queue, cs.queueBuf
-	cs.queue, cs.queueBuf, cs.queuedEvents, cs.queuedControl = nil, nil, 0, 0
+	q := cs.queue
+	cs.queue, cs.queuedEvents, cs.queuedControl = nil, 0, 0
 	select {
 	case cs.room <- struct{}{}:
 	default:
 	}
-	return q, b
-}
-
-// The queue's arrays are pooled: a fan-out queues one entry per watcher of the stream, and a queue started from
-// nil at each take grew by doubling, again for every event (in a W=1000 burst, 40% of what the proxy allocated).
-// An array is held only while a stream has something queued or being sent; the pool keeps none past two
-// collections.
-type queueBuf struct{ q []queued }
-
-var queueBufs = sync.Pool{New: func() any { return new(queueBuf) }}
-
-// push appends q to the queue, started on a pooled array if it is empty. Called with qmu held.
-func (cs *clientStream) push(q queued) {
-	if cs.queueBuf == nil {
-		cs.queueBuf = queueBufs.Get().(*queueBuf)
-		cs.queue = cs.queueBuf.q[:0]
-	}
-	cs.queue = append(cs.queue, q)
-}
-
-// release returns the array of q, a queue take returned and that has been sent, to the pool, its entries cleared
-// (they hold responses and shared encodings).
-func release(q []queued, b *queueBuf) {
-	if b == nil {
-		return
-	}
-	clear(q)
-	b.q = q[:0]
-	queueBufs.Put(b)
+	return q
 }
 
 // lag records that w was detached because the stream fell behind. Called with h.mu held.

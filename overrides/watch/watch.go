@@ -121,8 +121,7 @@ func (w *Watch) Watch(ss grpc.BidiStreamingServer[pb.WatchRequest, pb.WatchRespo
 		case <-cs.aborted:
 			return errCredentialsLost
 		}
-		q, buf := cs.take()
-		for _, it := range q {
+		for _, it := range cs.take() {
 			if it.events {
 				clientEventResponses.Inc()
 			}
@@ -134,7 +133,6 @@ func (w *Watch) Watch(ss grpc.BidiStreamingServer[pb.WatchRequest, pb.WatchRespo
 				return err
 			}
 		}
-		release(q, buf)
 		if cs.lagged.Load() {
 			h.resume(cs)
 		}
