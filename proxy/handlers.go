@@ -61,7 +61,9 @@ func recovered(lg *zap.Logger, method string, h grpc.MethodHandler) grpc.MethodH
 }
 
 // grown wraps a unary method's handler so that the call's goroutine grows its stack once, first, to what a call
-// needs. gRPC starts a goroutine for each call, with the runtime's starting stack (the average of the process's
+// needs. On one of gRPC's stream workers (streamWorkers, proxy.go) the stack is grown already, mostly, and this is a
+// check; a call that found every worker busy runs as before the workers: gRPC starts a goroutine for it, with the
+// runtime's starting stack (the average of the process's
 // stacks, small: most of the proxy's goroutines are idle ones), and the call used to outgrow it twice, the second
 // time deep in decoding the request or in the upstream call; each growth copies the stack and adjusts every frame
 // on it, which the runtime looks up frame by frame. Grown from here, near the bottom of the stack, it is one copy
