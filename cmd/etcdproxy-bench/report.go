@@ -154,6 +154,9 @@ type workloadResult struct {
 	floor   string                          // the target etcdproxy/floor divides by
 	metrics []metric                        // in the order first measured
 	values  map[string]map[string][]float64 // metric name -> target -> values per round
+	// roundOf is, beside each value, the round that measured it (0, 1, ...; -1 for a derived row's value): what the
+	// paired ratio pairs values by.
+	roundOf map[string]map[string][]int
 	texts   map[string]map[string][]string
 	errs    map[string][]string // target -> error per failed round
 	notes   map[string][]string // target -> notes
@@ -162,7 +165,8 @@ type workloadResult struct {
 }
 
 func newWorkloadResult(name string) *workloadResult {
-	return &workloadResult{name: name, floor: floorRelay, values: map[string]map[string][]float64{}, texts: map[string]map[string][]string{},
+	return &workloadResult{name: name, floor: floorRelay, values: map[string]map[string][]float64{},
+		roundOf: map[string]map[string][]int{}, texts: map[string]map[string][]string{},
 		errs: map[string][]string{}, notes: map[string][]string{}, rounds: map[string]int{}, skipped: map[string]string{}}
 }
 
@@ -176,12 +180,16 @@ func (w *workloadResult) add(tgt string, m *measurement, err error) {
 		w.notes[tgt] = append(w.notes[tgt], m.note)
 	}
 	for _, s := range m.samples {
-		w.record(tgt, s)
+		w.recordRound(tgt, s, w.rounds[tgt]-1)
 	}
 }
 
-// record adds one sample of tgt, without counting a round (add counts them; a derived row adds samples after).
-func (w *workloadResult) record(tgt string, s sample) {
+// record adds one sample of tgt, without counting a round (add counts them; a derived row adds samples after),
+// and belonging to no round.
+func (w *workloadResult) record(tgt string, s sample) { w.recordRound(tgt, s, -1) }
+
+// recordRound adds one sample of tgt, measured in round (-1: none).
+func (w *workloadResult) recordRound(tgt string, s sample, round int) {
 	if !slices.ContainsFunc(w.metrics, func(x metric) bool { return x.name == s.metric.name }) {
 		w.metrics = append(w.metrics, s.metric)
 		slices.SortStableFunc(w.metrics, func(a, b metric) int { return metricRank(a) - metricRank(b) })
@@ -195,8 +203,10 @@ func (w *workloadResult) record(tgt string, s sample) {
 	}
 	if w.values[s.metric.name] == nil {
 		w.values[s.metric.name] = map[string][]float64{}
+		w.roundOf[s.metric.name] = map[string][]int{}
 	}
 	w.values[s.metric.name][tgt] = append(w.values[s.metric.name][tgt], s.value)
+	w.roundOf[s.metric.name][tgt] = append(w.roundOf[s.metric.name][tgt], round)
 }
 
 // value is the cell of metric m for target tgt: the median (or sum) over rounds.
@@ -277,6 +287,31 @@ func (w *workloadResult) ratio(m metric, a, b string) (float64, bool) {
 	return va / vb, true
 }
 
+// pairedRatio is the median over rounds of a's value divided by b's value in the same round: each quotient is of
+// two measurements seconds apart, so that the machine's drift between rounds (which moves both) cancels, which it
+// does not in the ratio of medians. False for a summed or text metric, and when no round has both (b non-zero).
+func (w *workloadResult) pairedRatio(m metric, a, b string) (float64, bool) {
+	if m.text || m.agg == sum {
+		return 0, false
+	}
+	ofB := map[int]float64{}
+	for i, r := range w.roundOf[m.name][b] {
+		if r >= 0 {
+			ofB[r] = w.values[m.name][b][i]
+		}
+	}
+	var qs []float64
+	for i, r := range w.roundOf[m.name][a] {
+		if vb, ok := ofB[r]; ok && r >= 0 && vb != 0 {
+			qs = append(qs, w.values[m.name][a][i]/vb)
+		}
+	}
+	if len(qs) == 0 {
+		return 0, false
+	}
+	return medianOf(qs), true
+}
+
 func fmtNum(v float64) string {
 	a := math.Abs(v)
 	switch {
@@ -310,8 +345,8 @@ func fmtRatio(r float64, ok bool) string {
 
 // tableHead is the results table's header: the targets in column order, then the ratios.
 const tableHead = "| workload | metric | direct | grpc-proxy | floorrelay | floorcache | etcdproxy | etcdproxy/direct | " +
-	"etcdproxy/grpc-proxy | etcdproxy/floor |\n" +
-	"| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+	"etcdproxy/grpc-proxy | etcdproxy/floor | etcdproxy/floor, paired |\n" +
+	"| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
 
 // renderTable renders every result as one Markdown table.
 func renderTable(results []*workloadResult) string {
@@ -342,7 +377,7 @@ func (w *workloadResult) renderRows(sb *strings.Builder) {
 			cells[i] = w.cell(m, t)
 		}
 		row(m.label(), cells, fmtRatio(w.ratio(m, etcdproxy, direct)), fmtRatio(w.ratio(m, etcdproxy, grpcProxy)),
-			fmtRatio(w.ratio(m, etcdproxy, w.floor)))
+			fmtRatio(w.ratio(m, etcdproxy, w.floor)), fmtRatio(w.pairedRatio(m, etcdproxy, w.floor)))
 	}
 	for _, kind := range []struct {
 		label string
@@ -355,10 +390,10 @@ func (w *workloadResult) renderRows(sb *strings.Builder) {
 		for i, t := range targetNames {
 			cells[i] = describe(kind.of[t], w.rounds[t])
 		}
-		row(kind.label, cells, "", "", "")
+		row(kind.label, cells, "", "", "", "")
 	}
 	if len(w.metrics) == 0 && len(w.errs) == 0 {
-		row("(no result)", make([]string, len(targetNames)), "", "", "")
+		row("(no result)", make([]string, len(targetNames)), "", "", "", "")
 	}
 }
 
@@ -386,7 +421,9 @@ type jsonLine struct {
 	VsProxy  *float64             `json:"etcdproxy_vs_grpc_proxy,omitempty"`
 	Floor    string               `json:"floor,omitempty"` // the target of etcdproxy_vs_floor
 	VsFloor  *float64             `json:"etcdproxy_vs_floor,omitempty"`
-	Errors   map[string][]string  `json:"errors,omitempty"`
+	// PairedVsFloor is the median of the per-round quotients etcdproxy / floor (pairedRatio).
+	PairedVsFloor *float64            `json:"etcdproxy_vs_floor_paired,omitempty"`
+	Errors        map[string][]string `json:"errors,omitempty"`
 }
 
 func jsonLines(m meta, results []*workloadResult) ([]string, error) {
@@ -447,6 +484,9 @@ func (w *workloadResult) jsonLine(met metric) jsonLine {
 	if r, ok := w.ratio(met, etcdproxy, w.floor); ok {
 		l.Floor, l.VsFloor = w.floor, &r
 	}
+	if r, ok := w.pairedRatio(met, etcdproxy, w.floor); ok {
+		l.Floor, l.PairedVsFloor = w.floor, &r
+	}
 	if len(w.errs) > 0 {
 		l.Errors = w.errs
 	}
@@ -496,6 +536,12 @@ const howToRead = `## How to read this
 - **etcdproxy/floor** divides etcdproxy by the floor of what it did: floorcache for the serializable get "hot"
   workloads (etcdproxy's cache hits), floorrelay for every other row (a forwarded call). It is what etcdproxy
   costs above the least any gRPC-Go proxy could cost on this machine; a ratio near 1 leaves nothing to win.
+- **etcdproxy/floor, paired** is the median over rounds of etcdproxy's value divided by the floor's value in the
+  same round (rounds where either failed are left out). The machine's speed drifts by 10–30% from one round to the
+  next, and moves every target measured in that round alike: a quotient of two values measured seconds apart
+  cancels it, where the ratio of the two medians (the column before) does not, since each median may come from a
+  different round. Where the two columns disagree, the spread of the rounds (the JSON lines hold every round)
+  is larger than the difference being measured.
 - ↑ higher is better, ↓ lower is better: for ops/s a ratio above 1 is better; for latency, CPU and memory a ratio
   below 1 is better.
 - ops/s is throughput over the measured window. Unary workloads are closed loops (C clients, each on its own

@@ -2,6 +2,8 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
+	"math"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -32,13 +34,13 @@ func TestTableFloorColumn(t *testing.T) {
 		t.Fatalf("table:\n%s", table)
 	}
 	for _, l := range lines {
-		if n := strings.Count(l, "|"); n != 11 {
-			t.Errorf("%d cell borders, want 11 (10 columns): %s", n, l)
+		if n := strings.Count(l, "|"); n != 12 {
+			t.Errorf("%d cell borders, want 12 (11 columns): %s", n, l)
 		}
 	}
 	for _, want := range []string{
-		"| **put C=1** | ops/s ↑ | 1000 | 700 | 800 | n/a | 600 | 0.60× | 0.86× | 0.75× |",
-		"| **get hot** | ops/s ↑ | 10000 | n/a | 6000 | 20000 | 15000 | 1.50× | — | 0.75× |",
+		"| **put C=1** | ops/s ↑ | 1000 | 700 | 800 | n/a | 600 | 0.60× | 0.86× | 0.75× | 0.75× |",
+		"| **get hot** | ops/s ↑ | 10000 | n/a | 6000 | 20000 | 15000 | 1.50× | — | 0.75× | 0.75× |",
 	} {
 		if !strings.Contains(table, want) {
 			t.Errorf("no row %q in\n%s", want, table)
@@ -54,6 +56,64 @@ func TestTableFloorColumn(t *testing.T) {
 	}
 	if l.Floor != floorCache || l.VsFloor == nil || *l.VsFloor != 0.75 {
 		t.Errorf("JSON line: floor %q, etcdproxy_vs_floor %v; want floorcache, 0.75", l.Floor, l.VsFloor)
+	}
+}
+
+// TestPairedRatio: the paired ratio divides values of the same round, by the round that measured them (not by
+// their place in the list, which a failed round shifts), and takes the median of the quotients; the machine's
+// drift between rounds, which moves the ratio of medians, cancels in it. Derived and summed rows have none.
+func TestPairedRatio(t *testing.T) {
+	r := newWorkloadResult("hot")
+	r.floor = floorCache
+	// Each round the machine is slower by half again; etcdproxy costs 1.05× the floor in every round. Round 2's
+	// floor fails: etcdproxy's round 2 has no pair, and its round 3 must pair with the floor's round 3.
+	speed := []float64{1, 1.5, 2.25, 3.4, 5}
+	for round, k := range speed {
+		for _, tgt := range []string{floorCache, etcdproxy} {
+			if tgt == floorCache && round == 2 {
+				r.add(tgt, nil, errors.New("timed out"))
+				continue
+			}
+			v := 40 * k
+			if tgt == etcdproxy {
+				v *= 1.05
+				if round == 4 {
+					v = 40 * speed[0] // the last round alone: a quotient of 0.2, which the median leaves out
+				}
+			}
+			r.add(tgt, &measurement{samples: []sample{{metric: mProxyCPU, value: v}, {metric: mErrors, value: 1}}}, nil)
+		}
+	}
+	got, ok := r.pairedRatio(mProxyCPU, etcdproxy, floorCache)
+	if !ok || math.Abs(got-1.05) > 1e-9 {
+		t.Errorf("paired ratio %v (%v), want 1.05", got, ok)
+	}
+	if rom, _ := r.ratio(mProxyCPU, etcdproxy, floorCache); math.Abs(rom-1.05) < 0.1 {
+		t.Errorf("ratio of medians %v: the test's drift does not move it, so it tests nothing", rom)
+	}
+	if _, ok := r.pairedRatio(mErrors, etcdproxy, floorCache); ok {
+		t.Error("a summed row has a paired ratio")
+	}
+	r.record(etcdproxy, sample{metric: mPropByIdle, value: 1})
+	r.record(floorCache, sample{metric: mPropByIdle, value: 1})
+	if _, ok := r.pairedRatio(mPropByIdle, etcdproxy, floorCache); ok {
+		t.Error("a derived row (no round) has a paired ratio")
+	}
+	js, err := jsonLines(meta{}, []*workloadResult{r})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var l jsonLine
+	for _, line := range js[1:] {
+		if err := json.Unmarshal([]byte(line), &l); err != nil {
+			t.Fatal(err)
+		}
+		if l.Metric == mProxyCPU.name {
+			break
+		}
+	}
+	if l.Metric != mProxyCPU.name || l.PairedVsFloor == nil || math.Abs(*l.PairedVsFloor-1.05) > 1e-9 {
+		t.Errorf("JSON line %s: etcdproxy_vs_floor_paired %v, want 1.05", l.Metric, l.PairedVsFloor)
 	}
 }
 
