@@ -268,7 +268,7 @@ func (p *Proxy) endOnShutdown(srv any, ss grpc.ServerStream, info *grpc.StreamSe
 // from call to call (until a collection finds it idle and halves it), so a call no longer starts a goroutine or grows
 // a fresh stack twice on its way in (grown in handlers.go is then a check). A bidi stream holds its worker for as
 // long as it lives. Measured on cache hits, proxy/README.md: 8 per core were as good as any count tried, more were
-// worse (gRPC hands a call to the longest-waiting worker, whose stack and cache lines are the coldest).
+// worse (likely because gRPC hands a call to the longest-waiting worker, whose stack and cache lines are coldest).
 func streamWorkers() uint32 { return uint32(8 * runtime.GOMAXPROCS(0)) }
 
 func orMax(n int) int {
