@@ -50,6 +50,10 @@ type Config struct {
 	MaxSendBytes int
 	// MaxConcurrentStreams bounds the concurrent streams of one client connection; 0 means gRPC's default.
 	MaxConcurrentStreams uint32
+	// DynamicWindows gives client connections gRPC-Go's default flow control (64 KiB windows grown by
+	// bandwidth-delay estimation, which sends a PING whenever data arrives and none is out) instead of the static
+	// windows of clientStreamWindow (--grpc-dynamic-window).
+	DynamicWindows bool
 	// KeepaliveMinTime is the minimum interval a client must wait between pings; 0 or less means gRPC's default
 	// (5 minutes), as etcd grpc-proxy applies only positive values.
 	KeepaliveMinTime time.Duration
@@ -119,6 +123,10 @@ func New(cfg Config) *Proxy {
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: max(0, cfg.KeepaliveMinTime)}),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: max(0, cfg.KeepaliveInterval),
 			Timeout: max(0, cfg.KeepaliveTimeout)}),
+	}
+	if !cfg.DynamicWindows {
+		// Static windows toward clients: no bandwidth-estimation PINGs (see clientStreamWindow).
+		opts = append(opts, grpc.StaticStreamWindowSize(clientStreamWindow), grpc.StaticConnWindowSize(clientConnWindow))
 	}
 	if cfg.MaxConcurrentStreams > 0 {
 		opts = append(opts, grpc.MaxConcurrentStreams(cfg.MaxConcurrentStreams))
@@ -270,6 +278,20 @@ func (p *Proxy) endOnShutdown(srv any, ss grpc.ServerStream, info *grpc.StreamSe
 // long as it lives. Measured on cache hits, proxy/README.md: 8 per core were as good as any count tried, more were
 // worse (likely because gRPC hands a call to the longest-waiting worker, whose stack and cache lines are coldest).
 func streamWorkers() uint32 { return uint32(8 * runtime.GOMAXPROCS(0)) }
+
+// clientStreamWindow and clientConnWindow are the HTTP/2 flow-control windows of what clients send to the proxy, set
+// static: gRPC-Go's default (a 64 KiB window grown by bandwidth-delay estimation) answers a client's data with a PING
+// whenever none is out, so a client that sends one small message at a time (a keepalive, a get) costs the proxy a
+// write and a read, and the client a read and a write, more per message. The stream window is the estimator's
+// starting one, which it keeps for a stream the proxy stops reading (a keepalive stream past its outstanding bound,
+// a watch stream whose client reads nothing): what the proxy holds of such a stream stays what etcd holds. The
+// connection window bounds no memory (gRPC returns it as data arrives) and is the estimator's ceiling. The cost is
+// a large request from far away: one stream sends 64 KiB per round trip, where the estimator grows the window with
+// the link (--grpc-dynamic-window restores it). Measured: proxy/README.md.
+const (
+	clientStreamWindow = 64 << 10
+	clientConnWindow   = 16 << 20
+)
 
 func orMax(n int) int {
 	if n <= 0 {

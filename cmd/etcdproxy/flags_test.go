@@ -23,10 +23,11 @@ func TestFlagsReachConfig(t *testing.T) {
 		"--max-recv-bytes", "2000", "--max-concurrent-streams", "7", "--grpc-keepalive-min-time", "3s",
 		"--grpc-keepalive-interval", "4s", "--grpc-keepalive-timeout", "5s", "--enable-pprof",
 		"--kv-cache-bytes", "123", "--kv-cache-ttl", "6s", "--experimental-enable-grpc-logging", "--namespace", "/t1/",
-		"--lease-keepalive-streams", "9", "--kv-cache-watch-idle", "7s", "--lease-renew-timeout", "8s"}); err != nil {
+		"--lease-keepalive-streams", "9", "--kv-cache-watch-idle", "7s", "--lease-renew-timeout", "8s",
+		"--grpc-dynamic-window"}); err != nil {
 		t.Fatal(err)
 	}
-	want := proxy.Config{MaxRecvBytes: 1000, MaxSendBytes: 2000, MaxConcurrentStreams: 7,
+	want := proxy.Config{MaxRecvBytes: 1000, MaxSendBytes: 2000, MaxConcurrentStreams: 7, DynamicWindows: true,
 		KeepaliveMinTime: 3 * time.Second, KeepaliveInterval: 4 * time.Second, KeepaliveTimeout: 5 * time.Second,
 		EnablePprof: true, LogCalls: true, Overrides: overrides.Config{
 			KVCache:        kvcache.Options{MaxBytes: 123, TTL: 6 * time.Second, WatchIdle: 7 * time.Second},

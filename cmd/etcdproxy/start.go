@@ -46,6 +46,7 @@ type startFlags struct {
 	maxSendBytes          int
 	maxRecvBytes          int
 	maxConcurrentStreams  uint32
+	dynamicWindow         bool
 	grpcKeepAliveMinTime  time.Duration
 	grpcKeepAliveInterval time.Duration
 	grpcKeepAliveTimeout  time.Duration
@@ -124,6 +125,7 @@ func (f *startFlags) addFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&f.grpcKeepAliveMinTime, "grpc-keepalive-min-time", 5*time.Second, "minimum interval duration that a client should wait before pinging proxy (0: gRPC's default, 5m, as with etcd grpc-proxy; a negative value counts as 0, where etcd grpc-proxy would hand it to gRPC)")
 	fs.DurationVar(&f.grpcKeepAliveInterval, "grpc-keepalive-interval", 2*time.Hour, "frequency duration of server-to-client ping to check if a connection is alive (0: gRPC's default, 2h, as with etcd grpc-proxy; a negative value counts as 0, where etcd grpc-proxy would hand it to gRPC)")
 	fs.DurationVar(&f.grpcKeepAliveTimeout, "grpc-keepalive-timeout", 20*time.Second, "additional duration of wait before closing a non-responsive connection (0: gRPC's default, 20s, as with etcd grpc-proxy; a negative value counts as 0, where etcd grpc-proxy would hand it to gRPC)")
+	fs.BoolVar(&f.dynamicWindow, "grpc-dynamic-window", false, "give client connections gRPC's default flow control, windows grown by bandwidth-delay estimation (a PING whenever data arrives and none is out), instead of static ones (64 KiB per stream, 16 MiB per connection): for clients far from the proxy that send large puts or txns, which a 64 KiB window slows to 64 KiB per round trip")
 	fs.DurationVar(&f.dialKeepAliveTime, "dial-keepalive-time", 0, "keepalive time for the proxy's connections to etcd (0 disables)")
 	fs.DurationVar(&f.dialKeepAliveTimeout, "dial-keepalive-timeout", 20*time.Second, "keepalive timeout for the proxy's connections to etcd")
 	fs.BoolVar(&f.permitWithoutStream, "permit-without-stream", false, "let the proxy send keepalive pings to etcd even with no active RPCs")
@@ -418,6 +420,7 @@ func (f *startFlags) proxyConfig() proxy.Config {
 		MaxRecvBytes:         f.maxSendBytes,
 		MaxSendBytes:         f.maxRecvBytes,
 		MaxConcurrentStreams: f.maxConcurrentStreams,
+		DynamicWindows:       f.dynamicWindow,
 		KeepaliveMinTime:     f.grpcKeepAliveMinTime,
 		KeepaliveInterval:    f.grpcKeepAliveInterval,
 		KeepaliveTimeout:     f.grpcKeepAliveTimeout,
