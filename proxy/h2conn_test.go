@@ -20,16 +20,7 @@ import (
 // answers to both SETTINGS frames are hidden from the HTTP server.
 func TestHTTP2ManySettings(t *testing.T) {
 	e := proxytest.Start(t, proxytest.Options{})
-	conn, err := net.Dial("tcp", e.ProxyAddr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
-	if _, err := conn.Write([]byte(http2.ClientPreface)); err != nil {
-		t.Fatal(err)
-	}
-	fr := http2.NewFramer(conn, conn)
+	fr := dialHTTP2(t, e.ProxyAddr, 10*time.Second)
 	for i := 0; i < 2; i++ {
 		if err := fr.WriteSettings(); err != nil {
 			t.Fatal(err)
@@ -112,4 +103,20 @@ func TestGRPCContentSubtype(t *testing.T) {
 			t.Errorf("%s: a put with content-type application/grpc+proto: %v", name, err)
 		}
 	}
+}
+
+// dialHTTP2 opens a raw HTTP/2 connection to addr (the client preface sent, nothing else), closed when the test
+// ends; every read and write on it fails after timeout.
+func dialHTTP2(t *testing.T, addr string, timeout time.Duration) *http2.Framer {
+	t.Helper()
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	_ = conn.SetDeadline(time.Now().Add(timeout))
+	if _, err := conn.Write([]byte(http2.ClientPreface)); err != nil {
+		t.Fatal(err)
+	}
+	return http2.NewFramer(conn, conn)
 }

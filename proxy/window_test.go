@@ -3,7 +3,6 @@ package proxy_test
 import (
 	"bytes"
 	"encoding/binary"
-	"net"
 	"testing"
 	"time"
 
@@ -46,16 +45,7 @@ func TestClientWindowsStatic(t *testing.T) {
 func callOneAtATime(t *testing.T, e *proxytest.Env, calls int) (streamWindow, connWindow uint32, pings int) {
 	t.Helper()
 	proxytest.Put(t, proxytest.Timeout(t, 10*time.Second), e.Via, "k", "v")
-	conn, err := net.Dial("tcp", e.ProxyAddr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	_ = conn.SetDeadline(time.Now().Add(20 * time.Second))
-	if _, err := conn.Write([]byte(http2.ClientPreface)); err != nil {
-		t.Fatal(err)
-	}
-	fr := http2.NewFramer(conn, conn)
+	fr := dialHTTP2(t, e.ProxyAddr, 20*time.Second)
 	if err := fr.WriteSettings(); err != nil {
 		t.Fatal(err)
 	}
