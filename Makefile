@@ -12,11 +12,17 @@ all: build
 # in a scratch or distroless image, and maps no libc: 1.5 MB less RSS for every proxy process (idle 20.8 -> 19.2 MB).
 # The benchmark's etcd and floors are built the same way, so that they compare as deployed.
 STATIC := CGO_ENABLED=0
+# The proxy and the floors are built with gRPC-Go's grpcnotrace tag: gRPC then does not link golang.org/x/net/trace
+# (request tracing behind grpc.EnableTracing, which stays false here, and its /debug/requests pages, never served),
+# nor html/template through it. bin/etcdproxy is 4.3 MB smaller (27.0 -> 22.7 MB), and since the kernel maps a
+# binary's cached pages around each page fault (most of it ends up resident), idle RSS is 2 MB lower (19.2 ->
+# 17.2 MB). etcd is built as released: its embed package imports the tracing package itself.
+TAGS := -tags=grpcnotrace
 
 ## build: build bin/etcdproxy, and beside it bin/etcdproxy-etcd, the single-member etcd that --embedded-etcd runs
 ## as a child process (so that the proxy binary does not link etcd's server).
 build:
-	$(STATIC) $(GO) build -o bin/etcdproxy ./cmd/etcdproxy
+	$(STATIC) $(GO) build $(TAGS) -o bin/etcdproxy ./cmd/etcdproxy
 	$(STATIC) $(GO) build -o bin/etcdproxy-etcd ./cmd/etcdproxy-etcd
 
 ## run: start the proxy on 127.0.0.1:23790 in front of an embedded single-member etcd (data in $(RUN_DIR)).
@@ -70,8 +76,8 @@ bench-quick: build etcd-bin floor-bin
 
 ## floor-bin: the benchmark's two measuring devices (cmd/etcdproxy-bench/floorrelay, floorcache).
 floor-bin:
-	$(STATIC) $(GO) build -o $(BUILD)/floorrelay ./cmd/etcdproxy-bench/floorrelay
-	$(STATIC) $(GO) build -o $(BUILD)/floorcache ./cmd/etcdproxy-bench/floorcache
+	$(STATIC) $(GO) build $(TAGS) -o $(BUILD)/floorrelay ./cmd/etcdproxy-bench/floorrelay
+	$(STATIC) $(GO) build $(TAGS) -o $(BUILD)/floorcache ./cmd/etcdproxy-bench/floorcache
 
 ## robustness: etcd's own robustness test (go.etcd.io/etcd/tests/v3/robustness: its traffic, faults and validation)
 ## with every client going through bin/etcdproxy, run as its own process in front of three etcd members (.build/etcd).

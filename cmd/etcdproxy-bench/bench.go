@@ -3,6 +3,7 @@ package main
 import (
 	"cmp"
 	"context"
+	"debug/buildinfo"
 	"debug/elf"
 	"fmt"
 	"os"
@@ -478,7 +479,11 @@ func (b *bench) meta(started time.Time) meta {
 	for _, bin := range []struct{ name, path string }{{"etcd", b.cfg.etcdBin}, {etcdproxy, b.cfg.etcdproxyBin},
 		{floorRelay, b.cfg.floorRelayBin}, {floorCache, b.cfg.floorCacheBin}} {
 		if bin.path != "" {
-			linked = append(linked, bin.name+" "+linkage(bin.path))
+			l := bin.name + " " + linkage(bin.path)
+			if tags := buildTags(bin.path); tags != "" {
+				l += " (tags " + tags + ")"
+			}
+			linked = append(linked, l)
 		}
 	}
 	if len(linked) > 0 {
@@ -502,6 +507,21 @@ func linkage(path string) string {
 		}
 	}
 	return "static"
+}
+
+// buildTags returns the build tags the Go binary at path was built with ("" if none, or not a Go binary): make
+// builds etcdproxy and the floors with grpcnotrace (see the Makefile), etcd as released.
+func buildTags(path string) string {
+	info, err := buildinfo.ReadFile(path)
+	if err != nil {
+		return ""
+	}
+	for _, s := range info.Settings {
+		if s.Key == "-tags" {
+			return s.Value
+		}
+	}
+	return ""
 }
 
 // describe is the plan in one line, for the report's header.

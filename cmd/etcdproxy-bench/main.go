@@ -66,7 +66,7 @@ func main() {
 	flag.StringVar(&c.metricsURL, "metrics-url", "", "etcd's Prometheus endpoint (default: http://ETCD/metrics)")
 	flag.BoolVar(&c.quick, "quick", false, "quick mode for development: fewer and shorter rounds, 1000 watchers only, fewer client counts")
 	flag.BoolVar(&c.watchers100k, "watchers100k", true, "full mode: also run 100,000 watchers over 1,000 streams through grpc-proxy and etcdproxy (about 1.5 minutes)")
-	flag.IntVar(&c.rounds, "rounds", 0, "rounds per workload (default: 7 in full mode, 3 quick; the W=1000, W=10000 and etcd-down workloads use fewer)")
+	flag.IntVar(&c.rounds, "rounds", 0, "rounds per workload (default: 11 in full mode, 3 quick; the W=1000, W=10000 and etcd-down workloads use fewer)")
 	flag.StringVar(&c.only, "only", "", "run only the workloads whose name matches this regular expression")
 	flag.StringVar(&c.out, "out", "", "write a Markdown report (header, how to read, table, plots, JSON lines) to this file, and the plots next to it")
 	flag.StringVar(&c.plots, "plots", "", "write the SVG plots to this directory (default: the directory of -out; none without either)")
@@ -212,20 +212,23 @@ type plan struct {
 }
 
 func newPlan(c config) plan {
-	// Seven rounds of the unary and keepalive workloads, five of the W=1000 ones: the median of five moves less
+	// Eleven rounds of the unary and keepalive workloads, five of the W=1000 ones: the median of five moves less
 	// than that of three (from one full run to the next on this shared machine, a three-round median moved by up to
 	// 15%), and the rows read against a target of 1.05x or 1.1x need more: the same binary in two slots of one run
-	// differed by 3% in its five-round median of CPU per cache hit, with rounds 10% apart. Five rounds put each
-	// of the five targets once in each place of the rotation; the two more put two places twice.
+	// differed by 3% in its five-round median of CPU per cache hit, with rounds 10% apart. Seven were not enough:
+	// two full runs of the same code (458b955, 9705145) had rounds of one target up to 40% apart, and their
+	// seven-round medians of etcdproxy/floor moved by up to 20% (hot C=16 CPU per hit 1.19x, then 0.96x; put C=1
+	// 0.95x, then 1.055x), each run missing a different 1.05x or 1.1x row. Five rounds put each of the five targets
+	// once in each place of the rotation; eleven put every place twice, and one place three times.
 	p := plan{
-		mode: "full", rounds: 7, warmup: 300 * time.Millisecond, window: 2 * time.Second,
+		mode: "full", rounds: 11, warmup: 300 * time.Millisecond, window: 2 * time.Second,
 		hotKeys: 100, coldKeys: 50000, putKeys: 1000,
 		putClients:  []int{1, 4, 16, 64},
 		getClients:  []int{1, 4, 16, 64},
 		watchers:    []int{1000, 10000},
 		watchRounds: map[int]int{1000: 5, 10000: 3, 100000: 1},
 		watchPuts:   map[int]int{1000: 30, 10000: 15, 100000: 10},
-		leases:      1000, leaseRounds: 7, leaseWindow: 4 * time.Second,
+		leases:      1000, leaseRounds: 11, leaseWindow: 4 * time.Second,
 		// Not the floors: they do nothing on their own, by construction (12 s plus the window each).
 		idleWindow: 30 * time.Second, idleTargets: []string{direct, grpcProxy, etcdproxy},
 		downClients: 8, downWindow: 4 * time.Second, downRounds: 2,

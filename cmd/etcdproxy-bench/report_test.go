@@ -229,7 +229,7 @@ func TestWorkloadList(t *testing.T) {
 }
 
 // TestLinkage: a binary built with cgo names an interpreter (dynamic), one built with CGO_ENABLED=0 does not
-// (static), and a file that is not ELF is unknown.
+// (static), and a file that is not ELF is unknown; the static one is built with a tag, which buildTags reads.
 func TestLinkage(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds two binaries")
@@ -241,7 +241,11 @@ func TestLinkage(t *testing.T) {
 	}
 	for _, tc := range []struct{ cgo, want string }{{"0", "static"}, {"1", "dynamic"}} {
 		out := filepath.Join(dir, "bin"+tc.cgo)
-		cmd := exec.Command("go", "build", "-o", out, src)
+		args := []string{"build", "-o", out}
+		if tc.cgo == "0" {
+			args = append(args, "-tags=grpcnotrace")
+		}
+		cmd := exec.Command("go", append(args, src)...)
 		cmd.Env = append(os.Environ(), "CGO_ENABLED="+tc.cgo)
 		if b, err := cmd.CombinedOutput(); err != nil {
 			if tc.cgo == "1" {
@@ -253,8 +257,14 @@ func TestLinkage(t *testing.T) {
 		if got := linkage(out); got != tc.want {
 			t.Errorf("CGO_ENABLED=%s: %s, want %s", tc.cgo, got, tc.want)
 		}
+		if want := map[string]string{"0": "grpcnotrace"}[tc.cgo]; buildTags(out) != want {
+			t.Errorf("CGO_ENABLED=%s: build tags %q, want %q", tc.cgo, buildTags(out), want)
+		}
 	}
 	if got := linkage(src); got != "unknown" {
 		t.Errorf("a Go source file: %s, want unknown", got)
+	}
+	if got := buildTags(src); got != "" {
+		t.Errorf("a Go source file: build tags %q, want none", got)
 	}
 }

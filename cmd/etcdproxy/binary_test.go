@@ -42,17 +42,25 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// binaryPath builds etcdproxy once for the package's tests, with etcdproxy-etcd beside it (as `make build` does:
-// --embedded-etcd runs it).
+// binaryPath builds etcdproxy once for the package's tests, with the build tags `make build` gives it (makeTags),
+// and etcdproxy-etcd beside it (as `make build` does: --embedded-etcd runs it).
 func binaryPath(t *testing.T) string {
 	t.Helper()
 	binary.once.Do(func() {
+		var tags string
+		if tags, binary.err = makeTags(); binary.err != nil {
+			return
+		}
 		if binary.dir, binary.err = os.MkdirTemp("", "etcdproxy-bin"); binary.err != nil {
 			return
 		}
 		binary.path = filepath.Join(binary.dir, "etcdproxy")
-		for _, b := range []struct{ out, pkg string }{{binary.path, "."}, {filepath.Join(binary.dir, embeddedBinary), "../" + embeddedBinary}} {
+		for _, b := range []struct{ out, pkg, tags string }{{binary.path, ".", tags},
+			{filepath.Join(binary.dir, embeddedBinary), "../" + embeddedBinary, ""}} {
 			args := []string{"build", "-o", b.out}
+			if b.tags != "" {
+				args = append(args, b.tags)
+			}
 			if raceEnabled {
 				args = append(args, "-race")
 			}
@@ -65,6 +73,21 @@ func binaryPath(t *testing.T) string {
 		t.Fatalf("go build: %v\n%s", binary.err, binary.out)
 	}
 	return binary.path
+}
+
+// makeTags returns the Makefile's TAGS: the build-tags flag bin/etcdproxy is built with, for the tests to run
+// what `make build` ships.
+func makeTags() (string, error) {
+	mk, err := os.ReadFile("../../Makefile")
+	if err != nil {
+		return "", err
+	}
+	for _, line := range strings.Split(string(mk), "\n") {
+		if v, ok := strings.CutPrefix(line, "TAGS :="); ok {
+			return strings.TrimSpace(v), nil
+		}
+	}
+	return "", fmt.Errorf("no TAGS := line in the Makefile")
 }
 
 // running is the binary started by runBinary.
