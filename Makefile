@@ -63,7 +63,7 @@ generate:
 
 ## bench: direct etcd vs etcd grpc-proxy vs etcdproxy, with the two floors (floorrelay: the thinnest gRPC-Go relay;
 ## floorcache: the thinnest gRPC-Go cache hit) in the same interleaved rounds, each target in its own process;
-## writes BENCHMARKS.md and its SVG plots. About 33 minutes (33m21s on c1afc55); BENCH_FLAGS=-watchers100k=false leaves out
+## writes BENCHMARKS.md and its SVG plots. About 45 minutes (44m42s on 2a59838); BENCH_FLAGS=-watchers100k=false leaves out
 ## the 100,000 watchers (about 1.5 of them). bench-quick: the same, shorter (about 3 minutes), printed only.
 BENCH_FLAGS ?=
 BENCH = $(GO) run ./cmd/etcdproxy-bench -etcd $(BUILD)/etcd -etcdproxy bin/etcdproxy \
