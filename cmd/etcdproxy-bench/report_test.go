@@ -239,13 +239,9 @@ func TestLinkage(t *testing.T) {
 	if err := os.WriteFile(src, []byte("package main\n\nimport \"net\"\n\nfunc main() { net.LookupHost(\"localhost\") }\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	for _, tc := range []struct{ cgo, want string }{{"0", "static"}, {"1", "dynamic"}} {
+	for _, tc := range []struct{ cgo, tags, want string }{{"0", "grpcnotrace", "static"}, {"1", "", "dynamic"}} {
 		out := filepath.Join(dir, "bin"+tc.cgo)
-		args := []string{"build", "-o", out}
-		if tc.cgo == "0" {
-			args = append(args, "-tags=grpcnotrace")
-		}
-		cmd := exec.Command("go", append(args, src)...)
+		cmd := exec.Command("go", "build", "-o", out, "-tags="+tc.tags, src)
 		cmd.Env = append(os.Environ(), "CGO_ENABLED="+tc.cgo)
 		if b, err := cmd.CombinedOutput(); err != nil {
 			if tc.cgo == "1" {
@@ -257,8 +253,8 @@ func TestLinkage(t *testing.T) {
 		if got := linkage(out); got != tc.want {
 			t.Errorf("CGO_ENABLED=%s: %s, want %s", tc.cgo, got, tc.want)
 		}
-		if want := map[string]string{"0": "grpcnotrace"}[tc.cgo]; buildTags(out) != want {
-			t.Errorf("CGO_ENABLED=%s: build tags %q, want %q", tc.cgo, buildTags(out), want)
+		if got := buildTags(out); got != tc.tags {
+			t.Errorf("CGO_ENABLED=%s: build tags %q, want %q", tc.cgo, got, tc.tags)
 		}
 	}
 	if got := linkage(src); got != "unknown" {
